@@ -1,0 +1,81 @@
+"""The ``selfsup`` command: the Lightning CLI (fit, validate, test) plus ``pipeline``.
+
+    selfsup fit --config configs/trainer/cpu.yaml --config configs/simclr/cifar10.yaml
+    selfsup pipeline --config configs/pipeline/quickstart.yaml [--data.root DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from selfsup import SelfsupError
+from selfsup.data import ImageDataModule
+
+USAGE = """usage: selfsup {fit,validate,test,pipeline} [--config FILE ...] [--section.key VALUE ...]
+
+  fit | validate | test   one stage through the Lightning CLI; the model is chosen by
+                          class_path (selfsup.methods.RelativeLocation, SimCLR, LinearProbe,
+                          FineTune); see `selfsup fit --help`
+  pipeline                baseline probe, relative-location and SimCLR pretraining with their
+                          probes, then OUT/summary.json and OUT/summary.md; see
+                          `selfsup pipeline --help`
+"""
+
+#: Used when a config names no logger: a local CSV of metrics (first, so that config.yaml
+#: and checkpoints land in its versioned folder) and W&B beside it, offline without an account.
+DEFAULT_LOGGERS = [
+    {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "selfsup"}},
+    {"class_path": "selfsup.tracking.WandbLogger", "init_args": {"save_dir": "runs", "project": "selfsup"}},
+]
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Save config.yaml beside the run and log the full config as every logger's run config."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
+class SelfsupCLI(LightningCLI):
+    """Lightning CLI with selfsup's DataModule and any stage module chosen by class_path."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=ImageDataModule,
+            save_config_callback=LoggedConfig,
+            trainer_defaults={"logger": DEFAULT_LOGGERS},
+            seed_everything_default=0,
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``selfsup`` command; user errors print one line and exit 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not args or args[0] in ("-h", "--help"):
+            print(USAGE, end="")
+            return
+        if args[0] == "pipeline":
+            from selfsup.pipeline import pipeline_main
+
+            pipeline_main(args[1:])
+        else:
+            SelfsupCLI(args)
+    except SelfsupError as e:
+        print(f"selfsup: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

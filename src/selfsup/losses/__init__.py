@@ -1,0 +1,5 @@
+"""Losses in plain torch."""
+
+from selfsup.losses.ntxent import NTXentLoss
+
+__all__ = ["NTXentLoss"]

@@ -1,0 +1,7 @@
+"""The stages, one LightningModule each."""
+
+from selfsup.methods.relative_location import RelativeLocation
+from selfsup.methods.simclr import SimCLR
+from selfsup.methods.transfer import FineTune, LinearProbe
+
+__all__ = ["FineTune", "LinearProbe", "RelativeLocation", "SimCLR"]

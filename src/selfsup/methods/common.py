@@ -1,0 +1,99 @@
+"""Pieces the stage modules share: optimiser and schedule set-up, backbone hand-off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from selfsup import SelfsupError
+from selfsup.optim.schedules import warmup_cosine
+
+OptimizerName = Literal["adam", "adamw", "sgd"]
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Split parameters so that biases and normalisation weights (1-d tensors) get no weight
+    decay, as in SimCLR and Goyal et al. (2017)."""
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    groups: list[dict], name: OptimizerName, lr: float, momentum: float = 0.9
+) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    raise SelfsupError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+
+
+def configure_optimizers(
+    module, modules: Iterable[nn.Module], name: OptimizerName, lr: float, weight_decay: float,
+    momentum: float, warmup_epochs: float, cosine: bool,
+) -> dict:
+    """Optimiser plus a per-step schedule: linear warmup from 0, then cosine decay (or constant).
+
+    The number of steps is read from the trainer at run time, never passed in.
+    """
+    opt = build_optimizer(param_groups(modules, weight_decay), name, lr, momentum)
+    trainer = module.trainer
+    total = max(1, int(trainer.estimated_stepping_batches))
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    warmup = int(round(warmup_epochs * total / epochs))
+
+    def factor(step: int) -> float:
+        if cosine:
+            return warmup_cosine(step, total, warmup)
+        return min(1.0, step / warmup) if warmup > 0 else 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_backbone(backbone: nn.Module, path: str | Path) -> int:
+    """Load ``backbone.*`` weights from a stage checkpoint strictly; return the tensor count.
+
+    Raises a SelfsupError naming missing and unexpected keys, so that a mismatch never
+    leaves a silently random backbone (mmselfsup #330).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SelfsupError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding arbitrary objects
+        raise SelfsupError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not sub:
+        some = ", ".join(list(state)[:4]) or "none"
+        raise SelfsupError(f"{path} holds no 'backbone.*' weights (its first keys: {some})")
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(sub))
+    unexpected = sorted(set(sub) - set(own))
+    shapes = [k for k in set(own) & set(sub) if own[k].shape != sub[k].shape]
+    if missing or unexpected or shapes:
+        def show(keys: list[str]) -> str:
+            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+        raise SelfsupError(
+            f"backbone weights in {path} do not match the configured backbone: missing keys {show(missing)}, "
+            f"unexpected keys {show(unexpected)}, shape mismatches {show(sorted(shapes))}; "
+            "check backbone, width and cifar_stem against the pretraining run"
+        )
+    backbone.load_state_dict(sub, strict=True)
+    return len(sub)

@@ -1,0 +1,110 @@
+"""Relative patch location pretext task (Doersch, Gupta and Efros, ICCV 2015)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from selfsup.data.patches import GridSpec, grid_preset, normalize_patches, pair_labels, sample_patches
+from selfsup.data.views import normalize, to_float
+from selfsup.methods.common import OptimizerName, configure_optimizers
+from selfsup.models.backbones import Norm, build_backbone
+from selfsup.models.heads import MLP
+
+
+class RelativeLocation(L.LightningModule):
+    """Predict where a neighbour patch sits relative to the centre patch (8 classes).
+
+    Per image, a 3x3 grid of patches with a gap and jitter is cut on the training device;
+    each of the 9 patches goes through the shared backbone once, and the centre's features
+    are paired with each neighbour's (all 8 pairs, or one random neighbour), concatenated
+    and classified by an MLP. Labels follow ``selfsup.data.patches`` (0..7 in reading order).
+
+    Args:
+        patch / gap / jitter: grid geometry in pixels; None takes the preset for the image size.
+        per_patch_norm: standardise each patch (closes the low-level statistics shortcut);
+            otherwise channel normalisation.
+        pairs: ``all`` 8 pairs per image, or ``one`` random neighbour per image.
+        head_hidden / dropout: the pair classifier, ``2F -> head_hidden (BN, ReLU, dropout) -> 8``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        cifar_stem: bool = False,
+        width: int = 32,
+        norm: Norm = "batch",
+        patch: int | None = None,
+        gap: int | None = None,
+        jitter: int | None = None,
+        per_patch_norm: bool = True,
+        pairs: Literal["all", "one"] = "all",
+        head_hidden: int = 512,
+        dropout: float = 0.5,
+        optimizer: OptimizerName = "adam",
+        lr: float = 2e-3,
+        weight_decay: float = 1e-5,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        cosine: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if pairs not in ("all", "one"):
+            raise ValueError(f"pairs must be 'all' or 'one', got {pairs!r}")
+        self.backbone = build_backbone(backbone, cifar_stem, width, norm)
+        f = self.backbone.num_features
+        self.head = MLP([2 * f, head_hidden, 8], batch_norm=True, dropout=dropout)
+
+    def grid_spec(self, image_size: int) -> GridSpec:
+        hp = self.hparams
+        preset = grid_preset(image_size)
+        return GridSpec(
+            patch=hp.patch if hp.patch is not None else preset.patch,
+            gap=hp.gap if hp.gap is not None else preset.gap,
+            jitter=hp.jitter if hp.jitter is not None else preset.jitter,
+        )
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images uint8 (B, 3, H, W) -> logits (B*P, 8) and labels (B*P,), P = 8 or 1."""
+        b = images.shape[0]
+        patches, _ = sample_patches(images, self.grid_spec(images.shape[-1]), generator)  # (B, 9, 3, p, p)
+        x = to_float(patches.flatten(0, 1))
+        x = normalize_patches(x) if self.hparams.per_patch_norm else normalize(x)
+        feats = self.backbone(x).view(b, 9, -1)  # each patch through the backbone once
+        centre = feats[:, 4:5]
+        neighbours = feats[:, [0, 1, 2, 3, 5, 6, 7, 8]]  # label order
+        labels = pair_labels(b, images.device).view(b, 8)
+        if self.hparams.pairs == "one":
+            gdev = generator.device if generator is not None else images.device
+            pick = torch.randint(0, 8, (b, 1), generator=generator, device=gdev).to(images.device)
+            neighbours = neighbours.gather(1, pick[..., None].expand(-1, -1, feats.shape[-1]))
+            labels = pick
+        pairs = torch.cat([centre.expand_as(neighbours), neighbours], dim=-1)  # (B, P, 2F)
+        logits = self.head(pairs.flatten(0, 1))
+        return logits, labels.flatten()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits, labels = self(batch["image"])
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({"train/loss": loss, "train/pretext_top1": acc}, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # A fixed generator per batch: the same patches every evaluation, comparable over epochs.
+        g = torch.Generator(device=batch["image"].device).manual_seed(1000 + batch_idx)
+        logits, labels = self(batch["image"], g)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        n = batch["image"].shape[0]
+        self.log_dict({"val/loss": loss, "val/pretext_top1": acc}, prog_bar=True, batch_size=n, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return configure_optimizers(
+            self, [self.backbone, self.head], hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.warmup_epochs, hp.cosine
+        )

@@ -1,0 +1,206 @@
+"""Transfer stages: a linear probe on the frozen backbone, and full fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from selfsup import SelfsupError
+from selfsup.data.patches import normalize_patches
+from selfsup.data.views import normalize, random_resized_crop, to_float
+from selfsup.methods.common import OptimizerName, configure_optimizers, load_backbone
+from selfsup.models.backbones import Norm, build_backbone
+from selfsup.models.heads import MLP
+
+InputNorm = Literal["channel", "per_image"]
+
+
+def preprocess(images: torch.Tensor, input_norm: InputNorm) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, normalised as the backbone saw its inputs in pretraining:
+    ImageNet channel statistics, or each image standardised (relative location's per-patch norm)."""
+    x = to_float(images)
+    return normalize_patches(x) if input_norm == "per_image" else normalize(x)
+
+
+class _Classifier(L.LightningModule):
+    """Shared plumbing of the transfer stages: backbone hand-off, head, top-1/top-5, logging."""
+
+    frozen = False  # whether the backbone trains
+
+    def __init__(self, num_classes: int | None, backbone: str, cifar_stem: bool, width: int, norm: Norm,
+                 backbone_checkpoint: str | None) -> None:
+        super().__init__()
+        self.backbone = build_backbone(backbone, cifar_stem, width, norm)
+        if backbone_checkpoint:
+            load_backbone(self.backbone, backbone_checkpoint)
+        self.head: nn.Module | None = None
+        if num_classes is not None:
+            self._build_head(num_classes)
+
+    def _build_head(self, num_classes: int) -> None:
+        if num_classes < 2:
+            raise SelfsupError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.hparams["num_classes"] = num_classes  # stored with the checkpoint
+        f = self.backbone.num_features
+        # Standardised features (BN without affine) make one learning rate fit every backbone.
+        # Frozen features have fixed statistics: a cumulative average (momentum=None) gets
+        # them exactly; features that train need the usual moving average.
+        momentum = None if self.frozen else 0.1
+        self.head = nn.Sequential(nn.BatchNorm1d(f, affine=False, momentum=momentum), MLP([f, num_classes], init_scale=0.01))
+        k = min(5, num_classes)
+        self.metrics = nn.ModuleDict({
+            f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+            for split in ("val", "test") for name, top_k in (("top1", 1), (f"top{k}", k))
+        })
+        self.top_k = k
+
+    def setup(self, stage: str) -> None:
+        if self.head is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "num_classes"):
+                raise SelfsupError("num_classes is not set and the datamodule does not provide it")
+            self._build_head(dm.num_classes)
+
+    def features(self, images: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        logits = self.head(self.features(batch["image"], batch, split))
+        y = batch["label"]
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), batch_size=y.shape[0], sync_dist=True)
+        for name in ("top1", f"top{self.top_k}"):
+            metric = self.metrics[f"{split}_{name}"]
+            metric(logits, y)
+            self.log(f"{split}/{name}", metric, prog_bar=name == "top1")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.head(self.features(batch["image"], batch, "train"))
+        y = batch["label"]
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log_dict({"train/loss": loss, "train/top1": acc}, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+
+class LinearProbe(_Classifier):
+    """A linear classifier on the frozen backbone's pooled features.
+
+    The backbone stays in eval mode (BatchNorm statistics frozen). With ``cache_features``
+    each image's features are computed once and reused in later epochs, so a probe costs
+    one backbone pass over the data plus cheap linear epochs.
+
+    Args:
+        num_classes: None reads it from the datamodule.
+        backbone_checkpoint: a checkpoint of an earlier stage; its ``backbone.*`` weights are
+            loaded strictly. None probes the random initialisation (the baseline).
+        input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardisation.
+    """
+
+    frozen = True
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        backbone: str = "small_cnn",
+        cifar_stem: bool = False,
+        width: int = 32,
+        norm: Norm = "batch",
+        backbone_checkpoint: str | None = None,
+        input_norm: InputNorm = "channel",
+        cache_features: bool = True,
+        optimizer: OptimizerName = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        cosine: bool = True,
+    ) -> None:
+        super().__init__(num_classes, backbone, cifar_stem, width, norm, backbone_checkpoint)
+        self.save_hyperparameters()
+        self.backbone.requires_grad_(False)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen BatchNorm statistics too
+        return self
+
+    @torch.no_grad()
+    def _compute(self, images: torch.Tensor) -> torch.Tensor:
+        # Lightning restores each submodule's recorded train/eval flag around validation,
+        # bypassing train(); re-assert eval here so BatchNorm statistics never move.
+        if self.backbone.training:
+            self.backbone.eval()
+        return self.backbone(preprocess(images, self.hparams.input_norm))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
+        if not self.hparams.cache_features or "index" not in batch:
+            return self._compute(images)
+        idx = batch["index"]
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if split not in self._cache:
+            n = len(dm.train_set if split == "train" else dm.eval_set) if dm is not None else int(idx.max()) + 1
+            f = self.backbone.num_features
+            self._cache[split] = (torch.zeros(n, f, device=images.device), torch.zeros(n, dtype=torch.bool, device=images.device))
+        store, filled = self._cache[split]
+        todo = ~filled[idx]
+        if todo.any():
+            store[idx[todo]] = self._compute(images[todo])
+            filled[idx[todo]] = True
+        return store[idx]
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return configure_optimizers(self, [self.head], hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.warmup_epochs, hp.cosine)
+
+
+class FineTune(_Classifier):
+    """The whole network trains: backbone (from a checkpoint) and a linear head.
+
+    Training images get a random resized crop (scale ``crop_min_scale``..1) and a flip on the
+    device; evaluation uses the plain image.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        backbone: str = "small_cnn",
+        cifar_stem: bool = False,
+        width: int = 32,
+        norm: Norm = "batch",
+        backbone_checkpoint: str | None = None,
+        input_norm: InputNorm = "channel",
+        crop_min_scale: float = 0.35,
+        optimizer: OptimizerName = "adam",
+        lr: float = 5e-4,
+        weight_decay: float = 1e-5,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        cosine: bool = True,
+    ) -> None:
+        super().__init__(num_classes, backbone, cifar_stem, width, norm, backbone_checkpoint)
+        self.save_hyperparameters()
+
+    def features(self, images: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
+        x = preprocess(images, self.hparams.input_norm)
+        if split == "train":
+            x = random_resized_crop(x, x.shape[-1], scale=(self.hparams.crop_min_scale, 1.0))
+        return self.backbone(x)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return configure_optimizers(
+            self, [self.backbone, self.head], hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.warmup_epochs, hp.cosine
+        )

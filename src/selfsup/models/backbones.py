@@ -1,0 +1,120 @@
+"""Backbones: torchvision ResNet-18/50 (optionally with a CIFAR stem) and a small CNN.
+
+Every backbone maps (B, 3, H, W) float images to (B, num_features) pooled features and
+exposes ``num_features``; ``stages`` lists the blocks so that later code can read
+intermediate depths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torchvision
+from torch import nn
+
+Norm = Literal["batch", "group"]
+
+
+def _norm_layer(norm: Norm) -> Callable[[int], nn.Module]:
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "group":
+        # GroupNorm does not depend on the batch, so it also works at batch size 1.
+        return lambda c: nn.GroupNorm(min(32, c // 4) or 1, c)
+    raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+
+
+class Backbone(nn.Module):
+    """A stem, a list of stages and global average pooling.
+
+    Shapes: (B, 3, H, W) -> (B, num_features).
+    """
+
+    def __init__(self, stem: nn.Module, stages: list[nn.Module], num_features: int, name: str) -> None:
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = num_features
+        self.name = name
+        # channels_last: about 1.4x faster convolutions on CPU (oneDNN) and the layout
+        # tensor cores want on GPU; the state dict is unchanged.
+        self.to(memory_format=torch.channels_last)
+
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps after each stage, shallow to deep."""
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        for stage in self.stages:
+            x = stage(x)
+        return self.pool(x).flatten(1)
+
+
+def _conv_block(c_in: int, c_out: int, stride: int, norm: Norm) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        _norm_layer(norm)(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def small_cnn(width: int = 32, norm: Norm = "batch") -> Backbone:
+    """Six 3x3 conv layers in three stages (widths w, 2w, 4w), fast on a couple of CPU cores.
+
+    Downsamples by 4 in total, so it works from 8-pixel patches to full images.
+    """
+    w = width
+    stem = _conv_block(3, w, 1, norm)
+    stages: list[nn.Module] = [
+        _conv_block(w, w, 1, norm),
+        nn.Sequential(_conv_block(w, 2 * w, 2, norm), _conv_block(2 * w, 2 * w, 1, norm)),
+        nn.Sequential(_conv_block(2 * w, 4 * w, 2, norm), _conv_block(4 * w, 4 * w, 1, norm)),
+    ]
+    for m in [stem, *stages]:
+        for conv in m.modules():
+            if isinstance(conv, nn.Conv2d):
+                # He init (as torchvision's ResNets): keeps activations at unit scale through
+                # the ReLUs, so that even the random network gives usable features.
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return Backbone(stem, stages, 4 * w, "small_cnn")
+
+
+def _resnet(arch: str, cifar_stem: bool, norm: Norm) -> Backbone:
+    # weights=None: nothing is ever downloaded.
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=_norm_layer(norm))
+    if cifar_stem:
+        # 32-pixel images: a 3x3 stride-1 first conv and no max-pool keep spatial detail
+        # (lightly #1419: SimCLR on CIFAR-10 lost ~10 points without this).
+        net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    return Backbone(stem, stages, net.fc.in_features, arch)
+
+
+BACKBONES = ("small_cnn", "resnet18", "resnet50")
+
+
+def build_backbone(name: str = "small_cnn", cifar_stem: bool = False, width: int = 32, norm: Norm = "batch") -> Backbone:
+    """Build a backbone by name.
+
+    Args:
+        name: one of ``small_cnn``, ``resnet18``, ``resnet50``.
+        cifar_stem: ResNets only: 3x3 stride-1 first conv and no max-pool, for 32-pixel images.
+        width: small_cnn only: channels of the first stage.
+        norm: ``batch`` (BatchNorm) or ``group`` (GroupNorm).
+    """
+    if name == "small_cnn":
+        return small_cnn(width, norm)
+    if name in ("resnet18", "resnet50"):
+        return _resnet(name, cifar_stem, norm)
+    raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")

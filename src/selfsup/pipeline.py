@@ -1,0 +1,185 @@
+"""``selfsup pipeline``: the three stages in order, measured on one fixed split.
+
+1. random-init baseline: linear probe of an untrained backbone;
+2. relative location pretraining, then its linear probe;
+3. SimCLR pretraining, then its linear probe.
+
+Writes ``OUT/summary.json`` and ``OUT/summary.md`` (also printed), checkpoints under
+``OUT/<stage>/checkpoints/last.ckpt``, metrics under ``OUT/<stage>/metrics.csv`` and
+W&B runs (one per stage, grouped) under ``OUT/wandb``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from selfsup import SelfsupError
+from selfsup.data import ImageDataModule
+from selfsup.methods import LinearProbe, RelativeLocation, SimCLR
+from selfsup.models.backbones import build_backbone
+from selfsup.tracking import WandbLogger
+
+BACKBONE_ARGS = {"backbone", "cifar_stem", "width", "norm"}
+PRETRAIN = {"relative_location": RelativeLocation, "simclr": SimCLR}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="selfsup pipeline", description=__doc__.splitlines()[0], default_meta=False)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file, e.g. configs/pipeline/quickstart.yaml")
+    p.add_argument("--out", type=str, default="runs/pipeline", help="output folder")
+    p.add_argument("--name", type=str, default="pipeline", help="run name (W&B group)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_class_arguments(ImageDataModule, "data")
+    p.add_function_arguments(build_backbone, "backbone")
+    p.add_argument("--trainer", type=dict[str, Any], default={}, help="Trainer arguments shared by every stage")
+    p.add_argument("--wandb.enabled", type=bool, default=True)
+    p.add_argument("--wandb.project", type=str, default="selfsup")
+    p.add_argument("--wandb.offline", type=bool | None, default=None, help="None: offline unless an account is set")
+    for stage, cls in PRETRAIN.items():
+        p.add_argument(f"--{stage}.max_epochs", type=int, default=10)
+        p.add_argument(f"--{stage}.max_time", type=float | None, default=None, help="budget in seconds")
+        p.add_class_arguments(cls, f"{stage}.model", skip=BACKBONE_ARGS)
+    p.add_argument("--probe.max_epochs", type=int, default=30)
+    p.add_class_arguments(LinearProbe, "probe.model", skip=BACKBONE_ARGS | {"num_classes", "backbone_checkpoint", "input_norm"})
+    return p
+
+
+def _to_dict(ns: Namespace) -> dict[str, Any]:
+    d = ns.as_dict()
+    d.pop("config", None)
+    d.pop("__path__", None)
+    return d
+
+
+class Pipeline:
+    """Runs the stages with one DataModule, so every stage sees the same split."""
+
+    def __init__(self, cfg: Namespace) -> None:
+        self.cfg = cfg
+        self.config = _to_dict(cfg)
+        self.out = Path(cfg.out)
+        self.backbone_args = {"backbone": cfg.backbone.name, "cifar_stem": cfg.backbone.cifar_stem,
+                              "width": cfg.backbone.width, "norm": cfg.backbone.norm}
+
+    def trainer(self, stage: str, max_epochs: int, max_time: float | None = None, checkpoint: bool = False) -> L.Trainer:
+        cfg = self.cfg
+        loggers: list[Logger] = [CSVLogger(str(self.out), name=stage, version="")]
+        if cfg.wandb.enabled:
+            loggers.append(WandbLogger(project=cfg.wandb.project, name=f"{cfg.name}-{stage}", group=cfg.name,
+                                       save_dir=str(self.out), offline=cfg.wandb.offline, job_type=stage))
+        for lg in loggers:
+            lg.log_hyperparams({"pipeline": self.config, "stage": stage})
+        callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10)]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=self.out / stage / "checkpoints", filename="last",
+                                             enable_version_counter=False))
+        kwargs = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 10, "enable_model_summary": False,
+                  **cfg.trainer}
+        try:
+            return L.Trainer(max_epochs=max_epochs, max_time={"seconds": max_time} if max_time else None,
+                             logger=loggers, callbacks=callbacks, enable_checkpointing=checkpoint,
+                             default_root_dir=str(self.out / stage), **kwargs)
+        except TypeError as e:
+            raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
+
+    @staticmethod
+    def _finish(trainer: L.Trainer) -> None:
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.experiment.finish()  # next stage gets a run of its own
+
+    def probe(self, dm: ImageDataModule, stage: str, checkpoint: Path | None, input_norm: str) -> dict[str, float]:
+        L.seed_everything(self.cfg.seed, verbose=False)
+        model = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(checkpoint) if checkpoint else None,
+                            input_norm=input_norm, **self.backbone_args, **_to_dict(self.cfg.probe.model))
+        trainer = self.trainer(f"{stage}_probe", self.cfg.probe.max_epochs)
+        trainer.fit(model, datamodule=dm)
+        metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+        self._finish(trainer)
+        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": float(metrics[f"val/top{model.top_k}"])}
+
+    def pretrain(self, dm: ImageDataModule, stage: str) -> tuple[Path, dict[str, float]]:
+        L.seed_everything(self.cfg.seed, verbose=False)
+        scfg = getattr(self.cfg, stage)
+        model = PRETRAIN[stage](**self.backbone_args, **_to_dict(scfg.model))
+        trainer = self.trainer(stage, scfg.max_epochs, scfg.max_time, checkpoint=True)
+        trainer.fit(model, datamodule=dm)
+        extra: dict[str, float] = {}
+        if stage == "relative_location":
+            metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+            extra["pretext_top1"] = float(metrics["val/pretext_top1"])
+        self._finish(trainer)
+        return self.out / stage / "checkpoints" / "last.ckpt", extra
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.time()
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        dm = ImageDataModule(**_to_dict(cfg.data))
+        dm.setup("fit")
+        results: dict[str, dict[str, float]] = {}
+
+        t0 = time.time()
+        results["random"] = {**self.probe(dm, "random", None, "channel"), "seconds": time.time() - t0}
+
+        t0 = time.time()
+        ckpt, extra = self.pretrain(dm, "relative_location")
+        norm = "per_image" if cfg.relative_location.model.per_patch_norm else "channel"
+        probe = self.probe(dm, "relative_location", ckpt, norm)
+        results["relative_location"] = {**extra, **probe, "seconds": time.time() - t0}
+
+        t0 = time.time()
+        ckpt, extra = self.pretrain(dm, "simclr")
+        results["simclr"] = {**self.probe(dm, "simclr", ckpt, "channel"), "seconds": time.time() - t0}
+
+        summary = {
+            "data_root": str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else "(embedded sample)",
+            "image_size": dm.image_size,
+            "num_classes": dm.num_classes,
+            "train_images": len(dm.train_set),
+            "eval_images": len(dm.eval_set),
+            "backbone": cfg.backbone.name,
+            "results": results,
+            "wall_seconds": time.time() - t_start,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        table = summary_markdown(summary, dm.eval_split)
+        (self.out / "summary.md").write_text(table)
+        print("\n" + table)
+        return summary
+
+
+def summary_markdown(s: dict[str, Any], eval_split: str = "") -> str:
+    """The summary as a Markdown table; accuracies in percent."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    names = {"random": "random init (baseline)", "relative_location": "relative location", "simclr": "SimCLR"}
+    lines = [
+        f"# selfsup pipeline: {s['data_root']}",
+        "",
+        f"{s['train_images']} train / {s['eval_images']} eval images{f' ({eval_split})' if eval_split else ''}, "
+        f"{s['image_size']} px, {s['num_classes']} classes, backbone {s['backbone']}; "
+        f"accuracies on the eval split; {s['wall_seconds']:.0f} s in all.",
+        "",
+        "| backbone from | pretext top-1 | linear top-1 | linear top-5 | seconds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, r in s["results"].items():
+        lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {pct(r['linear_top1'])} | "
+                     f"{pct(r['linear_top5'])} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_main(argv: Sequence[str]) -> dict[str, Any]:
+    cfg = build_parser().parse_args(list(argv))
+    return Pipeline(cfg).run()

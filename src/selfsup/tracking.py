@@ -1,0 +1,56 @@
+"""Run tracking: a W&B logger that never blocks for lack of an account or a network."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+
+
+def wandb_has_account() -> bool:
+    """True when W&B credentials are configured (``WANDB_API_KEY`` or a netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_offline(offline: bool | None) -> bool:
+    """None means: offline unless an account is configured; ``WANDB_MODE`` still wins."""
+    if offline is not None:
+        return offline
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    if mode == "online":
+        return False
+    return not wandb_has_account()
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's W&B logger, offline when no account is configured.
+
+    Offline runs are written under ``save_dir/wandb`` and can be uploaded later with
+    ``wandb sync``. Args as Lightning's ``WandbLogger``; ``offline=None`` decides by itself.
+    """
+
+    def __init__(
+        self,
+        project: str = "selfsup",
+        name: str | None = None,
+        save_dir: str = "runs",
+        group: str | None = None,
+        tags: list[str] | None = None,
+        offline: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(
+            project=project, name=name, save_dir=save_dir, group=group, tags=tags,
+            offline=resolve_offline(offline), **kwargs,
+        )
