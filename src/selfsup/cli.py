@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 import yaml
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from selfsup import SelfsupError
+from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.data import ImageDataModule
+from selfsup.tracking import finish_wandb
 
 USAGE = """usage: selfsup {fit,validate,test,pipeline} [--config FILE ...] [--section.key VALUE ...]
 
@@ -43,6 +44,10 @@ class LoggedConfig(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
+class SelfsupArgumentParser(ConfigErrorMixin, LightningArgumentParser):
+    """Lightning's parser whose errors become one-line SelfsupErrors."""
+
+
 class SelfsupCLI(LightningCLI):
     """Lightning CLI with selfsup's DataModule and any stage module chosen by class_path."""
 
@@ -54,9 +59,13 @@ class SelfsupCLI(LightningCLI):
             save_config_callback=LoggedConfig,
             trainer_defaults={"logger": DEFAULT_LOGGERS},
             seed_everything_default=0,
+            parser_class=SelfsupArgumentParser,
             args=list(args) if args is not None else None,
             run=run,
         )
+        if run:
+            finish_wandb(self.trainer)
+
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,9 +80,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             pipeline_main(args[1:])
         else:
-            SelfsupCLI(args)
-    except SelfsupError as e:
-        print(f"selfsup: error: {e}", file=sys.stderr)
+            # args=None lets Lightning read sys.argv itself (it warns when given both).
+            SelfsupCLI(None if argv is None else args)
+    except Exception as e:
+        # jsonargparse wraps errors raised while instantiating classes: find ours inside.
+        err = find_selfsup_error(e)
+        if err is None:
+            raise
+        print(f"selfsup: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

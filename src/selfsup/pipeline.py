@@ -23,17 +23,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from selfsup import SelfsupError
+from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
 from selfsup.methods import LinearProbe, RelativeLocation, SimCLR
 from selfsup.models.backbones import build_backbone
-from selfsup.tracking import WandbLogger
+from selfsup.tracking import WandbLogger, finish_wandb
 
 BACKBONE_ARGS = {"backbone", "cifar_stem", "width", "norm"}
 PRETRAIN = {"relative_location": RelativeLocation, "simclr": SimCLR}
 
 
+class PipelineParser(ConfigErrorMixin, ArgumentParser):
+    """Pipeline config parser; errors become one-line SelfsupErrors."""
+
+
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="selfsup pipeline", description=__doc__.splitlines()[0], default_meta=False)
+    p = PipelineParser(prog="selfsup pipeline", description=__doc__.splitlines()[0], default_meta=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file, e.g. configs/pipeline/quickstart.yaml")
     p.add_argument("--out", type=str, default="runs/pipeline", help="output folder")
     p.add_argument("--name", type=str, default="pipeline", help="run name (W&B group)")
@@ -93,9 +98,7 @@ class Pipeline:
 
     @staticmethod
     def _finish(trainer: L.Trainer) -> None:
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                lg.experiment.finish()  # next stage gets a run of its own
+        finish_wandb(trainer)  # the next stage gets a run of its own
 
     def probe(self, dm: ImageDataModule, stage: str, checkpoint: Path | None, input_norm: str) -> dict[str, float]:
         L.seed_everything(self.cfg.seed, verbose=False)

@@ -6,6 +6,7 @@ import netrc
 import os
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
 
@@ -49,8 +50,18 @@ class WandbLogger(_LightningWandbLogger):
         offline: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        # Absolute: W&B's service process may have been started from another directory.
+        save_dir = os.path.abspath(save_dir)
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(
             project=project, name=name, save_dir=save_dir, group=group, tags=tags,
             offline=resolve_offline(offline), **kwargs,
         )
+
+
+def finish_wandb(trainer: Trainer) -> None:
+    """Close the W&B runs of a finished command, so that its files are complete on disk and a
+    later command in the same process starts a run of its own."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

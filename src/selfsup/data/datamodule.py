@@ -7,6 +7,7 @@ normalisation happen later, on the training device (see ``selfsup.data.views``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from selfsup import SelfsupError
 from selfsup.data.sources import (
     EVAL_SPLITS,
+    IMAGE_EXTENSIONS,
     ImageSet,
     default_cache_dir,
     load_folder_split,
@@ -56,6 +58,22 @@ def seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
         return None
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[:k].sort().values
+
+
+def check_image_root(root: str | None) -> None:
+    """Fail early, before any logger or process starts, on a missing or image-less root."""
+    if root is None:
+        raise SelfsupError("data.source=folder needs data.root")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise SelfsupError(f"data root not found: {path}")
+    for _, _, names in os.walk(path, followlinks=True):
+        if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names):
+            return
+    raise SelfsupError(
+        f"no images found under {path}: expected {path}/train/<class>/<image> "
+        f"(and {path}/val/<class>/<image> or {path}/test/<class>/<image>)"
+    )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -102,6 +120,9 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: ImageSet | None = None
         self.eval_set: ImageSet | None = None
         self.eval_split = ""
+        if self.source == "folder":
+            check_image_root(root)
+
 
     @property
     def source(self) -> str:

@@ -173,6 +173,7 @@ class SimCLRViews(nn.Module):
         self,
         image_size: int = 32,
         scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
         jitter_strength: float = 1.0,
         jitter_p: float = 0.8,
         gray_p: float = 0.2,
@@ -183,6 +184,7 @@ class SimCLRViews(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
         self.jitter = tuple(v * jitter_strength for v in (0.4, 0.4, 0.4, 0.1))
         self.jitter_p = jitter_p
         self.gray_p = gray_p
@@ -192,7 +194,7 @@ class SimCLRViews(nn.Module):
     def view(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalised."""
         x = to_float(images)
-        x = random_resized_crop(x, self.image_size, self.scale, generator=generator)
+        x = random_resized_crop(x, self.image_size, self.scale, self.ratio, generator=generator)
         b, c, s, h = self.jitter
         x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator)
         x = random_grayscale(x, self.gray_p, generator=generator)

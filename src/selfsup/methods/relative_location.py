@@ -8,7 +8,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from selfsup.data.patches import GridSpec, grid_preset, normalize_patches, pair_labels, sample_patches
+from selfsup.data.patches import (
+    GridSpec,
+    grid_preset,
+    normalize_patches,
+    pair_labels,
+    sample_patches,
+)
 from selfsup.data.views import normalize, to_float
 from selfsup.methods.common import OptimizerName, configure_optimizers
 from selfsup.models.backbones import Norm, build_backbone

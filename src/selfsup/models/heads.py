@@ -57,7 +57,7 @@ class MLP(nn.Sequential):
         if len(sizes) < 2:
             raise ValueError(f"MLP needs at least an input and an output size, got {list(sizes)}")
         layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             last = i == len(sizes) - 2
             linear = nn.Linear(d_in, d_out, bias=last or not batch_norm)
             init_linear(linear, init, init_scale)

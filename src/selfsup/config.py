@@ -1,0 +1,50 @@
+"""Config parsing helpers shared by the Lightning CLI and ``selfsup pipeline``."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from selfsup import SelfsupError
+
+# Lines of jsonargparse's multi-line messages that name the actual problem.
+_SPECIFIC = ("is not accepted", "not expected", "Unrecognized", "does not exist", "No such file",
+             "not a valid", "Expected a <class 'int'>", "Expected a <class 'float'>", "Expected a <class 'bool'>")
+
+
+def short_message(message: str) -> str:
+    """Reduce a jsonargparse error (usage, union subtypes, given values) to one line."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if not lines:
+        return str(message)
+    head = lines[0]
+    for pattern in _SPECIFIC:
+        for ln in lines[1:]:
+            if pattern in ln:
+                return f"{head.rstrip(':')}: {ln.lstrip('- ')}"
+    return head
+
+
+class ConfigError(SelfsupError):
+    """A config file or command-line argument that does not parse."""
+
+
+class ConfigErrorMixin:
+    """For jsonargparse parsers: raise a one-line ConfigError instead of printing usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # noqa: D102
+        short = short_message(message)
+        if "--help`)" in short:  # a subcommand's parser already said it
+            raise ConfigError(short)
+        prog = str(getattr(self, "prog", "selfsup")).replace(" [options]", "")
+        raise ConfigError(f"{short} (see `{prog} --help`)")
+
+
+def find_selfsup_error(e: BaseException | None) -> SelfsupError | None:
+    """The SelfsupError in an exception's cause/context chain, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, SelfsupError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

@@ -1,0 +1,59 @@
+"""Shared fixtures: real image folders written to a temporary directory, offline W&B."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from selfsup.data.sources import SAMPLE_ZIP
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Never reach the network, and keep W&B's own files inside the test's folder.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], classes: int = 3, size: int | None = None) -> Path:
+    """Write real CIFAR-10 JPEGs from the embedded sample as ROOT/<split>/<class>/<file>.
+
+    ``per_class`` maps split name to images per class; ``size`` re-saves them at that side.
+    """
+    with zipfile.ZipFile(SAMPLE_ZIP) as zf:
+        names = sorted(zf.namelist())
+        class_names = sorted({n.split("/")[1] for n in names if n.count("/") == 2})[:classes]
+        for split, n in per_class.items():
+            for c in class_names:
+                src = [x for x in names if x.startswith(f"train/{c}/") and x.endswith(".jpg")]
+                offset = 0 if split == "train" else 200  # disjoint images per split
+                d = root / split / c
+                d.mkdir(parents=True, exist_ok=True)
+                for name in src[offset : offset + n]:
+                    data = zf.read(name)
+                    out = d / Path(name).name
+                    if size is None:
+                        out.write_bytes(data)
+                    else:
+                        Image.open(io.BytesIO(data)).convert("RGB").resize((size, size)).save(out)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """3 classes, 40 train and 10 val images each, 32 px."""
+    return write_image_folder(tmp_path / "images", {"train": 40, "val": 10})
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

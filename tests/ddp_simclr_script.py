@@ -1,0 +1,53 @@
+"""Run by test_ddp.py: SimCLR for a few steps on 2 CPU processes (gloo), recording what each rank saw.
+
+    python tests/ddp_simclr_script.py IMAGE_ROOT OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from selfsup.data import ImageDataModule
+from selfsup.distributed import gather_with_grad, world_size
+from selfsup.methods import SimCLR
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.global_batches: list[int] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0:
+            self.indices += batch["index"].tolist()
+        # The gather NT-Xent uses, inside the Trainer's process group.
+        self.global_batches.append(int(gather_with_grad(torch.zeros(len(batch["index"]), 1)).shape[0]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def main() -> None:
+    root, out = sys.argv[1], Path(sys.argv[2])
+    L.seed_everything(0)
+    dm = ImageDataModule(root=root, batch_size=10)
+    model = SimCLR(backbone="small_cnn", width=8, proj_hidden=16, proj_dim=8)
+    rec = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[rec], default_root_dir=str(out), num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+        "world_size": trainer.world_size, "torch_world_size": world_size(), "indices": rec.indices,
+        "global_batches": rec.global_batches, "losses": rec.losses, "num_train": len(dm.train_set),
+    }))
+
+
+if __name__ == "__main__":
+    main()

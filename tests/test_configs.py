@@ -1,0 +1,68 @@
+"""Every config file in configs/ parses (and validates) through the real CLI parsers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfsup.cli import main
+from selfsup.config import ConfigError
+from selfsup.pipeline import build_parser
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(CONFIGS.rglob("*.yaml"))
+PIPELINES = [p for p in ALL if p.parent.name == "pipeline"]
+TRAINERS = [p for p in ALL if p.parent.name == "trainer"]
+STAGES = [p for p in ALL if p not in PIPELINES and p not in TRAINERS]
+
+
+def test_there_are_configs_for_every_stage_and_preset() -> None:
+    assert {p.parent.name for p in STAGES} == {"relative_location", "simclr", "linear_probe", "finetune"}
+    assert {p.stem for p in TRAINERS} >= {"cpu", "gpu", "ddp"}
+    assert "quickstart" in {p.stem for p in PIPELINES}
+
+
+def print_config(capsys: pytest.CaptureFixture, *files: Path) -> dict:
+    args = ["fit"]
+    for f in files:
+        args += ["--config", str(f)]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_stage_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = print_config(capsys, CONFIGS / "trainer" / "cpu.yaml", path)
+    assert cfg["model"]["class_path"].startswith("selfsup.methods.")
+    assert cfg["trainer"]["accelerator"] == "cpu"
+    own = yaml.safe_load(path.read_text())
+    for key, value in own["model"]["init_args"].items():
+        assert cfg["model"]["init_args"][key] == value, key
+
+
+@pytest.mark.parametrize("path", TRAINERS, ids=lambda p: p.name)
+def test_trainer_preset_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = print_config(capsys, path, CONFIGS / "simclr" / "cifar10.yaml")
+    for key, value in yaml.safe_load(path.read_text())["trainer"].items():
+        assert cfg["trainer"][key] == value, key
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_pipeline_config_parses(path: Path) -> None:
+    cfg = build_parser().parse_args(["--config", str(path)])
+    assert cfg.backbone.name in ("small_cnn", "resnet18", "resnet50")
+    assert cfg.relative_location.max_epochs >= 1 and cfg.simclr.max_epochs >= 1
+
+
+def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: selfsup.methods.SimCLR\n  init_args:\n    tempreature: 0.1\n")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(bad)])
+    assert e.value.code == 2
+    with pytest.raises(ConfigError, match="rooot"):
+        build_parser().parse_args(["--data.rooot", "x"])

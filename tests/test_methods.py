@@ -1,0 +1,98 @@
+"""Stage modules on a tiny model with a real Trainer, and the backbone hand-off between stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from selfsup import SelfsupError
+from selfsup.data import ImageDataModule
+from selfsup.methods import FineTune, LinearProbe, RelativeLocation, SimCLR
+
+TINY = {"backbone": "small_cnn", "width": 8}
+
+
+def trainer(tmp_path: Path, **kw) -> L.Trainer:
+    kw = {"max_epochs": 1, **kw}
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
+
+
+@pytest.fixture
+def dm(image_folder: Path) -> ImageDataModule:
+    return ImageDataModule(root=str(image_folder), batch_size=16)
+
+
+def test_relative_location_pairs_each_patch_once() -> None:
+    m = RelativeLocation(**TINY)
+    calls = []
+    m.backbone.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    logits, labels = m(imgs)
+    assert calls == [36]  # 9 patches per image, one pass
+    assert logits.shape == (32, 8) and labels.tolist() == list(range(8)) * 4
+    one = RelativeLocation(**TINY, pairs="one")
+    logits, labels = one(imgs, torch.Generator().manual_seed(0))
+    assert logits.shape == (4, 8) and labels.shape == (4,)
+
+
+def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: ImageDataModule) -> None:
+    pre = SimCLR(**TINY, proj_hidden=16, proj_dim=8)
+    t = trainer(tmp_path, max_steps=3)
+    before = {k: v.clone() for k, v in pre.backbone.state_dict().items()}
+    t.fit(pre, datamodule=dm)
+    changed = [k for k, v in pre.backbone.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "SimCLR did not update its backbone"
+    ckpt = tmp_path / "simclr.ckpt"
+    t.save_checkpoint(ckpt)
+    # Checkpoints hold plain types only: the safe loader accepts them.
+    state = torch.load(ckpt, weights_only=True)
+    assert state["hyper_parameters"]["backbone"] == "small_cnn"
+
+    probe = LinearProbe(backbone_checkpoint=str(ckpt), **TINY)
+    for k, v in pre.backbone.state_dict().items():
+        assert torch.equal(probe.backbone.state_dict()[k], v), k
+    t2 = trainer(tmp_path, max_epochs=2)
+    t2.fit(probe, datamodule=dm)
+    # Frozen: the probe changes neither weights nor BatchNorm statistics of the backbone.
+    for k, v in pre.backbone.state_dict().items():
+        assert torch.equal(probe.backbone.state_dict()[k], v), k
+    metrics = t2.validate(probe, datamodule=dm, verbose=False)[0]
+    assert 0 <= metrics["val/top1"] <= metrics["val/top3"] <= 1
+    assert probe.hparams.num_classes == 3  # read from the datamodule, stored with the checkpoint
+
+    ft = FineTune(backbone_checkpoint=str(ckpt), **TINY)
+    trainer(tmp_path, max_steps=2).fit(ft, datamodule=dm)
+    assert any(not torch.equal(ft.backbone.state_dict()[k], v) for k, v in pre.backbone.state_dict().items())
+
+
+def test_relative_location_trains_and_validates(tmp_path: Path, dm: ImageDataModule) -> None:
+    m = RelativeLocation(**TINY, head_hidden=16)
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(m, datamodule=dm)
+    out = t.validate(m, datamodule=dm, verbose=False)[0]
+    assert 0 <= out["val/pretext_top1"] <= 1
+
+
+def test_handoff_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(SelfsupError, match="checkpoint not found"):
+        LinearProbe(backbone_checkpoint=str(tmp_path / "missing.ckpt"), **TINY)
+    src = SimCLR(backbone="small_cnn", width=16)
+    path = tmp_path / "wide.ckpt"
+    torch.save({"state_dict": src.state_dict()}, path)
+    with pytest.raises(SelfsupError, match="shape mismatches") as e:
+        LinearProbe(backbone_checkpoint=str(path), **TINY)
+    assert "missing keys 0" in str(e.value) and "stages.0.0.weight" in str(e.value)
+    other = SimCLR(backbone="resnet18")
+    torch.save({"state_dict": other.state_dict()}, path)
+    with pytest.raises(SelfsupError, match=r"missing keys \d+ \(.*unexpected keys \d+ \(layer|unexpected keys"):
+        LinearProbe(backbone_checkpoint=str(path), **TINY)
+    torch.save({"state_dict": {"head.weight": torch.zeros(1)}}, path)
+    with pytest.raises(SelfsupError, match="no 'backbone"):
+        LinearProbe(backbone_checkpoint=str(path), **TINY)
+    path.write_text("not a checkpoint")
+    with pytest.raises(SelfsupError, match="cannot read checkpoint"):
+        LinearProbe(backbone_checkpoint=str(path), **TINY)

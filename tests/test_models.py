@@ -1,0 +1,82 @@
+"""Backbones and the MLP head builder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from selfsup.models import MLP, build_backbone
+
+
+def test_mlp_parameter_count() -> None:
+    mlp = MLP([3, 4, 4, 1])
+    counts = [p.numel() for p in mlp.parameters()]
+    assert counts == [12, 4, 16, 4, 4, 1]
+    assert sum(counts) == 41
+    assert mlp(torch.randn(5, 3)).shape == (5, 1)
+
+
+@pytest.mark.parametrize("init", ["uniform", "normal"])
+def test_mlp_init_near_zero_with_given_scale(init: str) -> None:
+    torch.manual_seed(0)
+    mlp = MLP([256, 512, 10], init=init, init_scale=0.01)
+    w = mlp[0].weight
+    assert (mlp[0].bias == 0).all()
+    if init == "uniform":
+        assert w.abs().max() <= 0.01 and w.abs().max() > 0.009
+        assert w.std().item() == pytest.approx(0.01 / 3**0.5, rel=0.05)
+    else:
+        assert w.std().item() == pytest.approx(0.01, rel=0.05)
+    default = MLP([256, 10])[0].weight.std().item()
+    assert default == pytest.approx(1 / 16, rel=0.1)  # 1/sqrt(fan_in)
+    with pytest.raises(ValueError):
+        MLP([3, 1], init="xavier")  # type: ignore[arg-type]
+
+
+def test_mlp_options() -> None:
+    mlp = MLP([8, 16, 2], batch_norm=True, dropout=0.5)
+    kinds = [type(m) for m in mlp]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear]
+    assert mlp[0].bias is None  # BN follows: its shift replaces the bias
+    with pytest.raises(ValueError):
+        MLP([4])
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "features"),
+    [("small_cnn", {"width": 8}, 32), ("resnet18", {"cifar_stem": True}, 512), ("resnet50", {}, 2048)],
+)
+def test_backbones_expose_feature_size(name: str, kwargs: dict, features: int) -> None:
+    net = build_backbone(name, **kwargs)
+    assert net.num_features == features
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, features)
+    maps = net.forward_maps(torch.randn(1, 3, 32, 32))
+    assert maps[-1].shape[1] == features
+
+
+def test_cifar_stem_keeps_resolution() -> None:
+    plain = build_backbone("resnet18")
+    cifar = build_backbone("resnet18", cifar_stem=True)
+    x = torch.randn(1, 3, 32, 32)
+    assert cifar.stem(x).shape[-1] == 32  # 3x3 stride-1 conv, no max-pool
+    assert plain.stem(x).shape[-1] == 8  # 7x7 stride-2 conv and max-pool
+    assert cifar.stem[0].kernel_size == (3, 3)
+
+
+def test_group_norm_trains_at_batch_one_and_batch_norm_cannot() -> None:
+    gn = build_backbone("small_cnn", width=8, norm="group")
+    gn.train()
+    gn(torch.randn(1, 3, 16, 16)).sum().backward()
+    bn = build_backbone("resnet18")
+    bn.train()
+    with pytest.raises(ValueError):
+        bn(torch.randn(1, 3, 32, 32))  # 1x1 maps at the end: BN has one value per channel
+
+
+def test_unknown_backbone() -> None:
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vgg")

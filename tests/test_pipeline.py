@@ -1,0 +1,81 @@
+"""The stages chained end to end on a tiny model, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfsup.pipeline import pipeline_main
+from wandb_files import logged_config, logged_metric_keys
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--backbone.width", "8", "--data.batch_size", "32",
+        "--relative_location.max_epochs", "1", "--simclr.max_epochs", "1", "--probe.max_epochs", "2",
+        "--relative_location.model.head_hidden", "32", "--simclr.model.proj_hidden", "32"]
+
+
+def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    summary = pipeline_main(["--config", str(REPO / "configs/pipeline/quickstart.yaml"),
+                             "--data.root", str(image_folder), "--out", str(out), *TINY])
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert set(on_disk) == {"data_root", "image_size", "num_classes", "train_images", "eval_images",
+                            "backbone", "results", "wall_seconds"}
+    assert on_disk["data_root"] == str(image_folder.resolve())
+    assert (on_disk["image_size"], on_disk["num_classes"]) == (32, 3)
+    assert (on_disk["train_images"], on_disk["eval_images"]) == (120, 30)
+    assert on_disk["backbone"] == "small_cnn"
+    r = on_disk["results"]
+    assert set(r) == {"random", "relative_location", "simclr"}
+    assert set(r["relative_location"]) == {"pretext_top1", "linear_top1", "linear_top5", "seconds"}
+    for stage in r.values():
+        assert set(stage) >= {"linear_top1", "linear_top5", "seconds"}
+        assert 0 <= stage["linear_top1"] <= stage["linear_top5"] <= 1 and stage["seconds"] > 0
+    assert r["relative_location"]["linear_top5"] == 1.0  # 3 classes: top-5 covers all
+    table = (out / "summary.md").read_text()
+    assert "| SimCLR |" in table and table in capsys.readouterr().out
+    for stage in ("relative_location", "simclr"):
+        assert (out / stage / "checkpoints" / "last.ckpt").is_file()
+    # Each stage has a CSV of metrics and an offline W&B run carrying the full config.
+    assert "val/top1" in (out / "simclr_probe" / "metrics.csv").read_text().splitlines()[0]
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 5
+    by_stage = {logged_config(run)["stage"]: run for run in runs}
+    assert set(by_stage) == {"random_probe", "relative_location", "relative_location_probe", "simclr", "simclr_probe"}
+    config = logged_config(by_stage["simclr_probe"])
+    assert config["pipeline"]["backbone"]["width"] == 8
+    assert config["pipeline"]["simclr"]["model"]["temperature"] == 0.5
+    assert config["lr"] == 0.002  # the stage module's own hyperparameters too
+    assert "val/top1" in logged_metric_keys(by_stage["simclr_probe"])
+    assert "train/pretext_top1_epoch" in logged_metric_keys(by_stage["relative_location"])
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "selfsup.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_sise: 3\n")
+    cases = {
+        "no images found": ["pipeline", "--data.root", str(tmp_path / "empty")],
+        "checkpoint not found": ["fit", "--config", str(REPO / "configs/linear_probe/cifar10.yaml"),
+                                 "--model.init_args.backbone_checkpoint", "missing.ckpt"],
+        "batch_sise": ["fit", "--config", str(REPO / "configs/simclr/cifar10.yaml"), "--config", str(bad)],
+    }
+    for expected, args in cases.items():
+        p = run_cli(*args, cwd=tmp_path)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("selfsup: error:")]
+        assert len(errors) == 1 and expected in errors[0], p.stderr

@@ -1,0 +1,47 @@
+"""W&B offline when no account is configured; the full config recorded with every CLI run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfsup.cli import main
+from selfsup.tracking import resolve_offline, wandb_has_account
+from wandb_files import logged_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_offline_unless_an_account_is_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    assert not wandb_has_account() and resolve_offline(None) is True
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_has_account() and resolve_offline(None) is False
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_offline(None) is True  # the user's explicit choice wins
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_offline(None) is False and resolve_offline(True) is True
+
+
+def test_cli_fit_records_full_config(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/simclr/cifar10.yaml"),
+          "--model.init_args.backbone", "small_cnn", "--model.init_args.width", "8", "--model.init_args.temperature", "0.3",
+          "--data.root", str(image_folder), "--data.batch_size", "16", "--trainer.max_steps", "2",
+          "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
+    (version,) = (tmp_path / "runs" / "selfsup").glob("version_*")
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["temperature"] == 0.3
+    assert (version / "metrics.csv").is_file()
+    assert list((version / "checkpoints").glob("*.ckpt"))
+    (run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    config = logged_config(run)
+    assert config["model"]["init_args"]["temperature"] == 0.3
+    assert config["data"]["batch_size"] == 16 and config["trainer"]["max_steps"] == 2
+    assert config["seed_everything"] == 0
