@@ -41,6 +41,11 @@ class NTXentLoss(nn.Module):
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         if z0.shape != z1.shape or z0.dim() != 2:
             raise ValueError(f"expected two (N, D) tensors of one shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+        with torch.autocast(z0.device.type, enabled=False):
+            # Similarities in fp32 even under mixed precision: logits reach 1/temperature.
+            return self._loss(z0.float(), z1.float())
+
+    def _loss(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         n = z0.shape[0]
         z0 = F.normalize(z0, dim=1)
         z1 = F.normalize(z1, dim=1)

@@ -41,15 +41,16 @@ def build_optimizer(
     raise SelfsupError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
 
 
-def configure_optimizers(
-    module, modules: Iterable[nn.Module], name: OptimizerName, lr: float, weight_decay: float,
-    momentum: float, warmup_epochs: float, cosine: bool,
-) -> dict:
-    """Optimiser plus a per-step schedule: linear warmup from 0, then cosine decay (or constant).
+def configure_optimizers(module, modules: Iterable[nn.Module]) -> dict:
+    """Optimiser for ``modules`` plus a per-step schedule: linear warmup from 0, then cosine
+    decay (or constant), from the module's hyperparameters ``optimizer``, ``lr``,
+    ``weight_decay``, ``momentum``, ``warmup_epochs`` and ``cosine``.
 
     The number of steps is read from the trainer at run time, never passed in.
     """
-    opt = build_optimizer(param_groups(modules, weight_decay), name, lr, momentum)
+    hp = module.hparams
+    opt = build_optimizer(param_groups(modules, hp.weight_decay), hp.optimizer, hp.lr, hp.momentum)
+    warmup_epochs, cosine = hp.warmup_epochs, hp.cosine
     trainer = module.trainer
     total = max(1, int(trainer.estimated_stepping_batches))
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1

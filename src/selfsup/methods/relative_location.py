@@ -110,7 +110,4 @@ class RelativeLocation(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/pretext_top1": acc}, prog_bar=True, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return configure_optimizers(
-            self, [self.backbone, self.head], hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.warmup_epochs, hp.cosine
-        )
+        return configure_optimizers(self, [self.backbone, self.head])

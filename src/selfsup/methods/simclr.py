@@ -78,7 +78,4 @@ class SimCLR(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return configure_optimizers(
-            self, [self.backbone, self.projector], hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.warmup_epochs, hp.cosine
-        )
+        return configure_optimizers(self, [self.backbone, self.projector])

@@ -162,8 +162,7 @@ class LinearProbe(_Classifier):
         return store[idx]
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return configure_optimizers(self, [self.head], hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.warmup_epochs, hp.cosine)
+        return configure_optimizers(self, [self.head])
 
 
 class FineTune(_Classifier):
@@ -200,7 +199,4 @@ class FineTune(_Classifier):
         return self.backbone(x)
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return configure_optimizers(
-            self, [self.backbone, self.head], hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.warmup_epochs, hp.cosine
-        )
+        return configure_optimizers(self, [self.backbone, self.head])

@@ -1,0 +1,140 @@
+"""GPU figures for the README: augmentation throughput, SimCLR step throughput (fp32, bf16,
+bf16 + torch.compile) and a time-to-accuracy run on the embedded sample.
+
+    PYTHONPATH=src python scripts/gpu_bench.py --out results.json      # on a CUDA machine
+    PYTHONPATH=src python scripts/gpu_bench.py --quick                  # smoke test on a CPU
+
+Prints one line per figure and writes them all as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from selfsup.data import ImageDataModule
+from selfsup.data.views import SimCLRViews
+from selfsup.losses import NTXentLoss
+from selfsup.methods import LinearProbe, SimCLR
+from selfsup.models import MLP, build_backbone
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call, after warm-up calls (compilation, cuDNN autotuning)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / iters
+
+
+def bench_views(device: torch.device, batch: int, size: int, iters: int) -> float:
+    imgs = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    views = SimCLRViews(size)
+    return batch / timed(lambda: views(imgs), device, 3, iters)
+
+
+def bench_simclr_step(device: torch.device, batch: int, mode: str, iters: int) -> float:
+    """Images per second through views + ResNet-18 (CIFAR stem) + projector + NT-Xent + Adam."""
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", cifar_stem=True).to(device)
+    head = MLP([512, 512, 128], batch_norm=True).to(device)
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    loss_fn = NTXentLoss(0.5)
+    views = SimCLRViews(32)
+    imgs = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    net = torch.compile(backbone) if mode == "bf16+compile" else backbone
+    use_bf16 = mode != "fp32"
+
+    def step() -> None:
+        v0, v1 = views(imgs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            z = head(net(torch.cat([v0, v1])))
+        loss = loss_fn(*z.float().chunk(2))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch / timed(step, device, 5 if mode != "bf16+compile" else 8, iters)
+
+
+def time_to_accuracy(device: torch.device, epochs: int, probe_epochs: int, batch: int) -> dict:
+    """SimCLR ResNet-18 on the embedded 5k-image CIFAR-10 sample, then a linear probe;
+    and the random-init probe of the same backbone."""
+    dm = ImageDataModule(batch_size=batch, eval_batch_size=1000)
+    dm.setup()
+    kw = {"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1, "logger": False,
+          "enable_progress_bar": False, "enable_model_summary": False}
+    if device.type == "cuda":
+        kw["precision"] = "bf16-mixed"
+    arch = {"backbone": "resnet18", "cifar_stem": True}
+    out: dict = {"train_images": len(dm.train_set), "eval_images": len(dm.eval_set), "epochs": epochs}
+    with tempfile.TemporaryDirectory() as tmp:
+        L.seed_everything(0)
+        model = SimCLR(**arch, temperature=0.5, lr=2e-3, warmup_epochs=min(10, epochs // 10))
+        t = time.perf_counter()
+        trainer = L.Trainer(max_epochs=epochs, enable_checkpointing=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, default_root_dir=tmp, **kw)
+        trainer.fit(model, datamodule=dm)
+        out["simclr_seconds"] = time.perf_counter() - t
+        ckpt = Path(tmp) / "simclr.ckpt"
+        trainer.save_checkpoint(ckpt)
+        for name, path in (("random", None), ("simclr", str(ckpt))):
+            L.seed_everything(0)
+            probe = LinearProbe(**arch, backbone_checkpoint=path, lr=2e-3)
+            t = time.perf_counter()
+            pt = L.Trainer(max_epochs=probe_epochs, enable_checkpointing=False, default_root_dir=tmp,
+                           num_sanity_val_steps=0, **kw)
+            pt.fit(probe, datamodule=dm)
+            m = pt.validate(probe, datamodule=dm, verbose=False)[0]
+            out[f"{name}_linear_top1"] = float(m["val/top1"])
+            out[f"{name}_probe_seconds"] = time.perf_counter() - t
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--skip-compile", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    q = args.quick
+    res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__}
+
+    def report(key: str, value) -> None:
+        res[key] = value
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
+
+    report("views_img_per_s_32px_batch1024", bench_views(device, 64 if q else 1024, 32, 2 if q else 20))
+    report("views_img_per_s_96px_batch512", bench_views(device, 16 if q else 512, 96, 2 if q else 20))
+    modes = ["fp32", "bf16"] + ([] if args.skip_compile or q else ["bf16+compile"])
+    for mode in modes:
+        report(f"simclr_step_img_per_s_{mode}_batch512", bench_simclr_step(device, 8 if q else 512, mode, 2 if q else 20))
+    tta = time_to_accuracy(device, 1 if q else args.epochs, 1 if q else 50, 64 if q else 512)
+    for k, v in tta.items():
+        report(f"tta_{k}", v)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
