@@ -43,7 +43,8 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"expected two (N, D) tensors of one shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
         with torch.autocast(z0.device.type, enabled=False):
             # Similarities in fp32 even under mixed precision: logits reach 1/temperature.
-            return self._loss(z0.float(), z1.float())
+            low = (torch.float16, torch.bfloat16)
+            return self._loss(z0.float() if z0.dtype in low else z0, z1.float() if z1.dtype in low else z1)
 
     def _loss(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         n = z0.shape[0]
