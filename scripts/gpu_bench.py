@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--only-tta", action="store_true", help="only the time-to-accuracy run")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
@@ -124,16 +125,21 @@ def main() -> None:
         res[key] = value
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
 
-    report("views_img_per_s_32px_batch1024", bench_views(device, 64 if q else 1024, 32, 2 if q else 20))
-    report("views_img_per_s_96px_batch512", bench_views(device, 16 if q else 512, 96, 2 if q else 20))
-    modes = ["fp32", "bf16"] + ([] if args.skip_compile or q else ["bf16+compile"])
-    for mode in modes:
-        report(f"simclr_step_img_per_s_{mode}_batch512", bench_simclr_step(device, 8 if q else 512, mode, 2 if q else 20))
+    if not args.only_tta:
+        micro(device, q, args.skip_compile, report)
     tta = time_to_accuracy(device, 1 if q else args.epochs, 1 if q else 50, 64 if q else 512)
     for k, v in tta.items():
         report(f"tta_{k}", v)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def micro(device: torch.device, q: bool, skip_compile: bool, report) -> None:
+    report("views_img_per_s_32px_batch1024", bench_views(device, 64 if q else 1024, 32, 2 if q else 20))
+    report("views_img_per_s_96px_batch512", bench_views(device, 16 if q else 512, 96, 2 if q else 20))
+    modes = ["fp32", "bf16"] + ([] if skip_compile or q else ["bf16+compile"])
+    for mode in modes:
+        report(f"simclr_step_img_per_s_{mode}_batch512", bench_simclr_step(device, 8 if q else 512, mode, 2 if q else 20))
 
 
 if __name__ == "__main__":

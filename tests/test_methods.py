@@ -96,3 +96,13 @@ def test_handoff_errors_name_the_problem(tmp_path: Path) -> None:
     path.write_text("not a checkpoint")
     with pytest.raises(SelfsupError, match="cannot read checkpoint"):
         LinearProbe(backbone_checkpoint=str(path), **TINY)
+
+
+def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -> None:
+    # The feature cache stays fp32 while the backbone runs in bf16 (a GPU run found this).
+    probe = LinearProbe(**TINY)
+    t = trainer(tmp_path, max_epochs=2, precision="bf16-mixed")
+    t.fit(probe, datamodule=dm)
+    store, filled = probe._cache["train"]
+    assert store.dtype == torch.float32 and bool(filled.all())
+    assert 0 <= t.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"] <= 1

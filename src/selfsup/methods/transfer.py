@@ -157,7 +157,7 @@ class LinearProbe(_Classifier):
         store, filled = self._cache[split]
         todo = ~filled[idx]
         if todo.any():
-            store[idx[todo]] = self._compute(images[todo])
+            store[idx[todo]] = self._compute(images[todo]).to(store.dtype)  # bf16 under autocast
             filled[idx[todo]] = True
         return store[idx]
 
