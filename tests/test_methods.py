@@ -104,5 +104,5 @@ def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -
     t = trainer(tmp_path, max_epochs=2, precision="bf16-mixed")
     t.fit(probe, datamodule=dm)
     store, filled = probe._cache["train"]
-    assert store.dtype == torch.float32 and bool(filled.all())
+    assert store.dtype == torch.float32 and int(filled.sum()) >= 112  # drop_last: 7 batches of 16 an epoch
     assert 0 <= t.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"] <= 1
