@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/selfsup pipeline --config configs/pipeline/quickstart.yaml --out $(OUT)
+	$(BIN)/selfsup pipeline --config configs/pipeline/quickstart.yaml --out $(OUT)
 
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
