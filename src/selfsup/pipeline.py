@@ -96,10 +96,6 @@ class Pipeline:
         except TypeError as e:
             raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
 
-    @staticmethod
-    def _finish(trainer: L.Trainer) -> None:
-        finish_wandb(trainer)  # the next stage gets a run of its own
-
     def probe(self, dm: ImageDataModule, stage: str, checkpoint: Path | None, input_norm: str) -> dict[str, float]:
         L.seed_everything(self.cfg.seed, verbose=False)
         model = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(checkpoint) if checkpoint else None,
@@ -107,7 +103,7 @@ class Pipeline:
         trainer = self.trainer(f"{stage}_probe", self.cfg.probe.max_epochs)
         trainer.fit(model, datamodule=dm)
         metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-        self._finish(trainer)
+        finish_wandb(trainer)  # the next stage gets a run of its own
         return {"linear_top1": float(metrics["val/top1"]), "linear_top5": float(metrics[f"val/top{model.top_k}"])}
 
     def pretrain(self, dm: ImageDataModule, stage: str) -> tuple[Path, dict[str, float]]:
@@ -120,7 +116,7 @@ class Pipeline:
         if stage == "relative_location":
             metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
             extra["pretext_top1"] = float(metrics["val/pretext_top1"])
-        self._finish(trainer)
+        finish_wandb(trainer)  # the next stage gets a run of its own
         return self.out / stage / "checkpoints" / "last.ckpt", extra
 
     def run(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup import SelfsupError
+from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
 from selfsup.data.views import normalize, random_resized_crop, to_float
 from selfsup.methods.common import OptimizerName, configure_optimizers, load_backbone
@@ -146,12 +147,13 @@ class LinearProbe(_Classifier):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
-        if not self.hparams.cache_features or "index" not in batch:
+        # The cache is indexed by the image's row in its split, which ImageDataModule provides.
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if not self.hparams.cache_features or not isinstance(dm, ImageDataModule):
             return self._compute(images)
         idx = batch["index"]
-        dm = self.trainer.datamodule if self._trainer is not None else None
         if split not in self._cache:
-            n = len(dm.train_set if split == "train" else dm.eval_set) if dm is not None else int(idx.max()) + 1
+            n = len(dm.train_set if split == "train" else dm.eval_set)
             f = self.backbone.num_features
             self._cache[split] = (torch.zeros(n, f, device=images.device), torch.zeros(n, dtype=torch.bool, device=images.device))
         store, filled = self._cache[split]
