@@ -1,6 +1,6 @@
 """Run by test_ddp.py: SimCLR for a few steps on 2 CPU processes (gloo), recording what each rank saw.
 
-    python tests/ddp_simclr_script.py IMAGE_ROOT OUT_DIR
+    python tests/ddp_simclr_script.py IMAGE_ROOT OUT_DIR [simclr|moco]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from selfsup.data import ImageDataModule
 from selfsup.distributed import gather_with_grad, world_size
-from selfsup.methods import SimCLR
+from selfsup.methods import MoCo, SimCLR
 
 
 class Record(L.Callback):
@@ -35,17 +35,22 @@ class Record(L.Callback):
 
 def main() -> None:
     root, out = sys.argv[1], Path(sys.argv[2])
+    method = sys.argv[3] if len(sys.argv) > 3 else "simclr"
     L.seed_everything(0)
     dm = ImageDataModule(root=root, batch_size=10)
-    model = SimCLR(backbone="small_cnn", width=8, proj_hidden=16, proj_dim=8)
+    kw = {"backbone": "small_cnn", "width": 8, "proj_hidden": 16, "proj_dim": 8, "knn_every": 1}
+    model = SimCLR(**kw) if method == "simclr" else MoCo(**kw, queue_size=50)
     rec = Record()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[rec], default_root_dir=str(out), num_sanity_val_steps=0, limit_val_batches=0)
+                        callbacks=[rec], default_root_dir=str(out), num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+    (out / f"{method}_rank{trainer.global_rank}.json").write_text(json.dumps({
         "world_size": trainer.world_size, "torch_world_size": world_size(), "indices": rec.indices,
         "global_batches": rec.global_batches, "losses": rec.losses, "num_train": len(dm.train_set),
+        "queue": model.queue.tolist() if method == "moco" else None,
+        "queue_ptr": int(model.queue_ptr) if method == "moco" else None,
+        "knn_top1": float(trainer.callback_metrics["val/knn_top1"]),
     }))
 
 

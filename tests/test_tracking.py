@@ -9,7 +9,7 @@ import yaml
 
 from selfsup.cli import main
 from selfsup.tracking import resolve_offline, wandb_has_account
-from wandb_files import logged_config
+from wandb_files import logged_config, logged_metric_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,15 @@ def test_cli_fit_records_full_config(image_folder: Path, tmp_path: Path, monkeyp
     assert saved["model"]["init_args"]["temperature"] == 0.3
     assert (version / "metrics.csv").is_file()
     assert list((version / "checkpoints").glob("*.ckpt"))
+    # What the network sees: image / view 0 / view 1 for 8 images, as PNG and W&B image.
+    png = version / "train_views.png"
+    from torchvision.io import read_image
+
+    grid = read_image(str(png))
+    assert grid.shape[0] == 3 and grid.shape[1] > 3 * 32 and grid.shape[2] > 8 * 32
     (run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
     config = logged_config(run)
     assert config["model"]["init_args"]["temperature"] == 0.3
     assert config["data"]["batch_size"] == 16 and config["trainer"]["max_steps"] == 2
     assert config["seed_everything"] == 0
+    assert "train/views" in logged_metric_keys(run)

@@ -59,5 +59,5 @@ def logged_metric_keys(run_dir: Path) -> set[str]:
     keys: set[str] = set()
     for r in read_records(run_file):
         if r.WhichOneof("record_type") == "history":
-            keys.update(item.key or "/".join(item.nested_key) for item in r.history.item)
+            keys.update(item.key or item.nested_key[0] for item in r.history.item)  # images nest
     return keys

@@ -1,7 +1,8 @@
 """The stages, one LightningModule each."""
 
+from selfsup.methods.moco import MoCo
 from selfsup.methods.relative_location import RelativeLocation
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.transfer import FineTune, LinearProbe
 
-__all__ = ["FineTune", "LinearProbe", "RelativeLocation", "SimCLR"]
+__all__ = ["FineTune", "LinearProbe", "MoCo", "RelativeLocation", "SimCLR"]

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from selfsup import SelfsupError
+from selfsup.optim.lars import LARS
 from selfsup.optim.schedules import warmup_cosine
 
-OptimizerName = Literal["adam", "adamw", "sgd"]
+OptimizerName = Literal["adam", "adamw", "sgd", "lars"]
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
@@ -25,31 +26,39 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
                 (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        # LARS leaves these out of its trust-ratio adaptation too (SimCLR).
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
     return groups
 
 
 def build_optimizer(
     groups: list[dict], name: OptimizerName, lr: float, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
+    if name != "lars":
+        # Only LARS knows the exclusion flag.
+        groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    raise SelfsupError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+    raise SelfsupError(f"unknown optimizer {name!r}; choose adam, adamw, sgd or lars")
 
 
-def configure_optimizers(module, modules: Iterable[nn.Module]) -> dict:
+def configure_optimizers(module, modules: Iterable[nn.Module], extra_groups: list[dict] | None = None) -> dict:
     """Optimiser for ``modules`` plus a per-step schedule: linear warmup from 0, then cosine
     decay (or constant), from the module's hyperparameters ``optimizer``, ``lr``,
     ``weight_decay``, ``momentum``, ``warmup_epochs`` and ``cosine``.
 
+    ``extra_groups`` (e.g. an online probe with its own ``lr``) join the same optimiser.
     The number of steps is read from the trainer at run time, never passed in.
     """
     hp = module.hparams
-    opt = build_optimizer(param_groups(modules, hp.weight_decay), hp.optimizer, hp.lr, hp.momentum)
+    groups = param_groups(modules, hp.weight_decay) + list(extra_groups or [])
+    opt = build_optimizer(groups, hp.optimizer, hp.lr, hp.momentum)
     warmup_epochs, cosine = hp.warmup_epochs, hp.cosine
     trainer = module.trainer
     total = max(1, int(trainer.estimated_stepping_batches))
