@@ -19,7 +19,7 @@ STAGES = [p for p in ALL if p not in PIPELINES and p not in TRAINERS]
 
 
 def test_there_are_configs_for_every_stage_and_preset() -> None:
-    assert {p.parent.name for p in STAGES} == {"relative_location", "simclr", "linear_probe", "finetune"}
+    assert {p.parent.name for p in STAGES} == {"relative_location", "simclr", "moco", "linear_probe", "finetune"}
     assert {p.stem for p in TRAINERS} >= {"cpu", "gpu", "ddp"}
     assert "quickstart" in {p.stem for p in PIPELINES}
 

@@ -50,6 +50,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--wandb.project", type=str, default="selfsup")
     p.add_argument("--wandb.offline", type=bool | None, default=None, help="None: offline unless an account is set")
     for stage, cls in PRETRAIN.items():
+        p.add_argument(f"--{stage}.enabled", type=bool, default=True, help="run this stage and its probe")
         p.add_argument(f"--{stage}.max_epochs", type=int, default=10)
         p.add_argument(f"--{stage}.max_time", type=float | None, default=None, help="budget in seconds")
         p.add_class_arguments(cls, f"{stage}.model", skip=BACKBONE_ARGS)
@@ -130,15 +131,15 @@ class Pipeline:
         t0 = time.time()
         results["random"] = {**self.probe(dm, "random", None, "channel"), "seconds": time.time() - t0}
 
-        t0 = time.time()
-        ckpt, extra = self.pretrain(dm, "relative_location")
-        norm = "per_image" if cfg.relative_location.model.per_patch_norm else "channel"
-        probe = self.probe(dm, "relative_location", ckpt, norm)
-        results["relative_location"] = {**extra, **probe, "seconds": time.time() - t0}
-
-        t0 = time.time()
-        ckpt, extra = self.pretrain(dm, "simclr")
-        results["simclr"] = {**self.probe(dm, "simclr", ckpt, "channel"), "seconds": time.time() - t0}
+        for stage in PRETRAIN:
+            if not getattr(cfg, stage).enabled:
+                continue
+            t0 = time.time()
+            ckpt, extra = self.pretrain(dm, stage)
+            # A relative-location backbone saw per-patch standardised inputs: probe it the same way.
+            per_image = stage == "relative_location" and cfg.relative_location.model.per_patch_norm
+            probe = self.probe(dm, stage, ckpt, "per_image" if per_image else "channel")
+            results[stage] = {**extra, **probe, "seconds": time.time() - t0}
 
         summary = {
             "data_root": str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else "(embedded sample)",

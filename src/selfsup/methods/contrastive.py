@@ -73,7 +73,9 @@ class ContrastiveMethod(L.LightningModule):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank
         if not hasattr(dm, "train_set") or not self.trainer.is_global_zero:
             return
-        images = dm.train_set.images[:8].to(self.device)
+        # Spread over the set: folders are stored class by class.
+        pick = torch.linspace(0, len(dm.train_set) - 1, 8).long()
+        images = dm.train_set.images[pick].to(self.device)
         v0, v1 = self.views(images)(images, torch.Generator(device=self.device).manual_seed(0))
         grid = view_pairs_grid(images, v0, v1)
         log_image(self.trainer, log_dir, "train/views", grid, "rows: image, view 0, view 1")
