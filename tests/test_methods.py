@@ -106,3 +106,12 @@ def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -
     store, filled = probe._cache["train"]
     assert store.dtype == torch.float32 and int(filled.sum()) >= 112  # drop_last: 7 batches of 16 an epoch
     assert 0 <= t.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"] <= 1
+
+
+def test_probe_at_an_earlier_stage(tmp_path: Path, dm: ImageDataModule) -> None:
+    probe = LinearProbe(feature_stage=-2, **TINY)
+    assert probe.head[1][0].in_features == 16  # small_cnn width 8: stages of 8, 16, 32 channels
+    t = trainer(tmp_path, max_epochs=1)
+    t.fit(probe, datamodule=dm)
+    assert probe._cache["train"][0].shape == (120, 16)
+    assert 0 <= t.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"] <= 1

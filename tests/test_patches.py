@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,10 +11,13 @@ from selfsup.data.patches import (
     GRID_PRESETS,
     LABEL_OF_CELL,
     GridSpec,
+    color_drop,
     extract_patches,
     grid_preset,
     normalize_patches,
     pair_labels,
+    pixelate,
+    random_grayscale_images,
     sample_grid,
     sample_patches,
 )
@@ -31,11 +36,26 @@ def test_label_map_is_reading_order_around_centre() -> None:
     assert pair_labels(2).tolist() == list(range(8)) * 2
 
 
-@pytest.mark.parametrize("size", sorted(GRID_PRESETS))
-def test_patches_come_from_their_cells_within_bounds(size: int) -> None:
-    spec = grid_preset(size)
+CASES = [(style, size) for style in GRID_PRESETS for size in GRID_PRESETS[style]]
+
+
+@pytest.mark.parametrize(("style", "size"), CASES)
+def test_patches_come_from_their_cells_within_bounds(style: str, size: int) -> None:
+    spec = grid_preset(size, style)
+    check_grid(spec, size)
+
+
+def test_random_gap_varies_per_image_within_its_range() -> None:
+    spec = GridSpec(patch=12, gap=0, jitter=3, gap_max=8)
+    tl = check_grid(spec, 64)
+    gaps = (tl[:, 1, 1, 1] - tl[:, 1, 0, 1] - spec.patch).float()
+    assert gaps.std() > 1  # drawn per image
+
+
+def check_grid(spec: GridSpec, size: int) -> torch.Tensor:
+    """Check every geometric promise on an oracle batch; return the corners (B, 3, 3, 2)."""
     b = 64
-    g = torch.Generator().manual_seed(size)
+    g = torch.Generator().manual_seed(size + spec.jitter)
     patches, corners = sample_patches(oracle(b, size, size), spec, g)  # (B, 9, 3, p, p)
     p = spec.patch
     assert patches.shape == (b, 9, 3, p, p)
@@ -60,18 +80,21 @@ def test_patches_come_from_their_cells_within_bounds(size: int) -> None:
     tl = torch.stack([top, left], -1).view(b, 3, 3, 2)
     gaps_x = tl[:, :, 1:, 1] - tl[:, :, :-1, 1] - p
     gaps_y = tl[:, 1:, :, 0] - tl[:, :-1, :, 0] - p
+    gap_max = spec.gap if spec.gap_max is None else spec.gap_max
     for gaps in (gaps_x, gaps_y):
-        assert gaps.min() >= spec.gap and gaps.max() <= spec.gap + 2 * spec.jitter
+        assert gaps.min() >= spec.gap and gaps.max() <= gap_max + 2 * spec.jitter
     # Jitter: per image, the offsets of the 9 patches from their nominal cell positions
     # span at most ``jitter`` on each axis (the shared grid origin cancels), and they vary.
     cell = torch.arange(3) * spec.cell
     offs_y = (tl[..., 0] - cell.view(1, 3, 1)).flatten(1)
     offs_x = (tl[..., 1] - cell.view(1, 1, 3)).flatten(1)
-    for offs in (offs_y, offs_x):
-        spread = offs.max(1).values - offs.min(1).values
-        assert spread.max() <= spec.jitter
-        if spec.jitter > 0:
-            assert spread.float().mean() > 0
+    if spec.gap_max is None:  # with a random gap the nominal cell differs per image
+        for offs in (offs_y, offs_x):
+            spread = offs.max(1).values - offs.min(1).values
+            assert spread.max() <= spec.jitter
+            if spec.jitter > 0:
+                assert spread.float().mean() > 0
+    return tl
 
 
 def test_no_two_patches_overlap_in_any_image() -> None:
@@ -100,6 +123,49 @@ def test_grid_too_large_fails_clearly() -> None:
         sample_grid(1, 30, 30, GridSpec(patch=12, gap=2, jitter=1), None)
     with pytest.raises(ValueError, match="no patch-grid preset"):
         grid_preset(16)
+    with pytest.raises(ValueError, match="unknown grid style"):
+        grid_preset(64, "jigsaw")
+
+
+def test_labels_are_uniform_over_the_eight_positions() -> None:
+    from selfsup.methods import RelativeLocation
+
+    imgs = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
+    counts_all = torch.bincount(pair_labels(400), minlength=8)
+    assert counts_all.tolist() == [400] * 8
+    one = RelativeLocation(backbone="small_cnn", width=4, head_hidden=8, pairs="one")
+    with torch.no_grad():
+        _, labels = one(imgs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(labels, minlength=8).float()
+    # 400 draws over 8 labels: each near 50 (chi-square, 7 dof, p > 0.001 below 24.3).
+    assert ((counts - 50) ** 2 / 50).sum() < 24.3 and counts.min() > 0
+
+
+def test_color_drop_keeps_one_channel_per_patch() -> None:
+    patches = torch.rand(6, 9, 3, 8, 8)
+    out = color_drop(patches, torch.Generator().manual_seed(0))
+    same = (out == patches).flatten(3).all(-1)  # (6, 9, 3): channel kept untouched
+    assert (same.sum(-1) == 1).all()
+    dropped = out[~same].flatten(1)
+    assert dropped.std(1).max() < 0.01  # near-constant noise instead of the colour
+
+
+def test_pixelate_blurs_about_a_third_of_patches() -> None:
+    patches = torch.rand(300, 3, 16, 16)
+    out = pixelate(patches, p=1 / 3, generator=torch.Generator().manual_seed(0))
+    changed = (out - patches).abs().flatten(1).amax(1) > 1e-6
+    assert 70 < int(changed.sum()) < 130
+    # Changed patches lost high-frequency detail: neighbouring pixels closer together.
+    tv = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean()  # noqa: E731
+    assert tv(out[changed]) < 0.7 * tv(patches[changed])
+    assert out.shape == patches.shape
+
+
+def test_grayscale_images_with_probability() -> None:
+    imgs = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8)
+    out = random_grayscale_images(imgs, p=0.66, generator=torch.Generator().manual_seed(0))
+    gray = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
+    assert 110 < int(gray.sum()) < 155
 
 
 def test_per_patch_normalisation_gives_zero_mean_unit_variance() -> None:
@@ -118,3 +184,18 @@ def test_extract_patches_keeps_dtype_and_values() -> None:
     assert out.dtype == imgs.dtype
     assert torch.equal(out[0, 0], imgs[0, :, 1:5, 2:6])
     assert torch.equal(out[1, 0], imgs[1, :, 5:9, 0:4])
+
+
+def test_patches_command_draws_grids(tmp_path: Path, image_folder: Path) -> None:
+    from torchvision.io import read_image
+
+    from selfsup.visualize import patches_main
+
+    out = patches_main(["--data.root", str(image_folder), "--count", "3", "--model.grid", "kolesnikov",
+                        "--model.color", "gray", "--out", str(tmp_path / "p.png")])
+    figure = read_image(str(out))
+    # 3 columns of a 4x upscaled 32-px image with its 3x3 patch tile below it.
+    assert figure.shape[0] == 3 and figure.shape[1] >= 2 * 4 * 32 and figure.shape[2] >= 3 * 4 * 32
+    # The grid outlines use the label colours: the red of label 0 is present.
+    red = (figure[0] > 200) & (figure[1] < 60) & (figure[2] < 100)
+    assert int(red.sum()) > 20

@@ -33,21 +33,23 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
     assert on_disk["backbone"] == "small_cnn"
     r = on_disk["results"]
     assert set(r) == {"random", "relative_location", "simclr"}
-    assert set(r["relative_location"]) == {"pretext_top1", "linear_top1", "linear_top5", "seconds"}
+    assert set(r["relative_location"]) == {"pretext_top1", "linear_top1", "linear_top5", "linear_top1_stage1", "seconds"}
     for stage in r.values():
         assert set(stage) >= {"linear_top1", "linear_top5", "seconds"}
         assert 0 <= stage["linear_top1"] <= stage["linear_top5"] <= 1 and stage["seconds"] > 0
     assert r["relative_location"]["linear_top5"] == 1.0  # 3 classes: top-5 covers all
     table = (out / "summary.md").read_text()
     assert "| SimCLR |" in table and table in capsys.readouterr().out
+    assert "earlier backbone stages: stage 1 " in table
     for stage in ("relative_location", "simclr"):
         assert (out / stage / "checkpoints" / "last.ckpt").is_file()
     # Each stage has a CSV of metrics and an offline W&B run carrying the full config.
     assert "val/top1" in (out / "simclr_probe" / "metrics.csv").read_text().splitlines()[0]
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 5
+    assert len(runs) == 6
     by_stage = {logged_config(run)["stage"]: run for run in runs}
-    assert set(by_stage) == {"random_probe", "relative_location", "relative_location_probe", "simclr", "simclr_probe"}
+    assert set(by_stage) == {"random_probe", "relative_location", "relative_location_probe",
+                             "relative_location_probe_stage1", "simclr", "simclr_probe"}
     config = logged_config(by_stage["simclr_probe"])
     assert config["pipeline"]["backbone"]["width"] == 8
     assert config["pipeline"]["simclr"]["model"]["temperature"] == 0.5

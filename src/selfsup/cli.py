@@ -17,7 +17,7 @@ from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.data import ImageDataModule
 from selfsup.tracking import finish_wandb
 
-USAGE = """usage: selfsup {fit,validate,test,pipeline} [--config FILE ...] [--section.key VALUE ...]
+USAGE = """usage: selfsup {fit,validate,test,pipeline,patches} [--config FILE ...] [--section.key VALUE ...]
 
   fit | validate | test   one stage through the Lightning CLI; the model is chosen by
                           class_path (selfsup.methods.RelativeLocation, SimCLR, LinearProbe,
@@ -25,6 +25,7 @@ USAGE = """usage: selfsup {fit,validate,test,pipeline} [--config FILE ...] [--se
   pipeline                baseline probe, relative-location and SimCLR pretraining with their
                           probes, then OUT/summary.json and OUT/summary.md; see
                           `selfsup pipeline --help`
+  patches                 draw the relative-location patch grids of a few images to a PNG
 """
 
 #: Used when a config names no logger: a local CSV of metrics (first, so that config.yaml
@@ -79,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from selfsup.pipeline import pipeline_main
 
             pipeline_main(args[1:])
+        elif args[0] == "patches":
+            from selfsup.visualize import patches_main
+
+            patches_main(args[1:])
         else:
             # args=None lets Lightning read sys.argv itself (it warns when given both).
             SelfsupCLI(None if argv is None else args)

@@ -45,3 +45,44 @@ def log_image(trainer, log_dir: str | None, key: str, image: torch.Tensor, capti
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png(image.contiguous(), str(path))
     return path
+
+
+#: Colours of the 8 neighbour labels 0..7 and of the centre patch in patch-grid figures.
+LABEL_COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
+CENTRE_COLOR = "#ffffff"
+
+
+def patch_grid_figure(images: torch.Tensor, corners: torch.Tensor, patch: int, patches: torch.Tensor,
+                      scale: int = 4) -> torch.Tensor:
+    """For each image: the image with its 3x3 grid of patches outlined (centre white,
+    neighbours coloured and labelled 0..7 in the fixed label order), and below it the 9
+    patches as the network receives them (after preprocessing, rescaled for display).
+
+    Args:
+        images: uint8 (B, 3, H, W); corners: (B, 9, 2) top-left (y, x); patches: float
+            (B, 9, 3, p, p) as fed to the backbone.
+    Returns:
+        uint8 (3, H', W') figure.
+    """
+    from torchvision.utils import draw_bounding_boxes
+
+    from selfsup.data.patches import NEIGHBOURS
+
+    b, _, h, w = images.shape
+    columns = []
+    for i in range(b):
+        big = images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        c = corners[i].float() * scale
+        boxes = torch.stack([c[:, 1], c[:, 0], c[:, 1] + patch * scale - 1, c[:, 0] + patch * scale - 1], dim=1)
+        labels = ["C" if k == 4 else str(NEIGHBOURS.index(k)) for k in range(9)]
+        colors = [CENTRE_COLOR if k == 4 else LABEL_COLORS[NEIGHBOURS.index(k)] for k in range(9)]
+        drawn = draw_bounding_boxes(big, boxes, labels=labels, colors=colors, width=2)
+        # The patches as the network sees them, each min-max scaled, in their grid positions.
+        p = patches[i].float()
+        lo = p.flatten(1).amin(1).view(9, 1, 1, 1)
+        hi = p.flatten(1).amax(1).view(9, 1, 1, 1)
+        shown = ((p - lo) / (hi - lo).clamp_min(1e-6) * 255).round().to(torch.uint8)
+        tile = make_grid(shown, nrow=3, padding=1, pad_value=255)
+        tile = torch.nn.functional.interpolate(tile[None].float(), size=(w * scale, w * scale), mode="nearest")[0]
+        columns.append(torch.cat([drawn, tile.to(torch.uint8)], dim=1))
+    return make_grid(torch.stack(columns), nrow=b, padding=4, pad_value=255)

@@ -53,9 +53,12 @@ def build_parser() -> ArgumentParser:
         p.add_argument(f"--{stage}.enabled", type=bool, default=True, help="run this stage and its probe")
         p.add_argument(f"--{stage}.max_epochs", type=int, default=10)
         p.add_argument(f"--{stage}.max_time", type=float | None, default=None, help="budget in seconds")
+        p.add_argument(f"--{stage}.probe_stages", type=list[int], default=[-2] if stage == "relative_location" else [],
+                       help="earlier backbone stages to probe too (e.g. -2: ResNet layer3)")
         p.add_class_arguments(cls, f"{stage}.model", skip=BACKBONE_ARGS)
     p.add_argument("--probe.max_epochs", type=int, default=30)
-    p.add_class_arguments(LinearProbe, "probe.model", skip=BACKBONE_ARGS | {"num_classes", "backbone_checkpoint", "input_norm"})
+    p.add_class_arguments(LinearProbe, "probe.model",
+                          skip=BACKBONE_ARGS | {"num_classes", "backbone_checkpoint", "input_norm", "feature_stage"})
     return p
 
 
@@ -97,15 +100,20 @@ class Pipeline:
         except TypeError as e:
             raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
 
-    def probe(self, dm: ImageDataModule, stage: str, checkpoint: Path | None, input_norm: str) -> dict[str, float]:
+    def probe(self, dm: ImageDataModule, stage: str, checkpoint: Path | None, input_norm: str,
+              feature_stage: int = -1) -> dict[str, float]:
         L.seed_everything(self.cfg.seed, verbose=False)
         model = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(checkpoint) if checkpoint else None,
-                            input_norm=input_norm, **self.backbone_args, **_to_dict(self.cfg.probe.model))
-        trainer = self.trainer(f"{stage}_probe", self.cfg.probe.max_epochs)
+                            input_norm=input_norm, feature_stage=feature_stage, **self.backbone_args,
+                            **_to_dict(self.cfg.probe.model))
+        index = feature_stage % len(model.backbone.stages)
+        name = f"{stage}_probe" if feature_stage == -1 else f"{stage}_probe_stage{index}"
+        trainer = self.trainer(name, self.cfg.probe.max_epochs)
         trainer.fit(model, datamodule=dm)
         metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
         finish_wandb(trainer)  # the next stage gets a run of its own
-        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": float(metrics[f"val/top{model.top_k}"])}
+        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": float(metrics[f"val/top{model.top_k}"]),
+                "stage": index}
 
     def pretrain(self, dm: ImageDataModule, stage: str) -> tuple[Path, dict[str, float]]:
         L.seed_everything(self.cfg.seed, verbose=False)
@@ -129,7 +137,9 @@ class Pipeline:
         results: dict[str, dict[str, float]] = {}
 
         t0 = time.time()
-        results["random"] = {**self.probe(dm, "random", None, "channel"), "seconds": time.time() - t0}
+        random = self.probe(dm, "random", None, "channel")
+        random.pop("stage")
+        results["random"] = {**random, "seconds": time.time() - t0}
 
         for stage in PRETRAIN:
             if not getattr(cfg, stage).enabled:
@@ -138,7 +148,13 @@ class Pipeline:
             ckpt, extra = self.pretrain(dm, stage)
             # A relative-location backbone saw per-patch standardised inputs: probe it the same way.
             per_image = stage == "relative_location" and cfg.relative_location.model.per_patch_norm
-            probe = self.probe(dm, stage, ckpt, "per_image" if per_image else "channel")
+            norm = "per_image" if per_image else "channel"
+            probe = self.probe(dm, stage, ckpt, norm)
+            probe.pop("stage")
+            # Earlier stages too: pretext tasks over-specialise the last one.
+            for k in getattr(cfg, stage).probe_stages:
+                r = self.probe(dm, stage, ckpt, norm, k)
+                extra[f"linear_top1_stage{r.pop('stage')}"] = r["linear_top1"]
             results[stage] = {**extra, **probe, "seconds": time.time() - t0}
 
         summary = {
@@ -174,10 +190,15 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "") -> str:
         "| backbone from | pretext top-1 | linear top-1 | linear top-5 | seconds |",
         "|---|---:|---:|---:|---:|",
     ]
+    notes = []
     for key, r in s["results"].items():
         lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {pct(r['linear_top1'])} | "
                      f"{pct(r['linear_top5'])} | {r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+        by_stage = [f"stage {k.removeprefix('linear_top1_stage')} {pct(v)}" for k, v in r.items()
+                    if k.startswith("linear_top1_stage")]
+        if by_stage:
+            notes.append(f"{names.get(key, key)}, linear top-1 from earlier backbone stages: {', '.join(by_stage)}.")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def pipeline_main(argv: Sequence[str]) -> dict[str, Any]:

@@ -10,9 +10,12 @@ import torch.nn.functional as F
 
 from selfsup.data.patches import (
     GridSpec,
+    color_drop,
     grid_preset,
     normalize_patches,
     pair_labels,
+    pixelate,
+    random_grayscale_images,
     sample_patches,
 )
 from selfsup.data.views import normalize, to_float
@@ -30,9 +33,16 @@ class RelativeLocation(L.LightningModule):
     and classified by an MLP. Labels follow ``selfsup.data.patches`` (0..7 in reading order).
 
     Args:
-        patch / gap / jitter: grid geometry in pixels; None takes the preset for the image size.
+        grid: preset style for the image size, ``doersch`` or ``kolesnikov`` (see
+            ``selfsup.data.patches.GRID_PRESETS``).
+        patch / gap / jitter: grid geometry in pixels; None takes the preset's value.
+        gap_max: draw the gap per image from ``gap..gap_max`` (None: fixed gap).
         per_patch_norm: standardise each patch (closes the low-level statistics shortcut);
             otherwise channel normalisation.
+        color: chromatic-aberration remedy: ``drop`` (Doersch: one random channel kept per
+            patch, the others replaced by noise), ``gray`` (Kolesnikov: whole image to gray
+            with probability ``gray_p``) or ``none``.
+        pixelate_p: probability per patch of being downsampled and upsampled back (Doersch 1/3).
         pairs: ``all`` 8 pairs per image, or ``one`` random neighbour per image.
         head_hidden / dropout: the pair classifier, ``2F -> head_hidden (BN, ReLU, dropout) -> 8``.
     """
@@ -43,10 +53,15 @@ class RelativeLocation(L.LightningModule):
         cifar_stem: bool = False,
         width: int = 32,
         norm: Norm = "batch",
+        grid: Literal["doersch", "kolesnikov"] = "doersch",
         patch: int | None = None,
         gap: int | None = None,
         jitter: int | None = None,
+        gap_max: int | None = None,
         per_patch_norm: bool = True,
+        color: Literal["drop", "gray", "none"] = "drop",
+        gray_p: float = 0.66,
+        pixelate_p: float = 1 / 3,
         pairs: Literal["all", "one"] = "all",
         head_hidden: int = 512,
         dropout: float = 0.5,
@@ -67,20 +82,32 @@ class RelativeLocation(L.LightningModule):
 
     def grid_spec(self, image_size: int) -> GridSpec:
         hp = self.hparams
-        preset = grid_preset(image_size)
+        preset = grid_preset(image_size, hp.grid)
         return GridSpec(
             patch=hp.patch if hp.patch is not None else preset.patch,
             gap=hp.gap if hp.gap is not None else preset.gap,
             jitter=hp.jitter if hp.jitter is not None else preset.jitter,
+            gap_max=hp.gap_max,
         )
+
+    def patches(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample and preprocess the 9 patches of each image: uint8 (B, 3, H, W) ->
+        float (B, 9, 3, p, p) ready for the backbone, and the corners (B, 9, 2)."""
+        hp = self.hparams
+        x = random_grayscale_images(images, hp.gray_p, generator) if hp.color == "gray" else to_float(images) * 255
+        patches, corners = sample_patches(x / 255, self.grid_spec(images.shape[-1]), generator)
+        if hp.pixelate_p > 0:
+            patches = pixelate(patches, hp.pixelate_p, generator=generator)
+        if hp.color == "drop":
+            patches = color_drop(patches, generator)
+        patches = normalize_patches(patches) if hp.per_patch_norm else normalize(patches.flatten(0, 1)).view_as(patches)
+        return patches, corners
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images uint8 (B, 3, H, W) -> logits (B*P, 8) and labels (B*P,), P = 8 or 1."""
         b = images.shape[0]
-        patches, _ = sample_patches(images, self.grid_spec(images.shape[-1]), generator)  # (B, 9, 3, p, p)
-        x = to_float(patches.flatten(0, 1))
-        x = normalize_patches(x) if self.hparams.per_patch_norm else normalize(x)
-        feats = self.backbone(x).view(b, 9, -1)  # each patch through the backbone once
+        patches, _ = self.patches(images, generator)  # (B, 9, 3, p, p)
+        feats = self.backbone(patches.flatten(0, 1)).view(b, 9, -1)  # each patch through the backbone once
         centre = feats[:, 4:5]
         neighbours = feats[:, [0, 1, 2, 3, 5, 6, 7, 8]]  # label order
         labels = pair_labels(b, images.device).view(b, 8)
@@ -92,6 +119,20 @@ class RelativeLocation(L.LightningModule):
         pairs = torch.cat([centre.expand_as(neighbours), neighbours], dim=-1)  # (B, P, 2F)
         logits = self.head(pairs.flatten(0, 1))
         return logits, labels.flatten()
+
+    def on_train_start(self) -> None:
+        """Show the sampling: 6 training images with their grids and patches, as a W&B image
+        (``train/patches``) and ``train_patches.png`` in the log folder."""
+        from selfsup.media import log_image
+        from selfsup.visualize import draw_patches
+
+        dm = getattr(self.trainer, "datamodule", None)
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank
+        if not hasattr(dm, "train_set") or not self.trainer.is_global_zero:
+            return
+        pick = torch.linspace(0, len(dm.train_set) - 1, 6).long()
+        figure = draw_patches(self, dm.train_set.images[pick].to(self.device))
+        log_image(self.trainer, log_dir, "train/patches", figure, "grid: C centre, 0-7 labels; below: the patches fed in")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, labels = self(batch["image"])

@@ -32,6 +32,7 @@ class _Classifier(L.LightningModule):
     """Shared plumbing of the transfer stages: backbone hand-off, head, top-1/top-5, logging."""
 
     frozen = False  # whether the backbone trains
+    feature_stage = -1  # which backbone stage feeds the head
 
     def __init__(self, num_classes: int | None, backbone: str, cifar_stem: bool, width: int, norm: Norm,
                  backbone_checkpoint: str | None) -> None:
@@ -47,7 +48,7 @@ class _Classifier(L.LightningModule):
         if num_classes < 2:
             raise SelfsupError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.hparams["num_classes"] = num_classes  # stored with the checkpoint
-        f = self.backbone.num_features
+        f = self.backbone.stage_features(self.feature_stage)
         # Standardised features (BN without affine) make one learning rate fit every backbone.
         # Frozen features have fixed statistics: a cumulative average (momentum=None) gets
         # them exactly; features that train need the usual moving average.
@@ -106,6 +107,9 @@ class LinearProbe(_Classifier):
         backbone_checkpoint: a checkpoint of an earlier stage; its ``backbone.*`` weights are
             loaded strictly. None probes the random initialisation (the baseline).
         input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardisation.
+        feature_stage: probe the pooled output of this backbone stage (-1: the last; -2: the
+            one before, e.g. ResNet layer3), since pretext tasks over-specialise the last stage
+            (mmselfsup: relative location probes at 40.4% from res5, 51.2% from res4).
     """
 
     frozen = True
@@ -119,6 +123,7 @@ class LinearProbe(_Classifier):
         norm: Norm = "batch",
         backbone_checkpoint: str | None = None,
         input_norm: InputNorm = "channel",
+        feature_stage: int = -1,
         cache_features: bool = True,
         optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
@@ -127,6 +132,7 @@ class LinearProbe(_Classifier):
         warmup_epochs: float = 0.0,
         cosine: bool = True,
     ) -> None:
+        self.feature_stage = feature_stage
         super().__init__(num_classes, backbone, cifar_stem, width, norm, backbone_checkpoint)
         self.save_hyperparameters()
         self.backbone.requires_grad_(False)
@@ -143,7 +149,7 @@ class LinearProbe(_Classifier):
         # bypassing train(); re-assert eval here so BatchNorm statistics never move.
         if self.backbone.training:
             self.backbone.eval()
-        return self.backbone(preprocess(images, self.hparams.input_norm))
+        return self.backbone(preprocess(images, self.hparams.input_norm), stage=self.feature_stage)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
@@ -154,7 +160,7 @@ class LinearProbe(_Classifier):
         idx = batch["index"]
         if split not in self._cache:
             n = len(dm.train_set if split == "train" else dm.eval_set)
-            f = self.backbone.num_features
+            f = self.backbone.stage_features(self.feature_stage)
             self._cache[split] = (torch.zeros(n, f, device=images.device), torch.zeros(n, dtype=torch.bool, device=images.device))
         store, filled = self._cache[split]
         todo = ~filled[idx]

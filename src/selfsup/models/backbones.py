@@ -52,11 +52,20 @@ class Backbone(nn.Module):
             maps.append(x)
         return maps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+        """Pooled features after ``stage`` (index into ``stages``; -1 the last): (B, F_stage)."""
+        last = stage % len(self.stages)
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        for stage in self.stages:
-            x = stage(x)
+        for block in self.stages[: last + 1]:
+            x = block(x)
         return self.pool(x).flatten(1)
+
+    def stage_features(self, stage: int = -1) -> int:
+        """Channels after ``stage`` (pooled feature size), read off the stage's last layer."""
+        block = self.stages[stage]
+        channels = [m.num_features if isinstance(m, nn.BatchNorm2d) else m.num_channels
+                    for m in block.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]
+        return channels[-1]
 
 
 def _conv_block(c_in: int, c_out: int, stride: int, norm: Norm) -> nn.Sequential:
