@@ -109,7 +109,7 @@ def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -
 
 
 def test_probe_at_an_earlier_stage(tmp_path: Path, dm: ImageDataModule) -> None:
-    probe = LinearProbe(feature_stage=-2, **TINY)
+    probe = LinearProbe(num_classes=3, feature_stage=-2, **TINY)
     assert probe.head[1][0].in_features == 16  # small_cnn width 8: stages of 8, 16, 32 channels
     t = trainer(tmp_path, max_epochs=1)
     t.fit(probe, datamodule=dm)

@@ -121,7 +121,10 @@ def sample_grid(
 
 
 def extract_patches(images: torch.Tensor, corners: torch.Tensor, patch: int) -> torch.Tensor:
-    """Cut square patches by advanced indexing, with no Python loop over images.
+    """Cut square patches with no Python loop over images.
+
+    ``unfold`` views every ``patch`` x ``patch`` window of the batch without copying; one
+    advanced-indexing call with a (B, K) index then copies out the chosen windows.
 
     Args:
         images: (B, C, H, W), any dtype.
@@ -130,13 +133,9 @@ def extract_patches(images: torch.Tensor, corners: torch.Tensor, patch: int) -> 
         (B, K, C, patch, patch), same dtype as ``images``.
     """
     corners = corners.to(images.device)
-    b, k = corners.shape[:2]
-    offs = torch.arange(patch, device=images.device)
-    ys = (corners[..., 0, None] + offs)[:, :, :, None]  # (B, K, p, 1)
-    xs = (corners[..., 1, None] + offs)[:, :, None, :]  # (B, K, 1, p)
-    bidx = torch.arange(b, device=images.device)[:, None, None, None]
-    out = images.permute(0, 2, 3, 1)[bidx, ys, xs]  # (B, K, p, p, C)
-    return out.permute(0, 1, 4, 2, 3)
+    windows = images.unfold(2, patch, 1).unfold(3, patch, 1)  # (B, C, H-p+1, W-p+1, p, p), a view
+    bidx = torch.arange(images.shape[0], device=images.device)[:, None]
+    return windows[bidx, :, corners[..., 0], corners[..., 1]]
 
 
 def sample_patches(
@@ -159,9 +158,11 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     match neighbours (Doersch 2015; Kolesnikov et al. 2019 use per-image standardisation).
     Shapes: (..., C, p, p) -> same.
     """
-    x = patches.float()
-    var, mean = torch.var_mean(x, dim=(-3, -2, -1), keepdim=True, correction=0)
-    return (x - mean) * torch.rsqrt(var + eps)
+    flat = patches.reshape(*patches.shape[:-3], -1).float()
+    # Two plain passes over contiguous rows: several times faster on CPU than var_mean.
+    centred = flat - flat.mean(dim=-1, keepdim=True)
+    var = (centred * centred).mean(dim=-1, keepdim=True)
+    return (centred * torch.rsqrt(var + eps)).view(patches.shape)
 
 
 def color_drop(patches: torch.Tensor, generator: torch.Generator | None = None, noise: float = 0.01) -> torch.Tensor:
@@ -207,11 +208,12 @@ def pixelate(
 
 def random_grayscale_images(images: torch.Tensor, p: float = 0.66, generator: torch.Generator | None = None) -> torch.Tensor:
     """Kolesnikov et al.'s remedy: whole images to gray (mean of RGB) with probability ``p``.
-    Shapes: (B, 3, H, W) any dtype -> float (B, 3, H, W)."""
+    Shapes: (B, 3, H, W) -> same shape and dtype (integer images are rounded)."""
     x = images.float()
     gdev = generator.device if generator is not None else x.device
     apply = (torch.rand(x.shape[0], generator=generator, device=gdev) < p).to(x.device).view(-1, 1, 1, 1)
-    return torch.where(apply, x.mean(dim=1, keepdim=True).expand_as(x), x)
+    out = torch.where(apply, x.mean(dim=1, keepdim=True).expand_as(x), x)
+    return out if images.is_floating_point() else out.round().to(images.dtype)
 
 
 def pair_labels(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:

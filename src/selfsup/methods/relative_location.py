@@ -94,8 +94,11 @@ class RelativeLocation(L.LightningModule):
         """Sample and preprocess the 9 patches of each image: uint8 (B, 3, H, W) ->
         float (B, 9, 3, p, p) ready for the backbone, and the corners (B, 9, 2)."""
         hp = self.hparams
-        x = random_grayscale_images(images, hp.gray_p, generator) if hp.color == "gray" else to_float(images) * 255
-        patches, corners = sample_patches(x / 255, self.grid_spec(images.shape[-1]), generator)
+        if hp.color == "gray":
+            images = random_grayscale_images(images, hp.gray_p, generator)
+        # Cut first, convert after: the patches hold fewer pixels than the images.
+        patches, corners = sample_patches(images, self.grid_spec(images.shape[-1]), generator)
+        patches = to_float(patches.flatten(0, 1)).view(patches.shape)
         if hp.pixelate_p > 0:
             patches = pixelate(patches, hp.pixelate_p, generator=generator)
         if hp.color == "drop":
