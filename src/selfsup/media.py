@@ -30,6 +30,25 @@ def view_pairs_grid(images: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, sc
     return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
+def log_training_figure(trainer, key: str, draw, caption: str = "") -> Path | None:
+    """Draw a figure from the training images and log it (see :func:`log_image`).
+
+    Call on every rank: ``trainer.log_dir`` is a collective call under DDP; only rank zero
+    then calls ``draw(train_set)`` (an ``ImageSet`` -> uint8 (3, H, W)) and logs. Nothing
+    happens without an ImageDataModule.
+    """
+    dm = getattr(trainer, "datamodule", None)
+    log_dir = trainer.log_dir or trainer.default_root_dir
+    if getattr(dm, "train_set", None) is None or not trainer.is_global_zero:
+        return None
+    return log_image(trainer, log_dir, key, draw(dm.train_set), caption)
+
+
+def spread(n: int, count: int) -> torch.Tensor:
+    """``count`` indices spread evenly over ``n`` items (folders are stored class by class)."""
+    return torch.linspace(0, n - 1, count).long()
+
+
 def log_image(trainer, log_dir: str | None, key: str, image: torch.Tensor, caption: str = "") -> Path | None:
     """Log a uint8 (3, H, W) image to every W&B logger of ``trainer`` and save it as PNG in
     ``log_dir``; returns the PNG's path. Call on rank zero only; read ``trainer.log_dir`` on

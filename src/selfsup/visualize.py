@@ -16,7 +16,7 @@ from torchvision.io import write_png
 
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
-from selfsup.media import patch_grid_figure
+from selfsup.media import patch_grid_figure, spread
 from selfsup.methods import RelativeLocation
 
 
@@ -51,8 +51,7 @@ def patches_main(argv: Sequence[str]) -> Path:
     dm_args.pop("__path__", None)
     dm = ImageDataModule(**dm_args)
     dm.setup()
-    pick = torch.linspace(0, len(dm.train_set) - 1, cfg.count).long()  # spread over classes
-    figure = draw_patches(model, dm.train_set.images[pick], cfg.seed)
+    figure = draw_patches(model, dm.train_set.images[spread(len(dm.train_set), cfg.count)], cfg.seed)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(figure, str(out))

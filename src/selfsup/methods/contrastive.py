@@ -7,7 +7,7 @@ import lightning as L
 import torch
 
 from selfsup.data.views import SimCLRViews, normalize, to_float
-from selfsup.media import log_image, view_pairs_grid
+from selfsup.media import log_training_figure, spread, view_pairs_grid
 from selfsup.methods.common import configure_optimizers
 from selfsup.methods.online import OnlineEvaluator
 
@@ -69,16 +69,12 @@ class ContrastiveMethod(L.LightningModule):
     def on_train_start(self) -> None:
         """Show what the network sees: 8 training images with their two views, as a W&B image
         (``train/views``) and ``train_views.png`` in the log folder."""
-        dm = getattr(self.trainer, "datamodule", None)
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank
-        if not hasattr(dm, "train_set") or not self.trainer.is_global_zero:
-            return
-        # Spread over the set: folders are stored class by class.
-        pick = torch.linspace(0, len(dm.train_set) - 1, 8).long()
-        images = dm.train_set.images[pick].to(self.device)
-        v0, v1 = self.views(images)(images, torch.Generator(device=self.device).manual_seed(0))
-        grid = view_pairs_grid(images, v0, v1)
-        log_image(self.trainer, log_dir, "train/views", grid, "rows: image, view 0, view 1")
+        def draw(train_set) -> torch.Tensor:
+            images = train_set.images[spread(len(train_set), 8)].to(self.device)
+            v0, v1 = self.views(images)(images, torch.Generator(device=self.device).manual_seed(0))
+            return view_pairs_grid(images, v0, v1)
+
+        log_training_figure(self.trainer, "train/views", draw, "rows: image, view 0, view 1")
 
     # -- steps ------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -126,16 +126,13 @@ class RelativeLocation(L.LightningModule):
     def on_train_start(self) -> None:
         """Show the sampling: 6 training images with their grids and patches, as a W&B image
         (``train/patches``) and ``train_patches.png`` in the log folder."""
-        from selfsup.media import log_image
+        from selfsup.media import log_training_figure, spread
         from selfsup.visualize import draw_patches
 
-        dm = getattr(self.trainer, "datamodule", None)
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank
-        if not hasattr(dm, "train_set") or not self.trainer.is_global_zero:
-            return
-        pick = torch.linspace(0, len(dm.train_set) - 1, 6).long()
-        figure = draw_patches(self, dm.train_set.images[pick].to(self.device))
-        log_image(self.trainer, log_dir, "train/patches", figure, "grid: C centre, 0-7 labels; below: the patches fed in")
+        def draw(train_set) -> torch.Tensor:
+            return draw_patches(self, train_set.images[spread(len(train_set), 6)].to(self.device))
+
+        log_training_figure(self.trainer, "train/patches", draw, "grid: C centre, 0-7 labels; below: the patches fed in")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, labels = self(batch["image"])
