@@ -105,3 +105,10 @@ def patch_grid_figure(images: torch.Tensor, corners: torch.Tensor, patch: int, p
         tile = torch.nn.functional.interpolate(tile[None].float(), size=(w * scale, w * scale), mode="nearest")[0]
         columns.append(torch.cat([drawn, tile.to(torch.uint8)], dim=1))
     return make_grid(torch.stack(columns), nrow=b, padding=4, pad_value=255)
+
+
+def draw_patches(model, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The figure for uint8 images (B, 3, H, W): grids drawn on the images, patches below."""
+    g = torch.Generator(device=images.device).manual_seed(seed)
+    patches, corners = model.patches(images, g)
+    return patch_grid_figure(images.cpu(), corners.cpu(), model.grid_spec(images.shape[-1]).patch, patches.cpu())

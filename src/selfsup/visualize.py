@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torchvision.io import write_png
 
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
-from selfsup.media import patch_grid_figure, spread
+from selfsup.media import draw_patches, spread
 from selfsup.methods import RelativeLocation
 
 
@@ -33,13 +32,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=str, default="patches.png")
     return p
-
-
-def draw_patches(model: RelativeLocation, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """The figure for uint8 images (B, 3, H, W): grids drawn on the images, patches below."""
-    g = torch.Generator(device=images.device).manual_seed(seed)
-    patches, corners = model.patches(images, g)
-    return patch_grid_figure(images.cpu(), corners.cpu(), model.grid_spec(images.shape[-1]).patch, patches.cpu())
 
 
 def patches_main(argv: Sequence[str]) -> Path:

@@ -126,8 +126,7 @@ class RelativeLocation(L.LightningModule):
     def on_train_start(self) -> None:
         """Show the sampling: 6 training images with their grids and patches, as a W&B image
         (``train/patches``) and ``train_patches.png`` in the log folder."""
-        from selfsup.media import log_training_figure, spread
-        from selfsup.visualize import draw_patches
+        from selfsup.media import draw_patches, log_training_figure, spread
 
         def draw(train_set) -> torch.Tensor:
             return draw_patches(self, train_set.images[spread(len(train_set), 6)].to(self.device))
