@@ -43,12 +43,17 @@ def per_image_loop(images: torch.Tensor, spec, g: torch.Generator) -> torch.Tens
     return torch.stack(out)
 
 
-def rate(fn, count: int, repeats: int) -> float:
+def rate(fn, count: int, repeats: int, rounds: int = 5) -> float:
+    """Items per second: the best of ``rounds`` rounds of ``repeats`` calls (as timeit does,
+    the best round is the one least disturbed by other work on a shared machine)."""
     fn()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return count * repeats / (time.perf_counter() - t)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        best = min(best, time.perf_counter() - t)
+    return count * repeats / best
 
 
 def bench_sampler(images: torch.Tensor, repeats: int) -> tuple[float, float]:
@@ -86,7 +91,7 @@ def bench_training(images: torch.Tensor, repeats: int) -> tuple[float, float]:
         loss.backward()
         opt.step()
 
-    return rate(once, b, repeats), rate(repeated, b, repeats)
+    return rate(once, b, repeats, rounds=3), rate(repeated, b, repeats, rounds=3)
 
 
 def main() -> None:

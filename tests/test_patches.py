@@ -172,6 +172,9 @@ def test_per_patch_normalisation_gives_zero_mean_unit_variance() -> None:
     imgs = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
     patches, _ = sample_patches(imgs, grid_preset(32), torch.Generator().manual_seed(0))
     z = normalize_patches(patches)
+    before = patches.float()
+    z2 = normalize_patches(before)
+    assert torch.equal(before, patches.float()) and torch.allclose(z, z2)  # input untouched
     flat = z.flatten(2)
     assert torch.allclose(flat.mean(-1), torch.zeros(4, 9), atol=1e-5)
     assert torch.allclose(flat.var(-1, unbiased=False), torch.ones(4, 9), atol=1e-3)

@@ -158,11 +158,13 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     match neighbours (Doersch 2015; Kolesnikov et al. 2019 use per-image standardisation).
     Shapes: (..., C, p, p) -> same.
     """
-    flat = patches.reshape(*patches.shape[:-3], -1).float()
-    # Two plain passes over contiguous rows: several times faster on CPU than var_mean.
-    centred = flat - flat.mean(dim=-1, keepdim=True)
-    var = (centred * centred).mean(dim=-1, keepdim=True)
-    return (centred * torch.rsqrt(var + eps)).view(patches.shape)
+    x = patches.reshape(*patches.shape[:-3], -1)
+    # One new tensor, then in-place passes over contiguous rows: several times faster on the
+    # CPU than var_mean over three dimensions, and no large temporaries to allocate.
+    flat = x.to(torch.float32, copy=True)  # never modifies the caller's tensor
+    flat.sub_(flat.mean(dim=-1, keepdim=True))
+    var = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square_().div_(flat.shape[-1])
+    return flat.mul_(var.add_(eps).rsqrt_()).view(patches.shape)
 
 
 def color_drop(patches: torch.Tensor, generator: torch.Generator | None = None, noise: float = 0.01) -> torch.Tensor:
