@@ -101,7 +101,8 @@ class Pipeline:
             raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
 
     def probe(self, dm: ImageDataModule, stage: str, checkpoint: Path | None, input_norm: str,
-              feature_stage: int = -1) -> dict[str, float]:
+              feature_stage: int = -1) -> tuple[dict[str, float], int]:
+        """Linear probe of a backbone at ``feature_stage``: (top-1/top-5 metrics, stage index)."""
         L.seed_everything(self.cfg.seed, verbose=False)
         model = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(checkpoint) if checkpoint else None,
                             input_norm=input_norm, feature_stage=feature_stage, **self.backbone_args,
@@ -112,8 +113,7 @@ class Pipeline:
         trainer.fit(model, datamodule=dm)
         metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
         finish_wandb(trainer)  # the next stage gets a run of its own
-        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": float(metrics[f"val/top{model.top_k}"]),
-                "stage": index}
+        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": float(metrics[f"val/top{model.top_k}"])}, index
 
     def pretrain(self, dm: ImageDataModule, stage: str) -> tuple[Path, dict[str, float]]:
         L.seed_everything(self.cfg.seed, verbose=False)
@@ -137,8 +137,7 @@ class Pipeline:
         results: dict[str, dict[str, float]] = {}
 
         t0 = time.time()
-        random = self.probe(dm, "random", None, "channel")
-        random.pop("stage")
+        random, _ = self.probe(dm, "random", None, "channel")
         results["random"] = {**random, "seconds": time.time() - t0}
 
         for stage in PRETRAIN:
@@ -149,12 +148,11 @@ class Pipeline:
             # A relative-location backbone saw per-patch standardised inputs: probe it the same way.
             per_image = stage == "relative_location" and cfg.relative_location.model.per_patch_norm
             norm = "per_image" if per_image else "channel"
-            probe = self.probe(dm, stage, ckpt, norm)
-            probe.pop("stage")
+            probe, _ = self.probe(dm, stage, ckpt, norm)
             # Earlier stages too: pretext tasks over-specialise the last one.
             for k in getattr(cfg, stage).probe_stages:
-                r = self.probe(dm, stage, ckpt, norm, k)
-                extra[f"linear_top1_stage{r.pop('stage')}"] = r["linear_top1"]
+                metrics, index = self.probe(dm, stage, ckpt, norm, k)
+                extra[f"linear_top1_stage{index}"] = metrics["linear_top1"]
             results[stage] = {**extra, **probe, "seconds": time.time() - t0}
 
         summary = {

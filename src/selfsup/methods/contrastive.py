@@ -96,7 +96,7 @@ class ContrastiveMethod(L.LightningModule):
         if self.online is not None:
             self.online.update(self.embed(images), batch["label"])
             self.log("val/online_top1", self.online.online_top1, prog_bar=True)
-            if self.online._bank is not None:
+            if self.online.has_bank:
                 self.log("val/knn_top1", self.online.knn_top1, prog_bar=True)
 
     def configure_optimizers(self) -> dict:

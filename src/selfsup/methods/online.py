@@ -60,6 +60,11 @@ class OnlineEvaluator(nn.Module):
         feats = [embed(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
         self._bank = (torch.cat(feats), labels.to(device))
 
+    @property
+    def has_bank(self) -> bool:
+        """Whether a kNN bank was built for this validation epoch."""
+        return self._bank is not None
+
     def clear_bank(self) -> None:
         self._bank = None
 
