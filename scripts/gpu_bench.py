@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from selfsup.callbacks import Warmup
 from selfsup.data import ImageDataModule
 from selfsup.data.views import SimCLRViews
 from selfsup.losses import NTXentLoss
@@ -86,9 +87,10 @@ def time_to_accuracy(device: torch.device, epochs: int, probe_epochs: int, batch
     out: dict = {"train_images": len(dm.train_set), "eval_images": len(dm.eval_set), "epochs": epochs}
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(0)
-        model = SimCLR(**arch, temperature=0.5, lr=2e-3, warmup_epochs=min(10, epochs // 10))
+        model = SimCLR(**arch, temperature=0.5, lr=2e-3)
         t = time.perf_counter()
         trainer = L.Trainer(max_epochs=epochs, enable_checkpointing=False, limit_val_batches=0,
+                            callbacks=[Warmup(warmup_epochs=min(10, epochs // 10))],
                             num_sanity_val_steps=0, default_root_dir=tmp, **kw)
         trainer.fit(model, datamodule=dm)
         out["simclr_seconds"] = time.perf_counter() - t
@@ -99,7 +101,7 @@ def time_to_accuracy(device: torch.device, epochs: int, probe_epochs: int, batch
             probe = LinearProbe(**arch, backbone_checkpoint=path, lr=2e-3)
             t = time.perf_counter()
             pt = L.Trainer(max_epochs=probe_epochs, enable_checkpointing=False, default_root_dir=tmp,
-                           num_sanity_val_steps=0, **kw)
+                           num_sanity_val_steps=0, callbacks=[Warmup()], **kw)
             pt.fit(probe, datamodule=dm)
             m = pt.validate(probe, datamodule=dm, verbose=False)[0]
             out[f"{name}_linear_top1"] = float(m["val/top1"])

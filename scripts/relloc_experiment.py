@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 
+from selfsup.callbacks import Warmup
 from selfsup.data import ImageDataModule
 from selfsup.methods import LinearProbe, RelativeLocation
 
@@ -59,10 +60,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(0)
-        model = RelativeLocation(**arch, grid=args.grid, color=args.color, pixelate_p=args.pixelate, lr=args.lr,
-                                 warmup_epochs=min(2, args.epochs / 10))
+        model = RelativeLocation(**arch, grid=args.grid, color=args.color, pixelate_p=args.pixelate, lr=args.lr)
         t = time.perf_counter()
-        trainer = L.Trainer(max_epochs=args.epochs, default_root_dir=tmp, **kw)
+        trainer = L.Trainer(max_epochs=args.epochs, default_root_dir=tmp,
+                            callbacks=[Warmup(warmup_epochs=min(2, args.epochs / 10))], **kw)
         trainer.fit(model, datamodule=dm)
         report("pretrain_seconds", time.perf_counter() - t)
         report("pretext_top1", float(trainer.validate(model, datamodule=dm, verbose=False)[0]["val/pretext_top1"]))
@@ -73,7 +74,8 @@ def main() -> None:
                 L.seed_everything(0)
                 probe = LinearProbe(**arch, backbone_checkpoint=path, feature_stage=stage, lr=args.lr,
                                     input_norm="per_image" if path else "channel")
-                pt = L.Trainer(max_epochs=args.probe_epochs, default_root_dir=tmp, num_sanity_val_steps=0, **kw)
+                pt = L.Trainer(max_epochs=args.probe_epochs, default_root_dir=tmp, num_sanity_val_steps=0,
+                               callbacks=[Warmup()], **kw)
                 pt.fit(probe, datamodule=dm)
                 top1 = float(pt.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"])
                 report(f"{name}_linear_top1_stage{stage % len(probe.backbone.stages)}", top1)

@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.data import ImageDataModule
 from selfsup.tracking import finish_wandb
@@ -50,7 +51,11 @@ class SelfsupArgumentParser(ConfigErrorMixin, LightningArgumentParser):
 
 
 class SelfsupCLI(LightningCLI):
-    """Lightning CLI with selfsup's DataModule and any stage module chosen by class_path."""
+    """Lightning CLI with selfsup's DataModule and any stage module chosen by class_path.
+
+    Two callbacks are always on, configured in their own sections: ``lr_scaling`` (the rate
+    follows the global batch) and ``warmup`` (linear warmup, then cosine or constant).
+    """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -67,6 +72,9 @@ class SelfsupCLI(LightningCLI):
         if run:
             finish_wandb(self.trainer)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(LearningRateScaling, "lr_scaling")
+        parser.add_lightning_class_args(Warmup, "warmup")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from selfsup import SelfsupError
+from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
 from selfsup.methods import LinearProbe, RelativeLocation, SimCLR
@@ -46,6 +47,7 @@ def build_parser() -> ArgumentParser:
     p.add_class_arguments(ImageDataModule, "data")
     p.add_function_arguments(build_backbone, "backbone")
     p.add_argument("--trainer", type=dict[str, Any], default={}, help="Trainer arguments shared by every stage")
+    p.add_class_arguments(LearningRateScaling, "lr_scaling")
     p.add_argument("--wandb.enabled", type=bool, default=True)
     p.add_argument("--wandb.project", type=str, default="selfsup")
     p.add_argument("--wandb.offline", type=bool | None, default=None, help="None: offline unless an account is set")
@@ -56,7 +58,9 @@ def build_parser() -> ArgumentParser:
         p.add_argument(f"--{stage}.probe_stages", type=list[int], default=[-2] if stage == "relative_location" else [],
                        help="earlier backbone stages to probe too (e.g. -2: ResNet layer3)")
         p.add_class_arguments(cls, f"{stage}.model", skip=BACKBONE_ARGS)
+        p.add_class_arguments(Warmup, f"{stage}.warmup")
     p.add_argument("--probe.max_epochs", type=int, default=30)
+    p.add_class_arguments(Warmup, "probe.warmup")
     p.add_class_arguments(LinearProbe, "probe.model",
                           skip=BACKBONE_ARGS | {"num_classes", "backbone_checkpoint", "input_norm", "feature_stage"})
     return p
@@ -79,7 +83,8 @@ class Pipeline:
         self.backbone_args = {"backbone": cfg.backbone.name, "cifar_stem": cfg.backbone.cifar_stem,
                               "width": cfg.backbone.width, "norm": cfg.backbone.norm}
 
-    def trainer(self, stage: str, max_epochs: int, max_time: float | None = None, checkpoint: bool = False) -> L.Trainer:
+    def trainer(self, stage: str, warmup: Namespace, max_epochs: int, max_time: float | None = None,
+                checkpoint: bool = False) -> L.Trainer:
         cfg = self.cfg
         loggers: list[Logger] = [CSVLogger(str(self.out), name=stage, version="")]
         if cfg.wandb.enabled:
@@ -87,7 +92,8 @@ class Pipeline:
                                        save_dir=str(self.out), offline=cfg.wandb.offline, job_type=stage))
         for lg in loggers:
             lg.log_hyperparams({"pipeline": self.config, "stage": stage})
-        callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10)]
+        callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10), LearningRateScaling(**_to_dict(cfg.lr_scaling)),
+                                       Warmup(**_to_dict(warmup))]
         if checkpoint:
             callbacks.append(ModelCheckpoint(dirpath=self.out / stage / "checkpoints", filename="last",
                                              enable_version_counter=False))
@@ -109,7 +115,7 @@ class Pipeline:
                             **_to_dict(self.cfg.probe.model))
         index = feature_stage % len(model.backbone.stages)
         name = f"{stage}_probe" if feature_stage == -1 else f"{stage}_probe_stage{index}"
-        trainer = self.trainer(name, self.cfg.probe.max_epochs)
+        trainer = self.trainer(name, self.cfg.probe.warmup, self.cfg.probe.max_epochs)
         trainer.fit(model, datamodule=dm)
         metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
         finish_wandb(trainer)  # the next stage gets a run of its own
@@ -119,7 +125,7 @@ class Pipeline:
         L.seed_everything(self.cfg.seed, verbose=False)
         scfg = getattr(self.cfg, stage)
         model = PRETRAIN[stage](**self.backbone_args, **_to_dict(scfg.model))
-        trainer = self.trainer(stage, scfg.max_epochs, scfg.max_time, checkpoint=True)
+        trainer = self.trainer(stage, scfg.warmup, scfg.max_epochs, scfg.max_time, checkpoint=True)
         trainer.fit(model, datamodule=dm)
         extra: dict[str, float] = {}
         if stage == "relative_location":

@@ -1,4 +1,4 @@
-"""Pieces the stage modules share: optimiser and schedule set-up, backbone hand-off."""
+"""Pieces the stage modules share: optimiser set-up, backbone hand-off."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from torch import nn
 
 from selfsup import SelfsupError
 from selfsup.optim.lars import LARS
-from selfsup.optim.schedules import warmup_cosine
 
 OptimizerName = Literal["adam", "adamw", "sgd", "lars"]
 
@@ -48,30 +47,17 @@ def build_optimizer(
     raise SelfsupError(f"unknown optimizer {name!r}; choose adam, adamw, sgd or lars")
 
 
-def configure_optimizers(module, modules: Iterable[nn.Module], extra_groups: list[dict] | None = None) -> dict:
-    """Optimiser for ``modules`` plus a per-step schedule: linear warmup from 0, then cosine
-    decay (or constant), from the module's hyperparameters ``optimizer``, ``lr``,
-    ``weight_decay``, ``momentum``, ``warmup_epochs`` and ``cosine``.
+def configure_optimizers(module, modules: Iterable[nn.Module], extra_groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """Optimiser for ``modules`` from the module's hyperparameters ``optimizer``, ``lr``,
+    ``weight_decay`` and ``momentum``; ``extra_groups`` (e.g. an online probe with its own
+    ``lr``) join the same optimiser.
 
-    ``extra_groups`` (e.g. an online probe with its own ``lr``) join the same optimiser.
-    The number of steps is read from the trainer at run time, never passed in.
+    ``lr`` is the base rate at the reference batch: the LearningRateScaling and Warmup
+    callbacks (selfsup.callbacks) set the rate of every step from it and the trainer's facts.
     """
     hp = module.hparams
     groups = param_groups(modules, hp.weight_decay) + list(extra_groups or [])
-    opt = build_optimizer(groups, hp.optimizer, hp.lr, hp.momentum)
-    warmup_epochs, cosine = hp.warmup_epochs, hp.cosine
-    trainer = module.trainer
-    total = max(1, int(trainer.estimated_stepping_batches))
-    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-    warmup = int(round(warmup_epochs * total / epochs))
-
-    def factor(step: int) -> float:
-        if cosine:
-            return warmup_cosine(step, total, warmup)
-        return min(1.0, step / warmup) if warmup > 0 else 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    return build_optimizer(groups, hp.optimizer, hp.lr, hp.momentum)
 
 
 def load_backbone(backbone: nn.Module, path: str | Path) -> int:

@@ -99,7 +99,7 @@ class ContrastiveMethod(L.LightningModule):
             if self.online.has_bank:
                 self.log("val/knn_top1", self.online.knn_top1, prog_bar=True)
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         extra = []
         if self.online is not None:
             extra.append({"params": list(self.online.parameters()), "weight_decay": 0.0, "lars_exclude": True,

@@ -69,8 +69,6 @@ class RelativeLocation(L.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 1e-5,
         momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        cosine: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -149,5 +147,5 @@ class RelativeLocation(L.LightningModule):
         n = batch["image"].shape[0]
         self.log_dict({"val/loss": loss, "val/pretext_top1": acc}, prog_bar=True, batch_size=n, sync_dist=True)
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return configure_optimizers(self, [self.backbone, self.head])

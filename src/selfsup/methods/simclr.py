@@ -43,8 +43,6 @@ class SimCLR(ContrastiveMethod):
         lr: float = 2e-3,
         weight_decay: float = 1e-6,
         momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        cosine: bool = True,
         num_classes: int | None = None,
         online_eval: bool = True,
         online_lr: float = 1e-3,

@@ -129,8 +129,6 @@ class LinearProbe(_Classifier):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        cosine: bool = True,
     ) -> None:
         self.feature_stage = feature_stage
         super().__init__(num_classes, backbone, cifar_stem, width, norm, backbone_checkpoint)
@@ -169,7 +167,7 @@ class LinearProbe(_Classifier):
             filled[idx[todo]] = True
         return store[idx]
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return configure_optimizers(self, [self.head])
 
 
@@ -194,8 +192,6 @@ class FineTune(_Classifier):
         lr: float = 5e-4,
         weight_decay: float = 1e-5,
         momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        cosine: bool = True,
     ) -> None:
         super().__init__(num_classes, backbone, cifar_stem, width, norm, backbone_checkpoint)
         self.save_hyperparameters()
@@ -206,5 +202,5 @@ class FineTune(_Classifier):
             x = random_resized_crop(x, x.shape[-1], scale=(self.hparams.crop_min_scale, 1.0))
         return self.backbone(x)
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return configure_optimizers(self, [self.backbone, self.head])

@@ -13,6 +13,10 @@ from typing import Literal
 import torch
 import torchvision
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from selfsup import SelfsupError
+from selfsup.distributed import world_size
 
 Norm = Literal["batch", "group"]
 
@@ -24,6 +28,24 @@ def _norm_layer(norm: Norm) -> Callable[[int], nn.Module]:
         # GroupNorm does not depend on the batch, so it also works at batch size 1.
         return lambda c: nn.GroupNorm(min(32, c // 4) or 1, c)
     raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+
+
+def check_batch_norm_batch(model: nn.Module) -> None:
+    """Raise a SelfsupError if ``model`` would train BatchNorm on a batch of one sample.
+
+    BatchNorm normalises each channel by the statistics of the batch; with one sample per device
+    those are the sample's own (and a (1, C) input has none at all), so training diverges from
+    evaluation or crashes deep inside torch. GroupNorm does not depend on the batch. A
+    SyncBatchNorm across several processes still sees several samples and is allowed.
+    """
+    synced = world_size() > 1
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.training and not (synced and isinstance(m, nn.SyncBatchNorm)):
+            raise SelfsupError(
+                "BatchNorm cannot train on a batch of 1 sample per device (it would normalise each image "
+                "by its own statistics): use GroupNorm, which does not depend on the batch "
+                "(norm: group, e.g. --model.init_args.norm group), or a per-device batch of at least 2"
+            )
 
 
 class Backbone(nn.Module):
@@ -45,6 +67,8 @@ class Backbone(nn.Module):
 
     def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps after each stage, shallow to deep."""
+        if self.training and x.shape[0] == 1:
+            check_batch_norm_batch(self)
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
         maps = []
         for stage in self.stages:
@@ -55,6 +79,8 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
         """Pooled features after ``stage`` (index into ``stages``; -1 the last): (B, F_stage)."""
         last = stage % len(self.stages)
+        if self.training and x.shape[0] == 1:
+            check_batch_norm_batch(self)
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
         for block in self.stages[: last + 1]:
             x = block(x)
@@ -63,8 +89,9 @@ class Backbone(nn.Module):
     def stage_features(self, stage: int = -1) -> int:
         """Channels after ``stage`` (pooled feature size), read off the stage's last layer."""
         block = self.stages[stage]
-        channels = [m.num_features if isinstance(m, nn.BatchNorm2d) else m.num_channels
-                    for m in block.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]
+        # _BatchNorm covers SyncBatchNorm too, which Lightning swaps in under sync_batchnorm.
+        channels = [m.num_features if isinstance(m, _BatchNorm) else m.num_channels
+                    for m in block.modules() if isinstance(m, _BatchNorm | nn.GroupNorm)]
         return channels[-1]
 
 
