@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.data import ImageDataModule
 from selfsup.distributed import gather_with_grad, world_size
 from selfsup.methods import MoCo, SimCLR
@@ -22,12 +23,16 @@ class Record(L.Callback):
         self.indices: list[int] = []
         self.global_batches: list[int] = []
         self.losses: list[float] = []
+        self.step_lrs: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == 0:
             self.indices += batch["index"].tolist()
         # The gather NT-Xent uses, inside the Trainer's process group.
         self.global_batches.append(int(gather_with_grad(torch.zeros(len(batch["index"]), 1)).shape[0]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.step_lrs.append(optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
@@ -41,13 +46,15 @@ def main() -> None:
     kw = {"backbone": "small_cnn", "width": 8, "proj_hidden": 16, "proj_dim": 8, "knn_every": 1}
     model = SimCLR(**kw) if method == "simclr" else MoCo(**kw, queue_size=50)
     rec = Record()
+    scaling = LearningRateScaling("linear", reference_batch=256)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[rec], default_root_dir=str(out), num_sanity_val_steps=0)
+                        callbacks=[rec, scaling, Warmup(decay="constant")], default_root_dir=str(out), num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
     (out / f"{method}_rank{trainer.global_rank}.json").write_text(json.dumps({
         "world_size": trainer.world_size, "torch_world_size": world_size(), "indices": rec.indices,
-        "global_batches": rec.global_batches, "losses": rec.losses, "num_train": len(dm.train_set),
+        "global_batches": rec.global_batches, "step_lrs": rec.step_lrs,
+        "lr_global_batch": scaling.global_batch, "lr": scaling.target_lrs[0][0], "losses": rec.losses, "num_train": len(dm.train_set),
         "queue": model.queue.tolist() if method == "moco" else None,
         "queue_ptr": int(model.queue_ptr) if method == "moco" else None,
         "knn_top1": float(trainer.callback_metrics["val/knn_top1"]),

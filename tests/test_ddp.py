@@ -9,9 +9,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
+from selfsup.callbacks import LearningRateScaling
+from selfsup.data import ImageDataModule
+from selfsup.methods import SimCLR
+
 HERE = Path(__file__).resolve().parent
+
+
+def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
+    """The rate the same job gets on one process (max_steps=1)."""
+    dm = ImageDataModule(root=str(root), batch_size=10)
+    model = SimCLR(backbone="small_cnn", width=8, proj_hidden=16, proj_dim=8, online_eval=False)
+    scaling = LearningRateScaling("linear", reference_batch=256)
+    L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+              default_root_dir=str(tmp_path), callbacks=[scaling]).fit(model, datamodule=dm)
+    assert scaling.global_batch == 10
+    return scaling.target_lrs[0][0]
 
 
 @pytest.mark.slow
@@ -28,8 +45,16 @@ def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, 
         assert set(r["global_batches"]) == {20}  # 10 per rank, the loss sees both ranks' views
         assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 6
     a, b = (set(r["indices"]) for r in ranks)
-    assert a.isdisjoint(b)
+    assert a.isdisjoint(b) and len(a) == len(b) == ranks[0]["num_train"] // 2  # disjoint halves
     assert sorted(a | b) == list(range(ranks[0]["num_train"]))  # every image once per epoch
+    # The rate follows the global batch: 2 processes x 10 images, twice the one-process rate.
+    single = one_process_scaled_lr(image_folder, tmp_path)
+    for r in ranks:
+        assert r["lr_global_batch"] == 20
+        assert r["lr"] == pytest.approx(2 * single) and r["lr"] == pytest.approx(2e-3 * 20 / 256)
+        assert r["step_lrs"] == [r["lr"]] * 6  # every step on every rank used it
+    line = "lr scaling: base_lr=0.002 global_batch=20 reference=256 rule=linear -> lr=0.00015625"
+    assert p.stdout.count("lr scaling:") == 1 and line in p.stdout.splitlines()  # printed once, by rank 0
     # kNN accuracy is synchronised: both ranks report the same figure.
     assert ranks[0]["knn_top1"] == ranks[1]["knn_top1"]
 

@@ -34,7 +34,8 @@ def test_cli_fit_records_full_config(image_folder: Path, tmp_path: Path, monkeyp
     main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/simclr/cifar10.yaml"),
           "--model.init_args.backbone", "small_cnn", "--model.init_args.width", "8", "--model.init_args.temperature", "0.3",
           "--data.root", str(image_folder), "--data.batch_size", "16", "--trainer.max_steps", "2",
-          "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
+          "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.log_every_n_steps", "1"])
     (version,) = (tmp_path / "runs" / "selfsup").glob("version_*")
     saved = yaml.safe_load((version / "config.yaml").read_text())
     assert saved["model"]["init_args"]["temperature"] == 0.3
@@ -52,3 +53,9 @@ def test_cli_fit_records_full_config(image_folder: Path, tmp_path: Path, monkeyp
     assert config["data"]["batch_size"] == 16 and config["trainer"]["max_steps"] == 2
     assert config["seed_everything"] == 0
     assert "train/views" in logged_metric_keys(run)
+    # The rate's settings and the figures the run actually used, and the rate of every step.
+    assert config["lr_scaling"] == {"rule": "linear", "reference_batch": 256}
+    assert config["warmup"]["warmup_epochs"] == 10 and config["warmup"]["decay"] == "cosine"
+    eff = config["lr_scaling_effective"]
+    assert eff["global_batch"] == 16 and eff["world_size"] == 1 and eff["lr"] == pytest.approx(0.3 * 16 / 256)
+    assert "lr" in logged_metric_keys(run)

@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from selfsup import SelfsupError
 from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.data import ImageDataModule
@@ -98,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as e:
         # jsonargparse wraps errors raised while instantiating classes: find ours inside.
         err = find_selfsup_error(e)
+        if err is None and isinstance(e, ValueError) and "SLURM" in str(e):
+            # Lightning's check that the Trainer matches the SLURM allocation; without it the
+            # job hangs (Lightning #19883). One line, with the fix.
+            err = SelfsupError(f"{e} Run one task per device: --ntasks-per-node equal to trainer.devices "
+                               "and --nodes equal to trainer.num_nodes (see scripts/slurm/).")
         if err is None:
             raise
         print(f"selfsup: error: {err}", file=sys.stderr)

@@ -46,7 +46,7 @@ class LearningRateScaling(L.Callback):
     """Set each parameter group's rate to ``rule(global_batch / reference_batch)`` times its
     configured (base) rate, at the start of training, and print one line saying so::
 
-        lr scaling: base_lr=0.3 global_batch=1024 reference=256 rule='linear' -> lr=1.2
+        lr scaling: base_lr=0.3 global_batch=1024 reference=256 rule=linear -> lr=1.2
 
     The configured ``lr`` of a stage is the rate at ``reference_batch`` images per step
     (Goyal et al. 2017: lr = 0.1 x batch / 256 for ResNet-50 on ImageNet). ``rule``:
@@ -75,7 +75,7 @@ class LearningRateScaling(L.Callback):
     def describe(self, base_lr: float, global_batch: int, lr: float) -> str:
         """The line printed at the start of fit (numbers in Python's repr formatting)."""
         return (f"lr scaling: base_lr={base_lr!r} global_batch={global_batch!r} "
-                f"reference={self.reference_batch!r} rule={self.rule!r} -> lr={lr!r}")
+                f"reference={self.reference_batch!r} rule={self.rule} -> lr={lr!r}")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before Lightning restores a checkpoint's optimiser state: the configured rates.

@@ -37,6 +37,7 @@ class _Classifier(L.LightningModule):
     def __init__(self, num_classes: int | None, backbone: str, cifar_stem: bool, width: int, norm: Norm,
                  backbone_checkpoint: str | None) -> None:
         super().__init__()
+        self.norm = norm
         self.backbone = build_backbone(backbone, cifar_stem, width, norm)
         if backbone_checkpoint:
             load_backbone(self.backbone, backbone_checkpoint)
@@ -51,9 +52,14 @@ class _Classifier(L.LightningModule):
         f = self.backbone.stage_features(self.feature_stage)
         # Standardised features (BN without affine) make one learning rate fit every backbone.
         # Frozen features have fixed statistics: a cumulative average (momentum=None) gets
-        # them exactly; features that train need the usual moving average.
-        momentum = None if self.frozen else 0.1
-        self.head = nn.Sequential(nn.BatchNorm1d(f, affine=False, momentum=momentum), MLP([f, num_classes], init_scale=0.01))
+        # them exactly; features that train need the usual moving average. A GroupNorm
+        # backbone asks for no batch statistics anywhere (batch size 1 must work): each
+        # feature vector is then standardised on its own.
+        if self.norm == "group":
+            standardise: nn.Module = nn.LayerNorm(f, elementwise_affine=False)
+        else:
+            standardise = nn.BatchNorm1d(f, affine=False, momentum=None if self.frozen else 0.1)
+        self.head = nn.Sequential(standardise, MLP([f, num_classes], init_scale=0.01))
         k = min(5, num_classes)
         self.metrics = nn.ModuleDict({
             f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
@@ -174,8 +180,8 @@ class LinearProbe(_Classifier):
 class FineTune(_Classifier):
     """The whole network trains: backbone (from a checkpoint) and a linear head.
 
-    Training images get a random resized crop (scale ``crop_min_scale``..1) and a flip on the
-    device; evaluation uses the plain image.
+    With ``augment``, training images get a random resized crop (scale ``crop_min_scale``..1,
+    flipped half the time) on the device; evaluation always uses the plain image.
     """
 
     def __init__(
@@ -187,6 +193,7 @@ class FineTune(_Classifier):
         norm: Norm = "batch",
         backbone_checkpoint: str | None = None,
         input_norm: InputNorm = "channel",
+        augment: bool = True,
         crop_min_scale: float = 0.35,
         optimizer: OptimizerName = "adam",
         lr: float = 5e-4,
@@ -198,7 +205,7 @@ class FineTune(_Classifier):
 
     def features(self, images: torch.Tensor, batch: dict, split: str) -> torch.Tensor:
         x = preprocess(images, self.hparams.input_norm)
-        if split == "train":
+        if split == "train" and self.hparams.augment:
             x = random_resized_crop(x, x.shape[-1], scale=(self.hparams.crop_min_scale, 1.0))
         return self.backbone(x)
 
