@@ -20,7 +20,7 @@ STAGES = [p for p in ALL if p not in PIPELINES and p not in TRAINERS]
 
 def test_there_are_configs_for_every_stage_and_preset() -> None:
     assert {p.parent.name for p in STAGES} == {"relative_location", "simclr", "moco", "linear_probe", "finetune"}
-    assert {p.stem for p in TRAINERS} >= {"cpu", "gpu", "ddp"}
+    assert {p.stem for p in TRAINERS} >= {"cpu", "gpu", "ddp", "ddp_cpu", "slurm"}
     assert "quickstart" in {p.stem for p in PIPELINES}
 
 
@@ -42,6 +42,13 @@ def test_stage_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     own = yaml.safe_load(path.read_text())
     for key, value in own["model"]["init_args"].items():
         assert cfg["model"]["init_args"][key] == value, key
+    # The rate's callbacks: every stage config says how its rate follows the batch.
+    assert set(own["lr_scaling"]) == {"rule", "reference_batch"}
+    for section in ("lr_scaling", "warmup"):
+        for key, value in own.get(section, {}).items():
+            assert cfg[section][key] == value, (section, key)
+    adam = own["model"]["init_args"].get("optimizer") == "adam"
+    assert own["lr_scaling"]["rule"] == ("sqrt" if adam else "linear")
 
 
 @pytest.mark.parametrize("path", TRAINERS, ids=lambda p: p.name)

@@ -50,16 +50,23 @@ class _Classifier(L.LightningModule):
             raise SelfsupError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.hparams["num_classes"] = num_classes  # stored with the checkpoint
         f = self.backbone.stage_features(self.feature_stage)
-        # Standardised features (BN without affine) make one learning rate fit every backbone.
-        # Frozen features have fixed statistics: a cumulative average (momentum=None) gets
-        # them exactly; features that train need the usual moving average. A GroupNorm
-        # backbone asks for no batch statistics anywhere (batch size 1 must work): each
-        # feature vector is then standardised on its own.
-        if self.norm == "group":
-            standardise: nn.Module = nn.LayerNorm(f, elementwise_affine=False)
+        if self.frozen:
+            # Standardised features (BN without affine) make one learning rate fit every frozen
+            # backbone; their statistics are fixed, so a cumulative average (momentum=None)
+            # gets them exactly. A GroupNorm backbone asks for no batch statistics anywhere
+            # (batch size 1 must work): each feature vector is then standardised on its own.
+            # Standardised features have squared norm F, which multiplies the head's step by F
+            # under SGD: the probe configs use Adam, which does not care.
+            if self.norm == "group":
+                standardise: nn.Module = nn.LayerNorm(f, elementwise_affine=False)
+            else:
+                standardise = nn.BatchNorm1d(f, affine=False, momentum=None)
+            self.head = nn.Sequential(standardise, MLP([f, num_classes], init_scale=0.01))
         else:
-            standardise = nn.BatchNorm1d(f, affine=False, momentum=None if self.frozen else 0.1)
-        self.head = nn.Sequential(standardise, MLP([f, num_classes], init_scale=0.01))
+            # Fine-tuning: a plain linear layer on the pooled features, as torchvision's
+            # classifiers; the backbone's own normalisation adapts, and SGD at the usual rates
+            # stays stable (standardised features made lr 0.1 diverge, see above).
+            self.head = MLP([f, num_classes], init_scale=0.01)
         k = min(5, num_classes)
         self.metrics = nn.ModuleDict({
             f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
