@@ -28,9 +28,7 @@ class MoCo(ContrastiveMethod):
         key_momentum: m in ``key = m * key + (1 - m) * query`` after each step (0.99-0.999).
         temperature: 0.2 in MoCo v2.
         symmetric: also use view 1 as query against view 0's key (twice the compute).
-        optimizer / lr / weight_decay / momentum: the optimiser; ``lr`` is the rate at
-            ``lr_scaling.reference_batch`` images per step, scaled and warmed up by the
-            callbacks in ``selfsup.callbacks``.
+        optimizer / lr / ...: see ``selfsup.methods.common.configure_optimizers`` (lr at the reference batch).
     """
 
     def __init__(

@@ -45,9 +45,7 @@ class RelativeLocation(L.LightningModule):
         pixelate_p: probability per patch of being downsampled and upsampled back (Doersch 1/3).
         pairs: ``all`` 8 pairs per image, or ``one`` random neighbour per image.
         head_hidden / dropout: the pair classifier, ``2F -> head_hidden (BN, ReLU, dropout) -> 8``.
-        optimizer / lr / weight_decay / momentum: the optimiser; ``lr`` is the rate at
-            ``lr_scaling.reference_batch`` images per step, scaled and warmed up by the
-            callbacks in ``selfsup.callbacks``.
+        optimizer / lr / ...: see ``selfsup.methods.common.configure_optimizers`` (lr at the reference batch).
     """
 
     def __init__(

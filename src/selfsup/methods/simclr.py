@@ -26,9 +26,7 @@ class SimCLR(ContrastiveMethod):
         online_eval: train a linear probe on detached features alongside (``val/online_top1``)
             and run the kNN monitor (``val/knn_top1``) every ``knn_every`` epochs.
         online_lr: learning rate of the online probe.
-        optimizer / lr / weight_decay / momentum: the optimiser; ``lr`` is the rate at
-            ``lr_scaling.reference_batch`` images per step, scaled and warmed up by the
-            callbacks in ``selfsup.callbacks``.
+        optimizer / lr / ...: see ``selfsup.methods.common.configure_optimizers`` (lr at the reference batch).
     """
 
     def __init__(

@@ -123,9 +123,7 @@ class LinearProbe(_Classifier):
         feature_stage: probe the pooled output of this backbone stage (-1: the last; -2: the
             one before, e.g. ResNet layer3), since pretext tasks over-specialise the last stage
             (mmselfsup: relative location probes at 40.4% from res5, 51.2% from res4).
-        optimizer / lr / weight_decay / momentum: the optimiser; ``lr`` is the rate at
-            ``lr_scaling.reference_batch`` images per step, scaled and warmed up by the
-            callbacks in ``selfsup.callbacks``.
+        optimizer / lr / ...: see ``selfsup.methods.common.configure_optimizers`` (lr at the reference batch).
     """
 
     frozen = True
