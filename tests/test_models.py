@@ -86,3 +86,15 @@ def test_group_norm_trains_at_batch_one_and_batch_norm_cannot() -> None:
 def test_unknown_backbone() -> None:
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("vgg")
+
+
+def test_sync_batch_norm_backbone() -> None:
+    """What Lightning's sync_batchnorm does to a backbone: feature sizes still read, and a
+    batch of 1 still refused when there is no other process to share statistics with."""
+    bn = build_backbone("small_cnn", width=8)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(bn)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())
+    assert [sync.stage_features(k) for k in range(len(sync.stages))] == [8, 16, 32]
+    sync.train()
+    with pytest.raises(SelfsupError, match="GroupNorm"):
+        sync(torch.randn(1, 3, 32, 32))
