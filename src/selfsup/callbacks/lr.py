@@ -85,8 +85,7 @@ class LearningRateScaling(L.Callback):
         # After the loaders exist and a checkpoint's state is restored.
         batch = per_device_batch_size(trainer)
         self.global_batch = global_batch_size(trainer, batch)
-        self.target_lrs = [[scale_lr(b, self.global_batch, self.reference_batch, self.rule) for b in bases]
-                           for bases in self.base_lrs]
+        self.target_lrs = [[self.resolve(trainer, b, batch)[1] for b in bases] for bases in self.base_lrs]
         for opt, targets in zip(trainer.optimizers, self.target_lrs, strict=True):
             for group, lr in zip(opt.param_groups, targets, strict=True):
                 group["lr"] = lr

@@ -65,11 +65,14 @@ class Backbone(nn.Module):
         # tensor cores want on GPU; the state dict is unchanged.
         self.to(memory_format=torch.channels_last)
 
-    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps after each stage, shallow to deep."""
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 1:
             check_batch_norm_batch(self)
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
+
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps after each stage, shallow to deep."""
+        x = self._stem(x)
         maps = []
         for stage in self.stages:
             x = stage(x)
@@ -79,9 +82,7 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
         """Pooled features after ``stage`` (index into ``stages``; -1 the last): (B, F_stage)."""
         last = stage % len(self.stages)
-        if self.training and x.shape[0] == 1:
-            check_batch_norm_batch(self)
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self._stem(x)
         for block in self.stages[: last + 1]:
             x = block(x)
         return self.pool(x).flatten(1)

@@ -49,8 +49,9 @@ def lr_factor(step: int, total_steps: float, warmup_steps: int = 0, decay: Decay
     A run without a known length (``total_steps`` infinite, e.g. only a time budget) stays
     constant after warmup.
     """
-    if decay == "cosine" and math.isfinite(total_steps):
-        return warmup_cosine(step, int(total_steps), warmup_steps, final_fraction)
     if decay not in ("cosine", "constant"):
         raise ValueError(f"unknown decay {decay!r}; choose cosine or constant")
-    return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    if decay == "constant" or not math.isfinite(total_steps):
+        # A cosine that ends where it starts is flat after warmup, whatever its length.
+        return warmup_cosine(step, 0, warmup_steps, final_fraction=1.0)
+    return warmup_cosine(step, int(total_steps), warmup_steps, final_fraction)
