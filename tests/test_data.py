@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,8 @@ def test_decoded_sets_are_cached(tmp_path: Path) -> None:
     # A second module reads the cache: prove it by planting a marker in the cached tensor.
     blob = torch.load(files[0], weights_only=True)
     blob["images"][0, 0, 0, 0] = 7 if int(blob["images"][0, 0, 0, 0]) != 7 else 8
-    torch.save(blob, files[0])
+    torch.save(blob, tmp_path / "planted.pt")
+    os.replace(tmp_path / "planted.pt", files[0])  # as the cache is written: never in place
     dm2 = ImageDataModule(root=str(root), cache_dir=str(cache), cache_min_images=1)
     dm2.setup()
     changed = [not torch.equal(a.images, b.images) for a, b in ((dm.train_set, dm2.train_set), (dm.eval_set, dm2.eval_set))]

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -72,6 +73,31 @@ class SelfsupCLI(LightningCLI):
         )
         if run:
             finish_wandb(self.trainer)
+
+    def _prepare_data(self) -> None:
+        """Decode the data (or read the job's cache), report and check it before the Trainer
+        starts any logger or process: a stop for bad files, missing labels or too small images
+        leaves no half-started run behind. Under DDP every process gets here; the first to
+        need a decoded set builds it, the others read it (see ``selfsup.data.sources``)."""
+        dm = self.datamodule
+        if not isinstance(dm, ImageDataModule):
+            return
+        dm.trainer = self.trainer  # its world size decides whether the decoded set is shared
+        if rank_zero_only.rank == 0:
+            dm.run_dir = self.trainer.log_dir  # where bad_files.txt goes, beside config.yaml
+        dm.setup("fit")
+        check = getattr(self.model, "check_data", None)
+        if check is not None:
+            check(dm)
+
+    def before_fit(self) -> None:
+        self._prepare_data()
+
+    def before_validate(self) -> None:
+        self._prepare_data()
+
+    def before_test(self) -> None:
+        self._prepare_data()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LearningRateScaling, "lr_scaling")

@@ -4,9 +4,13 @@
 2. relative location pretraining, then its linear probe;
 3. SimCLR pretraining, then its linear probe.
 
+Pretraining reads ``data.root`` (labelled or not); the probes train and evaluate on the labelled
+evaluation data: ``data.eval_root`` when given, else ``data.root``'s own labels.
+
 Writes ``OUT/summary.json`` and ``OUT/summary.md`` (also printed), checkpoints under
-``OUT/<stage>/checkpoints/last.ckpt``, metrics under ``OUT/<stage>/metrics.csv`` and
-W&B runs (one per stage, grouped) under ``OUT/wandb``.
+``OUT/<stage>/checkpoints/last.ckpt``, metrics under ``OUT/<stage>/metrics.csv``,
+W&B runs (one per stage, grouped) under ``OUT/wandb`` and the files that could not be decoded
+in ``OUT/bad_files.txt``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from selfsup import SelfsupError
 from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
+from selfsup.data.datamodule import BAD_FILES_NAME
 from selfsup.methods import LinearProbe, RelativeLocation, SimCLR
 from selfsup.models.backbones import build_backbone
 from selfsup.tracking import WandbLogger, finish_wandb
@@ -119,7 +124,8 @@ class Pipeline:
         trainer.fit(model, datamodule=dm)
         metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
         finish_wandb(trainer)  # the next stage gets a run of its own
-        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": float(metrics[f"val/top{model.top_k}"])}, index
+        top5 = float(metrics["val/top5"]) if model.top_k == 5 else None  # None: 5 classes or fewer
+        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": top5}, index
 
     def pretrain(self, dm: ImageDataModule, stage: str) -> tuple[Path, dict[str, float]]:
         L.seed_everything(self.cfg.seed, verbose=False)
@@ -139,11 +145,21 @@ class Pipeline:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         dm = ImageDataModule(**_to_dict(cfg.data))
+        dm.run_dir = str(self.out)
+        # Every check before the first stage: a stop leaves no half-run pipeline behind.
         dm.setup("fit")
+        labelled = dm.evaluation_data
+        if labelled is None:
+            raise SelfsupError(
+                f"the pipeline's probes need labelled images, but {cfg.data.root} has none (data.labels="
+                f"{cfg.data.labels}); give labelled evaluation data with --data.eval_root DIR (DIR/<class>/<image>)"
+            )
+        if cfg.relative_location.enabled:
+            RelativeLocation(**self.backbone_args, **_to_dict(cfg.relative_location.model)).check_data(dm)
         results: dict[str, dict[str, float]] = {}
 
         t0 = time.time()
-        random, _ = self.probe(dm, "random", None, "channel")
+        random, _ = self.probe(labelled, "random", None, "channel")
         results["random"] = {**random, "seconds": time.time() - t0}
 
         for stage in PRETRAIN:
@@ -154,25 +170,32 @@ class Pipeline:
             # A relative-location backbone saw per-patch standardised inputs: probe it the same way.
             per_image = stage == "relative_location" and cfg.relative_location.model.per_patch_norm
             norm = "per_image" if per_image else "channel"
-            probe, _ = self.probe(dm, stage, ckpt, norm)
+            probe, _ = self.probe(labelled, stage, ckpt, norm)
             # Earlier stages too: pretext tasks over-specialise the last one.
             for k in getattr(cfg, stage).probe_stages:
-                metrics, index = self.probe(dm, stage, ckpt, norm, k)
+                metrics, index = self.probe(labelled, stage, ckpt, norm, k)
                 extra[f"linear_top1_stage{index}"] = metrics["linear_top1"]
             results[stage] = {**extra, **probe, "seconds": time.time() - t0}
 
+        def where(root: str | None) -> str:
+            return str(Path(root).expanduser().resolve()) if root else "(embedded sample)"
+
         summary = {
-            "data_root": str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else "(embedded sample)",
+            "data_root": where(cfg.data.root),
+            "eval_root": where(cfg.data.eval_root) if cfg.data.eval_root else where(cfg.data.root),
+            "labels": "folders" if dm.has_labels else "none",
             "image_size": dm.image_size,
-            "num_classes": dm.num_classes,
-            "train_images": len(dm.train_set),
-            "eval_images": len(dm.eval_set),
+            "num_classes": labelled.num_classes,
+            "pretrain_images": len(dm.train_set),
+            "train_images": len(labelled.train_set),
+            "eval_images": len(labelled.eval_set),
+            "images": {**dm.image_counts, "skipped_list": BAD_FILES_NAME if dm.image_counts["skipped"] else None},
             "backbone": cfg.backbone.name,
             "results": results,
             "wall_seconds": time.time() - t_start,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = summary_markdown(summary, dm.eval_split)
+        table = summary_markdown(summary, labelled.eval_split)
         (self.out / "summary.md").write_text(table)
         print("\n" + table)
         return summary
@@ -184,12 +207,17 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "") -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     names = {"random": "random init (baseline)", "relative_location": "relative location", "simclr": "SimCLR"}
+    separate = s.get("eval_root", s["data_root"]) != s["data_root"]
+    counts = s.get("images", {})
     lines = [
         f"# selfsup pipeline: {s['data_root']}",
         "",
+        *([f"Pretrained on {s['pretrain_images']} images of {s['data_root']} ({'labelled' if s['labels'] == 'folders' else 'unlabeled'}); "
+           f"evaluated on {s['eval_root']}.", ""] if separate else []),
         f"{s['train_images']} train / {s['eval_images']} eval images{f' ({eval_split})' if eval_split else ''}, "
         f"{s['image_size']} px, {s['num_classes']} classes, backbone {s['backbone']}; "
-        f"accuracies on the eval split; {s['wall_seconds']:.0f} s in all.",
+        f"accuracies on the eval split; {s['wall_seconds']:.0f} s in all."
+        + (f" {counts['skipped']} unreadable files skipped ({counts['skipped_list']})." if counts.get("skipped") else ""),
         "",
         "| backbone from | pretext top-1 | linear top-1 | linear top-5 | seconds |",
         "|---|---:|---:|---:|---:|",

@@ -1,8 +1,9 @@
 """The DataModule: decoded uint8 tensors in memory, fixed seeded splits, shuffled batches.
 
-Batches are dicts: ``image`` uint8 (B, 3, H, W), ``label`` int64 (B,), ``index`` int64 (B,)
-(the row of the image in its split, used e.g. to cache frozen features). Augmentation and
-normalisation happen later, on the training device (see ``selfsup.data.views``).
+Batches are dicts: ``image`` uint8 (B, 3, H, W), ``label`` int64 (B,) (-1 for unlabeled
+images), ``index`` int64 (B,) (the row of the image in its split, used e.g. to cache frozen
+features). Augmentation and normalisation happen later, on the training device (see
+``selfsup.data.views``).
 """
 
 from __future__ import annotations
@@ -16,17 +17,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from selfsup import SelfsupError
+from selfsup.data.decode import IMAGE_EXTENSIONS
 from selfsup.data.sources import (
     EVAL_SPLITS,
-    IMAGE_EXTENSIONS,
     ImageSet,
+    Labels,
+    SplitReport,
+    decode_split,
     default_cache_dir,
-    load_folder_split,
     load_sample_split,
     load_torchvision_split,
+    resolve_labels,
+    scan_folder,
 )
 
 Source = Literal["auto", "folder", "sample", "cifar10", "cifar100", "stl10"]
+BadFiles = Literal["skip", "stop"]
+BAD_FILES_NAME = "bad_files.txt"
 
 
 class TensorImageDataset(Dataset):
@@ -52,6 +59,10 @@ def collate(batch: Any) -> Any:
     return batch if isinstance(batch, dict) else default_collate(batch)
 
 
+def _as_list(idx: torch.Tensor | None) -> list[int] | None:
+    return None if idx is None else idx.tolist()
+
+
 def seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
     """Sorted indices of a seeded random subset of ``k`` of ``n`` items (None: keep all)."""
     if k is None or k >= n:
@@ -60,30 +71,53 @@ def seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
-def check_image_root(root: str | None) -> None:
+def check_image_root(root: str | None, what: str = "data root") -> None:
     """Fail early, before any logger or process starts, on a missing or image-less root."""
     if root is None:
         raise SelfsupError("data.source=folder needs data.root")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise SelfsupError(f"data root not found: {path}")
-    for _, _, names in os.walk(path, followlinks=True):
-        if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names):
+        raise SelfsupError(f"{what} not found: {path}")
+    for _, dirs, names in os.walk(path, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".") for n in names):
             return
     raise SelfsupError(
-        f"no images found under {path}: expected {path}/train/<class>/<image> "
-        f"(and {path}/val/<class>/<image> or {path}/test/<class>/<image>)"
+        f"no images found under {path} ({what}): expected image files (.jpg, .png, .webp or another format Pillow reads) "
+        f"directly in it or at any depth below it, e.g. {path}/<image>, {path}/<class>/<image> or {path}/train/<class>/<image>"
     )
+
+
+def say(message: str, every_rank: bool = False) -> None:
+    """Print one line of what the data module did, on the first process only unless asked
+    (the rank is known from the launcher's environment before any process group exists)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", 0)
+    if rank == 0:
+        print(message, flush=True)
+    elif every_rank:
+        print(f"[rank {rank}] {message}", flush=True)
 
 
 class ImageDataModule(L.LightningDataModule):
     """Images for every stage, from an image folder, a torchvision set or the embedded sample.
 
     Args:
-        root: an ImageFolder root (``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` or
-            ``ROOT/test/<class>/*``), or torchvision's files for cifar10/cifar100/stl10.
+        root: a folder of images, at any depth, with or without class folders
+            (``ROOT/<image>``, ``ROOT/<class>/<image>``), optionally split as ``ROOT/train/...``
+            and ``ROOT/val/...`` or ``ROOT/test/...``; or torchvision's files for
+            cifar10/cifar100/stl10.
         source: ``auto`` reads ``root`` as an image folder, or the embedded sample when
             ``root`` is unset.
+        labels: ``folders`` (the first folder level below the split is the class), ``none``
+            (unlabeled), or ``auto``: class folders when every image sits in one and there are
+            two or more, else unlabeled. The choice is printed.
+        eval_root: labelled images (``EVAL/<class>/<image>``, or with ``train/`` and
+            ``val/``/``test/`` splits) for evaluation: the online monitor of the pretraining
+            stages and the probes of ``selfsup pipeline``. None: evaluate on ``root``'s labels.
+        bad_files: what to do with files that cannot be decoded: ``skip`` them (named on one
+            line and listed in ``bad_files.txt``) or ``stop`` before training.
         image_size: decode images to this square side (shorter side resized, centre crop);
             None keeps the native size (all images must then share it).
         batch_size: images per device per step (the global batch is this times devices).
@@ -91,8 +125,10 @@ class ImageDataModule(L.LightningDataModule):
         max_train_images / max_eval_images: seeded subsets, picked before decoding.
         seed: seeds the held-out split and subsets; fixed so that every stage sees one split.
         download: let torchvision download its datasets (off: nothing is fetched at run time).
-        cache_dir: where decoded sets of at least ``cache_min_images`` images are cached;
-            None uses ``$SELFSUP_CACHE`` or ``~/.cache/selfsup``.
+        cache_dir: where decoded sets of at least ``cache_min_images`` images (any size under
+            DDP, so that one process decodes for all) are cached; None uses ``$SELFSUP_CACHE``
+            or ``~/.cache/selfsup``.
+        decode_workers: processes decoding images; None: every available core.
         drop_last: drop the last incomplete training batch (keeps per-rank batches equal).
     """
 
@@ -100,6 +136,9 @@ class ImageDataModule(L.LightningDataModule):
         self,
         root: str | None = None,
         source: Source = "auto",
+        labels: Labels = "auto",
+        eval_root: str | None = None,
+        bad_files: BadFiles = "skip",
         image_size: int | None = None,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
@@ -111,6 +150,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         cache_dir: str | None = None,
         cache_min_images: int = 5000,
+        decode_workers: int | None = None,
         drop_last: bool = True,
     ) -> None:
         super().__init__()
@@ -120,9 +160,14 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: ImageSet | None = None
         self.eval_set: ImageSet | None = None
         self.eval_split = ""
+        self.reports: list[SplitReport] = []
+        #: where ``bad_files.txt`` goes (the run folder); set by the CLI and the pipeline.
+        self.run_dir: str | None = None
+        self._evaluation: ImageDataModule | None = None
         if self.source == "folder":
             check_image_root(root)
-
+        if eval_root is not None:
+            check_image_root(eval_root, "data.eval_root")
 
     @property
     def source(self) -> str:
@@ -132,8 +177,29 @@ class ImageDataModule(L.LightningDataModule):
         return s
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self._load()
+        """Load (decode once, or read the job's cache) the training and evaluation splits, and
+        the separate evaluation data; say what was found; apply the bad-file policy."""
+        if self.train_set is not None:
+            return
+        self._load()
+        if self.hparams.eval_root is not None:
+            hp = dict(self.hparams)
+            hp.update(root=self.hparams.eval_root, source="folder", labels="folders", eval_root=None)
+            ev = ImageDataModule(**hp)
+            ev.trainer = self.trainer
+            ev._load()
+            if ev.num_classes < 2:
+                raise SelfsupError(f"data.eval_root {ev.hparams.root} has {ev.num_classes} class folder; "
+                                   "evaluation needs 2 or more (EVAL/<class>/<image>)")
+            self._evaluation = ev
+        self._report()
+
+    # -- loading ---------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size)
+        return int(os.environ.get("WORLD_SIZE", "1"))
 
     def _load(self) -> None:
         hp = self.hparams
@@ -144,17 +210,20 @@ class ImageDataModule(L.LightningDataModule):
             self.eval_split = "val"
         elif src == "folder":
             self._load_folder()
+            return
         else:
             if hp.root is None:
                 raise SelfsupError(f"data.source={src} needs data.root (the folder with torchvision's files)")
             self.train_set = load_torchvision_split(src, hp.root, True, hp.download, hp.image_size)
             self.eval_set = load_torchvision_split(src, hp.root, False, hp.download, hp.image_size)
             self.eval_split = "test"
-        if src != "folder":
-            for name, k in (("train_set", hp.max_train_images), ("eval_set", hp.max_eval_images)):
-                idx = seeded_subset(len(getattr(self, name)), k, hp.seed)
-                if idx is not None:
-                    setattr(self, name, getattr(self, name).subset(idx))
+        if hp.labels == "none":
+            self.train_set = ImageSet(self.train_set.images, torch.full_like(self.train_set.labels, -1), [])
+            self.eval_set = ImageSet(self.eval_set.images, torch.full_like(self.eval_set.labels, -1), [])
+        for name, k in (("train_set", hp.max_train_images), ("eval_set", hp.max_eval_images)):
+            idx = seeded_subset(len(getattr(self, name)), k, hp.seed)
+            if idx is not None:
+                setattr(self, name, getattr(self, name).subset(idx))
 
     def _load_folder(self) -> None:
         hp = self.hparams
@@ -163,33 +232,122 @@ class ImageDataModule(L.LightningDataModule):
         root = Path(hp.root).expanduser()
         if not root.is_dir():
             raise SelfsupError(f"data root not found: {root}")
+        # Split folders count only beside a train/ folder: in a plain folder of photos a
+        # subfolder called "test" is just more photos.
         train_dir = root / "train" if (root / "train").is_dir() else root
+        eval_dir = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), None) if train_dir != root else None
+        scan = scan_folder(train_dir)
+        if not scan.files:
+            raise SelfsupError(f"no images found under {train_dir}")
+        choice = resolve_labels(scan, hp.labels)
+        kind = (f"labelled by {choice.reason}" + (" (set data.labels none if they are not classes)"
+                                                   if hp.labels == "auto" else "")
+                if choice.mode == "folders" else f"unlabeled ({choice.reason})")
+        say(f"data: {train_dir}: {len(scan.files):,} images, {kind}; data.labels={hp.labels}")
         cache = Path(hp.cache_dir) if hp.cache_dir else default_cache_dir()
-        common = {"image_size": hp.image_size, "cache_dir": cache, "cache_min_images": hp.cache_min_images}
-        eval_dir = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), None)
+        world = self._world_size()
+
+        def load(sc, ch, indices, name: str) -> ImageSet:
+            n = len(sc.files) if indices is None else len(indices)
+            images, report = decode_split(sc, ch, indices, hp.image_size, cache,
+                                          use_cache=n >= hp.cache_min_images or world > 1,
+                                          workers=hp.decode_workers, desc=f"decoding {name}")
+            self.reports.append(report)
+            if report.seconds is not None:  # this process decoded: say so on every rank
+                say(f"data: decoded {report.found:,} images of {name} in {report.seconds:.1f} s "
+                    f"({report.workers} process{'es' if report.workers > 1 else ''}, "
+                    f"{report.found / max(report.seconds, 1e-9):,.0f} images/s)", every_rank=True)
+            return images
+
         if eval_dir is not None:
-            self.train_set = load_folder_split(
-                train_dir, select=lambda n: seeded_subset(n, hp.max_train_images, hp.seed), **common
-            )
-            self.eval_set = load_folder_split(
-                eval_dir,
-                select=lambda n: seeded_subset(n, hp.max_eval_images, hp.seed),
-                classes=self.train_set.classes,
-                **common,
-            )
+            eval_scan = scan_folder(eval_dir)
+            if not eval_scan.files:
+                raise SelfsupError(f"no images found under {eval_dir}")
+            eval_choice = resolve_labels(eval_scan, choice.mode, classes=choice.classes if choice.mode == "folders" else None)
+            self.train_set = load(scan, choice, _as_list(seeded_subset(len(scan.files), hp.max_train_images, hp.seed)),
+                                  str(train_dir))
+            self.eval_set = load(eval_scan, eval_choice,
+                                 _as_list(seeded_subset(len(eval_scan.files), hp.max_eval_images, hp.seed)), str(eval_dir))
             self.eval_split = eval_dir.name
             return
-        # No val/test folder: hold out a fixed, seeded share of train.
-        def split(n: int, held_out: bool) -> torch.Tensor:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.seed))
-            n_eval = max(1, round(hp.val_fraction * n))
-            part = perm[:n_eval] if held_out else perm[n_eval:]
-            k = hp.max_eval_images if held_out else hp.max_train_images
-            return (part[:k] if k is not None else part).sort().values
+        # No val/test folder: hold out a fixed, seeded share of the training files.
+        n = len(scan.files)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.seed))
+        n_eval = max(1, round(hp.val_fraction * n))
+        if n - n_eval < 1:
+            raise SelfsupError(f"{train_dir} holds {n} image(s): too few to hold out {hp.val_fraction:.0%} for evaluation")
 
-        self.train_set = load_folder_split(train_dir, select=lambda n: split(n, False), **common)
-        self.eval_set = load_folder_split(train_dir, select=lambda n: split(n, True), **common)
+        def part(p: torch.Tensor, k: int | None) -> list[int]:
+            return (p[:k] if k is not None else p).sort().values.tolist()
+
+        self.train_set = load(scan, choice, part(perm[n_eval:], hp.max_train_images), f"{train_dir} (train part)")
+        self.eval_set = load(scan, choice, part(perm[:n_eval], hp.max_eval_images), f"{train_dir} (held out)")
         self.eval_split = f"{train_dir.name} (held out {hp.val_fraction:.0%})"
+
+    # -- what was found ----------------------------------------------------------------------
+    @property
+    def all_reports(self) -> list[SplitReport]:
+        """Reports of every decoded split, the separate evaluation data's included."""
+        return self.reports + (self._evaluation.reports if self._evaluation is not None else [])
+
+    @property
+    def image_counts(self) -> dict[str, int]:
+        """``used`` images (decoded) and ``skipped`` files (unreadable) over every split."""
+        reports = self.all_reports
+        return {"used": sum(r.used for r in reports), "skipped": sum(len(r.skipped) for r in reports)}
+
+    def bad_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file that could not be decoded."""
+        return [(str(Path(r.directory) / p), why) for r in self.all_reports for p, why in r.skipped]
+
+    def write_bad_files(self, folder: str | Path) -> Path | None:
+        """Write the list of unreadable files (path, tab, reason; one a line) into ``folder``."""
+        bad = self.bad_files()
+        if not bad:
+            return None
+        path = Path(folder) / BAD_FILES_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{p}\t{why}\n" for p, why in bad))
+        return path
+
+    def _report(self) -> None:
+        ev = self._evaluation
+        if ev is not None:
+            say(f"data: evaluation data {ev.hparams.root}: {len(ev.train_set):,} train / {len(ev.eval_set):,} "
+                f"eval images ({ev.eval_split}), {ev.num_classes} classes")
+        smaller = sum(r.smaller for r in self.all_reports)
+        if smaller:
+            say(f"data: {smaller:,} images smaller than {self.hparams.image_size} px were upscaled to it")
+        bad = self.bad_files()
+        if not bad:
+            return
+        total = sum(r.found for r in self.all_reports)
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        where = None
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if self.run_dir is not None and getattr(rank_zero_only, "rank", 0) == 0:
+            where = self.write_bad_files(self.run_dir)
+        listed = f"full list: {where}" if where is not None else "full list: bad_files.txt in the run folder"
+        if self.hparams.bad_files == "stop":
+            raise SelfsupError(f"{len(bad):,} of {total:,} image files cannot be decoded: {shown} ({listed}); "
+                               "fix or remove them, or set data.bad_files skip to train without them")
+        say(f"data: skipped {len(bad):,} of {total:,} image files that cannot be decoded "
+            f"(data.bad_files=skip): {shown} ({listed})")
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the training images have labels."""
+        return self._require()[0].labelled
+
+    @property
+    def evaluation_data(self) -> ImageDataModule | None:
+        """The labelled data to evaluate on: the separate ``eval_root`` data, this module when
+        its own images are labelled, or None (nothing to evaluate with)."""
+        self._require()
+        if self._evaluation is not None:
+            return self._evaluation
+        return self if self.has_labels else None
 
     # -- facts other stages read -------------------------------------------------------
     def _require(self) -> tuple[ImageSet, ImageSet]:

@@ -1,36 +1,44 @@
 """Image sources decoded once into uint8 tensors: image folders, torchvision sets, the sample.
 
 Every source yields an :class:`ImageSet`: ``images`` uint8 (N, 3, H, W), ``labels`` int64 (N,)
-and the class names. Decoding happens once; large sets are cached to a file keyed by the
-file list, sizes, modification times and the target size, so later runs skip the JPEG decode.
+(-1 everywhere for unlabeled images) and the class names. A folder is scanned once
+(:func:`scan_folder`), its labels resolved from the layout (:func:`resolve_labels`), and the
+chosen files decoded once per job (:func:`decode_split`): the decoded set is cached to a file
+keyed by the file list, sizes, modification times and the target size; one process builds it
+while the others wait on a lock, and every process maps the same file into memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import os
+import time
 import zipfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from selfsup import SelfsupError
+from selfsup.data.decode import IMAGE_EXTENSIONS, available_cores, decode_files
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SAMPLE_ZIP = Path(__file__).parent / "sample" / "cifar10_sample.zip"
 EVAL_SPLITS = ("val", "test")
+#: Bumped whenever decoding changes, so that old caches are not read.
+CACHE_VERSION = "2"
+
+Labels = Literal["auto", "folders", "none"]
 
 
 @dataclass
 class ImageSet:
-    """Decoded images of one split. images: uint8 (N, 3, H, W); labels: int64 (N,)."""
+    """Decoded images of one split. images: uint8 (N, 3, H, W); labels: int64 (N,), -1 when
+    the images have no labels; classes: the class names (empty without labels)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -38,6 +46,10 @@ class ImageSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.classes) > 0
 
     def subset(self, idx: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[idx], self.labels[idx], self.classes)
@@ -50,113 +62,217 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
-def decode_image(data: bytes | str | Path, image_size: int | None) -> np.ndarray:
-    """Decode one image to RGB uint8 (H, W, 3); with ``image_size``, resize the shorter side
-    to it (antialiased) and centre-crop a square. Grayscale, palette and RGBA become RGB."""
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im = im.convert("RGB")
-        if image_size is not None and im.size != (image_size, image_size):
-            w, h = im.size
-            s = image_size / min(w, h)
-            nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
-            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
-            left, top = (nw - image_size) // 2, (nh - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(im, dtype=np.uint8)
+# -- finding files and labels -------------------------------------------------------------
+@dataclass
+class FolderScan:
+    """The image files under one directory, in a fixed order.
+
+    files: paths; relative: the same paths relative to ``directory`` (as strings, '/'-joined);
+    ignored: how many other (non-image) files were seen.
+    """
+
+    directory: Path
+    files: list[Path]
+    relative: list[str]
+    ignored: int = 0
 
 
-def decode_many(
-    items: Sequence[bytes | Path], image_size: int | None, desc: str, workers: int | None = None
-) -> torch.Tensor:
-    """Decode images in a thread pool (Pillow releases the GIL while decoding) with a
-    progress bar. Returns uint8 (N, 3, H, W)."""
-    if not items:
-        raise SelfsupError(f"{desc}: no images to decode")
-    workers = workers or min(8, os.cpu_count() or 1)
-    arrays: list[np.ndarray] = []
-    with ThreadPoolExecutor(workers) as pool:
-        it = pool.map(lambda x: decode_image(x, image_size), items, chunksize=64)
-        for arr in tqdm(it, total=len(items), desc=desc, unit="img", leave=False, mininterval=1.0):
-            arrays.append(arr)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
+def scan_folder(directory: Path) -> FolderScan:
+    """Every image file at any depth below ``directory``: links followed (each real directory
+    once, so link loops end), hidden files and folders skipped, extensions Pillow decodes;
+    sorted by relative path, so the order is the same on every machine and run."""
+    directory = Path(directory)
+    seen: set[str] = set()
+    found: list[str] = []
+    ignored = 0
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back into a directory already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel_root = os.path.relpath(root, directory)
+        for n in names:
+            if n.startswith("."):
+                continue
+            if n.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(n if rel_root == "." else f"{rel_root}/{n}".replace(os.sep, "/"))
+            else:
+                ignored += 1
+    found.sort()
+    return FolderScan(directory, [directory / r for r in found], found, ignored)
+
+
+@dataclass
+class LabelChoice:
+    """Labels of a scanned split: one int per file (-1: unlabeled), the class names, and which
+    layout was chosen (``folders`` or ``none``) with the reason, for the one line that says so."""
+
+    labels: list[int]
+    classes: list[str]
+    mode: Literal["folders", "none"]
+    reason: str
+
+
+def resolve_labels(scan: FolderScan, labels: Labels, classes: list[str] | None = None) -> LabelChoice:
+    """Labels from the layout ``DIR/<class>/<any depth>/<image>``.
+
+    ``folders``: every image must sit in a class folder; a folder holding no image is never a
+    class. ``none``: no labels. ``auto``: class folders when every image sits in one and there
+    are at least two, else none. ``classes`` forces the label order of another split.
+    """
+    tops = [r.split("/", 1)[0] if "/" in r else None for r in scan.relative]
+    loose = [r for r, t in zip(scan.relative, tops, strict=True) if t is None]
+    found = sorted({t for t in tops if t is not None})
+    if labels == "none":
+        return LabelChoice([-1] * len(tops), [], "none", "data.labels=none")
+    if labels == "auto":
+        if loose:
+            return LabelChoice([-1] * len(tops), [], "none", f"{len(loose)} images are not in a class folder")
+        if len(found) < 2:
+            return LabelChoice([-1] * len(tops), [], "none", f"{len(found)} folder holds images, not 2 or more classes")
+    elif loose:
         raise SelfsupError(
-            f"{desc}: images have different sizes ({', '.join(map(str, sorted(shapes)[:3]))}, ...); set data.image_size"
+            f"data.labels=folders, but {len(loose)} images of {scan.directory} are not in a class folder "
+            f"({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}); move them into "
+            f"{scan.directory}/<class>/, or set data.labels none to pretrain without labels"
         )
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _class_files(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Files and labels of an ImageFolder split: <split_dir>/<class>/<image>, classes sorted."""
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files: list[Path] = []
-    labels: list[int] = []
-    for i, c in enumerate(classes):
-        for root, _, names in os.walk(split_dir / c, followlinks=True):
-            for n in sorted(names):
-                if n.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(Path(root) / n)
-                    labels.append(i)
-    return files, labels, classes
-
-
-def _cached(
-    key_parts: Sequence[str], cache_dir: Path | None, n: int, min_images: int, build: Callable[[], ImageSet]
-) -> ImageSet:
-    """Load an ImageSet from the cache file named by ``key_parts``, or build and store it."""
-    if cache_dir is None or n < min_images:
-        return build()
-    key = hashlib.sha1("\n".join(key_parts).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"{key}.pt"
-    if path.is_file():
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-            return ImageSet(d["images"], d["labels"], list(d["classes"]))
-        except Exception:  # a truncated or foreign file: rebuild it
-            pass
-    s = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": s.images, "labels": s.labels, "classes": s.classes}, tmp)
-    os.replace(tmp, path)  # atomic: concurrent DDP ranks never read a half-written cache
-    return s
-
-
-def load_folder_split(
-    split_dir: Path,
-    image_size: int | None,
-    select: Callable[[int], torch.Tensor | None] | None = None,
-    classes: list[str] | None = None,
-    cache_dir: Path | None = None,
-    cache_min_images: int = 5000,
-) -> ImageSet:
-    """Decode an ImageFolder split. ``select(n)`` may return indices of the files to keep
-    (a seeded subset), chosen before decoding. ``classes`` forces the label order of another split."""
-    files, labels, found = _class_files(split_dir)
-    if classes is not None and found != classes:
-        missing = sorted(set(found) - set(classes))
-        if missing:
-            raise SelfsupError(f"{split_dir} has classes not in the training split: {', '.join(missing[:5])}")
-        index = {c: i for i, c in enumerate(classes)}
-        labels = [index[found[lab]] for lab in labels]
+    if classes is not None:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise SelfsupError(f"{scan.directory} has classes not in the training split: {', '.join(extra[:5])}")
         found = classes
-    if not files:
-        raise SelfsupError(
-            f"no images found in {split_dir}: expected {split_dir}/<class>/<image> "
-            f"with extensions {', '.join(IMAGE_EXTENSIONS[:5])}, ..."
-        )
-    idx = select(len(files)) if select is not None else None
-    if idx is not None:
-        files = [files[i] for i in idx.tolist()]
-        labels = [labels[i] for i in idx.tolist()]
-    stats = [f"{f}|{st.st_size}|{st.st_mtime_ns}" for f in files for st in (f.stat(),)]
-    key = [str(split_dir.resolve()), str(image_size), *stats]
+    index = {c: i for i, c in enumerate(found)}
+    return LabelChoice([index[t] for t in tops], found, "folders", f"{len(found)} class folders")
 
-    def build() -> ImageSet:
-        images = decode_many(files, image_size, desc=f"decoding {split_dir.name}")
-        return ImageSet(images, torch.tensor(labels, dtype=torch.long), found)
 
-    return _cached(key, cache_dir, len(files), cache_min_images, build)
+# -- decoding, cached once per job ----------------------------------------------------------
+@dataclass
+class SplitReport:
+    """What decoding a split found: ``found`` files chosen, ``used`` images decoded,
+    ``skipped`` (relative path, reason) of those that could not be, ``smaller`` images that
+    were upscaled to the target size, and whether this process decoded them or read the cache
+    (``seconds`` of decoding, None when read)."""
+
+    directory: str
+    found: int
+    used: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    smaller: int = 0
+    seconds: float | None = None
+    workers: int = 1
+
+
+def _file_key(f: Path) -> str:
+    try:
+        st = f.stat()
+    except OSError:  # a broken link: part of the key as it is
+        return f"{f}|missing"
+    return f"{f}|{st.st_size}|{st.st_mtime_ns}"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` across processes (and nodes sharing the filesystem)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent builders only cost time
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_cache(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        # mmap: every process of the job shares the file's pages instead of holding a copy.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a foreign or damaged file: rebuild it
+        return None
+
+
+def decode_split(
+    scan: FolderScan,
+    choice: LabelChoice,
+    indices: Sequence[int] | None,
+    image_size: int | None,
+    cache_dir: Path | None,
+    use_cache: bool,
+    workers: int | None = None,
+    desc: str = "decoding",
+) -> tuple[ImageSet, SplitReport]:
+    """Decode the files ``indices`` of ``scan`` (all when None) with their labels.
+
+    With ``use_cache`` the result is stored in ``cache_dir`` under a key of the files, their
+    sizes and modification times and the target size. The first process to need it builds it
+    under a file lock, writes it atomically (a temporary file, then a rename) and the others
+    wait, then read it: each image is decoded once per job, however many processes train.
+    """
+    idx = list(range(len(scan.files))) if indices is None else list(indices)
+    files = [scan.files[i] for i in idx]
+    rel = [scan.relative[i] for i in idx]
+    labels = [choice.labels[i] for i in idx]
+
+    def build() -> dict:
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(files), desc=desc, unit="img", leave=False, mininterval=1.0)
+        n_workers = workers or available_cores()
+        d = decode_files(files, image_size, n_workers, progress=bar.update)
+        bar.close()
+        if image_size is None:
+            shapes = {a.shape for a in d.images}
+            if len(shapes) > 1:
+                raise SelfsupError(
+                    f"{scan.directory}: images have different sizes ({', '.join(map(str, sorted(shapes)[:3]))}, ...); "
+                    "set data.image_size"
+                )
+            images = (torch.from_numpy(np.stack(d.images)).permute(0, 3, 1, 2).contiguous() if d.images
+                      else torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
+        else:
+            images = torch.from_numpy(d.images)
+        return {
+            "images": images,
+            "labels": torch.tensor(labels, dtype=torch.long)[torch.from_numpy(d.ok)],
+            "classes": choice.classes,
+            "skipped": [rel[i] for i, _ in d.reasons],
+            "reasons": [r for _, r in d.reasons],
+            "smaller": int(d.smaller),
+            "seconds": time.perf_counter() - t0,
+            "workers": min(n_workers, max(1, -(-len(files) // 256))),
+        }
+
+    payload: dict | None = None
+    if use_cache and cache_dir is not None:
+        key_parts = [CACHE_VERSION, str(scan.directory.resolve()), str(image_size), ",".join(choice.classes),
+                     *map(_file_key, files), *map(str, labels)]
+        key = hashlib.sha1("\n".join(key_parts).encode()).hexdigest()[:20]
+        path = Path(cache_dir) / f"{key}.pt"
+        payload = _read_cache(path)
+        if payload is None:
+            with _exclusive(path.with_suffix(".lock")):
+                payload = _read_cache(path)  # another process may have built it meanwhile
+                if payload is None:
+                    built = build()
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    torch.save({k: v for k, v in built.items() if k not in ("seconds", "workers")}, tmp)
+                    os.replace(tmp, path)  # atomic: no process ever reads a half-written cache
+                    payload = _read_cache(path) or built  # mapped, so the pages are shared
+                    payload["seconds"], payload["workers"] = built["seconds"], built["workers"]
+    if payload is None:
+        payload = build()
+    report = SplitReport(str(scan.directory), len(files), len(payload["images"]),
+                         list(zip(payload["skipped"], payload["reasons"], strict=True)), int(payload["smaller"]),
+                         payload.get("seconds"), int(payload.get("workers", 1)))
+    return ImageSet(payload["images"], payload["labels"], list(payload["classes"])), report
 
 
 def load_sample_split(split: str, image_size: int | None) -> ImageSet:
@@ -166,7 +282,8 @@ def load_sample_split(split: str, image_size: int | None) -> ImageSet:
         classes = sorted({n.split("/")[1] for n in names})
         blobs = [zf.read(n) for n in names]
     labels = torch.tensor([classes.index(n.split("/")[1]) for n in names], dtype=torch.long)
-    return ImageSet(decode_many(blobs, image_size, desc=f"decoding sample/{split}"), labels, classes)
+    d = decode_files(blobs, image_size if image_size is not None else 32, workers=1)
+    return ImageSet(torch.from_numpy(d.images), labels, classes)
 
 
 def load_torchvision_split(name: str, root: str, train: bool, download: bool, image_size: int | None) -> ImageSet:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from selfsup.data.views import SimCLRViews, normalize, to_float
 from selfsup.media import log_training_figure, spread, view_pairs_grid
 from selfsup.methods.common import configure_optimizers
-from selfsup.methods.online import OnlineEvaluator
+from selfsup.methods.online import OnlineEvaluator, frozen_evaluation
 
 
 class ContrastiveMethod(L.LightningModule):
@@ -21,6 +22,10 @@ class ContrastiveMethod(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.online: OnlineEvaluator | None = None
+        # Labelled evaluation data separate from the (unlabeled) pretraining images: evaluated
+        # on frozen features every ``knn_every`` epochs instead of by a head trained alongside.
+        self._separate_eval = None
+        self._separate_metrics: dict[str, float] = {}
         self._views: SimCLRViews | None = None
 
     def _build_online(self, num_classes: int) -> None:
@@ -53,11 +58,28 @@ class ContrastiveMethod(L.LightningModule):
         if not self.hparams.online_eval or self.online is not None:
             return
         dm = getattr(self.trainer, "datamodule", None)
-        n = getattr(dm, "num_classes", None) if dm is not None else None
-        if n is not None and n >= 2:  # without labels there is nothing to evaluate online
-            self._build_online(n)
+        if dm is None or not hasattr(dm, "evaluation_data"):
+            return
+        ev = dm.evaluation_data
+        if ev is None:  # no labels anywhere: nothing to evaluate, and no head of one class per image
+            rank_zero_info("online evaluation off: the pretraining images have no labels; give labelled "
+                           "images with --data.eval_root DIR to monitor kNN and linear accuracy")
+        elif ev is not dm:
+            self._separate_eval = ev
+            rank_zero_info(f"online evaluation on {ev.hparams.root} ({len(ev.train_set):,} train / "
+                           f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
+                           f"classifier on frozen features every {self.hparams.knn_every} epochs")
+        elif ev.num_classes >= 2:
+            self._build_online(ev.num_classes)
 
     def on_validation_epoch_start(self) -> None:
+        ev = self._separate_eval
+        if ev is not None and not self.trainer.sanity_checking and self.hparams.knn_every > 0:
+            last = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
+            if (self.current_epoch + 1) % self.hparams.knn_every == 0 or last:
+                self._separate_metrics = frozen_evaluation(
+                    self.embed, ev.train_set.images, ev.train_set.labels, ev.eval_set.images, ev.eval_set.labels,
+                    ev.num_classes, self.device, knn_k=self.hparams.knn_k)
         if self.online is None:
             return
         self.online.clear_bank()
@@ -98,6 +120,14 @@ class ContrastiveMethod(L.LightningModule):
             self.log("val/online_top1", self.online.online_top1, prog_bar=True)
             if self.online.has_bank:
                 self.log("val/knn_top1", self.online.knn_top1, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._separate_metrics:
+            m = self._separate_metrics
+            # Every rank computed the same figures on the same data; the mean keeps them in sync.
+            self.log("val/knn_top1", m["knn_top1"], prog_bar=True, sync_dist=True)
+            self.log("val/online_top1", m["linear_top1"], prog_bar=True, sync_dist=True)
+            self._separate_metrics = {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         extra = []

@@ -19,6 +19,66 @@ from torchmetrics.classification import MulticlassAccuracy
 from selfsup.knn import knn_scores
 
 
+@torch.no_grad()
+def embed_all(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
+              batch_size: int = 512) -> torch.Tensor:
+    """Features of uint8 images (N, 3, H, W) in batches on ``device``: float (N, F)."""
+    return torch.cat([embed(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)])
+
+
+def frozen_evaluation(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    eval_images: torch.Tensor,
+    eval_labels: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    knn_k: int = 200,
+    knn_temperature: float = 0.1,
+    linear_steps: int = 300,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Evaluate a frozen backbone on labelled data that it was not trained on: weighted kNN
+    (InstDisc: cosine, k=200, t=0.1, the whole training split as the bank) and a linear
+    classifier fitted on standardised features (full-batch Adam, seeded).
+
+    Used when the pretraining images have no labels and labelled evaluation data are given
+    separately, so that no head can train alongside the pretext loss.
+
+    Args:
+        embed: uint8 (B, 3, H, W) on ``device`` -> features (B, F), in eval mode.
+        train_*/eval_*: uint8 images (N, 3, H, W) and int64 labels (N,).
+    Returns:
+        ``knn_top1`` and ``linear_top1`` as fractions.
+    """
+    train = embed_all(embed, train_images, device)
+    test = embed_all(embed, eval_images, device)
+    ytr, yte = train_labels.to(device), eval_labels.to(device)
+    correct = 0
+    for i in range(0, len(test), 1024):  # chunks of queries: the similarity matrix stays small
+        scores = knn_scores(test[i : i + 1024], train, ytr, num_classes, knn_k, knn_temperature)
+        correct += int((scores.argmax(1) == yte[i : i + 1024]).sum())
+    # Validation runs under inference mode: fit the classifier on ordinary (cloned) tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        train, test = train.clone(), test.clone()
+        mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+        train, test = (train - mean) / std, (test - mean) / std
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        head = nn.Linear(train.shape[1], num_classes).to(device)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+            head.bias.zero_()
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(linear_steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(train), ytr.clone()).backward()
+            opt.step()
+        with torch.no_grad():
+            linear = float((head(test).argmax(1) == yte).float().mean())
+    return {"knn_top1": correct / max(1, len(test)), "linear_top1": linear}
+
+
 class OnlineEvaluator(nn.Module):
     """Linear head plus kNN monitor for a backbone with ``num_features`` outputs.
 

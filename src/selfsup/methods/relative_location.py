@@ -8,7 +8,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from selfsup import SelfsupError
 from selfsup.data.patches import (
+    GRID_PRESETS,
     GridSpec,
     color_drop,
     grid_preset,
@@ -88,6 +90,33 @@ class RelativeLocation(L.LightningModule):
             jitter=hp.jitter if hp.jitter is not None else preset.jitter,
             gap_max=hp.gap_max,
         )
+
+    def check_data(self, dm: L.LightningDataModule) -> None:
+        """Stop before training when the images are too small for the patch grid, naming the
+        smallest image size that works."""
+        size = getattr(dm, "image_size", None)
+        if size is None:
+            return
+        hp = self.hparams
+        try:
+            spec = self.grid_spec(size)
+        except ValueError:  # no preset fits: the smallest preset's size is what works
+            smallest = min(GRID_PRESETS[hp.grid])
+            raise SelfsupError(
+                f"relative location needs images of at least {smallest} px for its {hp.grid} grid; these are "
+                f"{size} px: set data.image_size {smallest} or more"
+            ) from None
+        if spec.extent > size:
+            raise SelfsupError(
+                f"relative location's grid (patch {spec.patch}, gap {spec.gap_max or spec.gap}, jitter {spec.jitter}) "
+                f"spans {spec.extent} px, but the images are {size} px: set data.image_size {spec.extent} or more, "
+                "or a smaller patch, gap or jitter"
+            )
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            self.check_data(dm)
 
     def patches(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample and preprocess the 9 patches of each image: uint8 (B, 3, H, W) ->

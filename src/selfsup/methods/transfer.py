@@ -67,16 +67,28 @@ class _Classifier(L.LightningModule):
             # classifiers; the backbone's own normalisation adapts, and SGD at the usual rates
             # stays stable (standardised features made lr 0.1 diverge, see above).
             self.head = MLP([f, num_classes], init_scale=0.01)
-        k = min(5, num_classes)
+        # Top-5 only where it says something: with 5 classes or fewer it is always 100%.
+        self.top_k: int | None = 5 if num_classes > 5 else None
+        ks = [("top1", 1)] + ([(f"top{self.top_k}", self.top_k)] if self.top_k else [])
         self.metrics = nn.ModuleDict({
             f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-            for split in ("val", "test") for name, top_k in (("top1", 1), (f"top{k}", k))
+            for split in ("val", "test") for name, top_k in ks
         })
-        self.top_k = k
+
+    def check_data(self, dm: L.LightningDataModule) -> None:
+        """Stop before training when the data have no labels to train on (one line, the fix)."""
+        if isinstance(dm, ImageDataModule) and not dm.has_labels:
+            raise SelfsupError(
+                f"{type(self).__name__} trains on labels, but the images of {dm.hparams.root} have none "
+                f"(data.labels={dm.hparams.labels}); point --data.root at labelled images (ROOT/<class>/<image>), "
+                "or set --data.labels folders if its folders are the classes"
+            )
 
     def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            self.check_data(dm)
         if self.head is None:
-            dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "num_classes"):
                 raise SelfsupError("num_classes is not set and the datamodule does not provide it")
             self._build_head(dm.num_classes)
@@ -88,7 +100,7 @@ class _Classifier(L.LightningModule):
         logits = self.head(self.features(batch["image"], batch, split))
         y = batch["label"]
         self.log(f"{split}/loss", F.cross_entropy(logits, y), batch_size=y.shape[0], sync_dist=True)
-        for name in ("top1", f"top{self.top_k}"):
+        for name in ("top1", f"top{self.top_k}") if self.top_k else ("top1",):
             metric = self.metrics[f"{split}_{name}"]
             metric(logits, y)
             self.log(f"{split}/{name}", metric, prog_bar=name == "top1")
