@@ -46,6 +46,11 @@ class LoggedConfig(SaveConfigCallback):
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
+        dm = trainer.datamodule
+        # Rank zero only, so no trainer.log_dir here (a collective call): the folder was
+        # resolved before the run started (SelfsupCLI._prepare_data).
+        if isinstance(dm, ImageDataModule) and dm.run_dir is not None:
+            dm.write_bad_files(dm.run_dir)
 
 
 class SelfsupArgumentParser(ConfigErrorMixin, LightningArgumentParser):
@@ -84,7 +89,9 @@ class SelfsupCLI(LightningCLI):
             return
         dm.trainer = self.trainer  # its world size decides whether the decoded set is shared
         if rank_zero_only.rank == 0:
-            dm.run_dir = self.trainer.log_dir  # where bad_files.txt goes, beside config.yaml
+            # bad_files.txt goes beside config.yaml; LoggedConfig writes it once the logger has
+            # made the folder (a file there before would make the CSV logger warn).
+            dm.run_dir, dm.defer_bad_files = self.trainer.log_dir, True
         dm.setup("fit")
         check = getattr(self.model, "check_data", None)
         if check is not None:

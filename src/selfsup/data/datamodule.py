@@ -163,6 +163,7 @@ class ImageDataModule(L.LightningDataModule):
         self.reports: list[SplitReport] = []
         #: where ``bad_files.txt`` goes (the run folder); set by the CLI and the pipeline.
         self.run_dir: str | None = None
+        self.defer_bad_files = False
         self._evaluation: ImageDataModule | None = None
         if self.source == "folder":
             check_image_root(root)
@@ -183,7 +184,7 @@ class ImageDataModule(L.LightningDataModule):
             return
         self._load()
         if self.hparams.eval_root is not None:
-            hp = dict(self.hparams)
+            hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # not the CLI's _instantiator
             hp.update(root=self.hparams.eval_root, source="folder", labels="folders", eval_root=None)
             ev = ImageDataModule(**hp)
             ev.trainer = self.trainer
@@ -323,13 +324,16 @@ class ImageDataModule(L.LightningDataModule):
             return
         total = sum(r.found for r in self.all_reports)
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
-        where = None
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-        if self.run_dir is not None and getattr(rank_zero_only, "rank", 0) == 0:
-            where = self.write_bad_files(self.run_dir)
-        listed = f"full list: {where}" if where is not None else "full list: bad_files.txt in the run folder"
-        if self.hparams.bad_files == "stop":
+        stop = self.hparams.bad_files == "stop"
+        listed = "full list: bad_files.txt in the run folder"
+        if self.run_dir is not None:
+            listed = f"full list: {Path(self.run_dir) / BAD_FILES_NAME}"
+            # The CLI writes the list itself once the logger made the run folder (defer_bad_files).
+            if getattr(rank_zero_only, "rank", 0) == 0 and (stop or not self.defer_bad_files):
+                self.write_bad_files(self.run_dir)
+        if stop:
             raise SelfsupError(f"{len(bad):,} of {total:,} image files cannot be decoded: {shown} ({listed}); "
                                "fix or remove them, or set data.bad_files skip to train without them")
         say(f"data: skipped {len(bad):,} of {total:,} image files that cannot be decoded "

@@ -47,11 +47,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im)
         # 16-bit data (PNG, TIFF) span 0..65535; an "I" image holding 8-bit values stays as it is.
         scale = 257.0 if a.max(initial=0) > 255 else 1.0
-        im = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8))
     elif im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         a = a * 255.0 if a.max(initial=0) <= 1.0 else a  # float images in [0, 1] or [0, 255]
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

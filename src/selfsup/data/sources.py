@@ -118,9 +118,10 @@ class LabelChoice:
 def resolve_labels(scan: FolderScan, labels: Labels, classes: list[str] | None = None) -> LabelChoice:
     """Labels from the layout ``DIR/<class>/<any depth>/<image>``.
 
-    ``folders``: every image must sit in a class folder; a folder holding no image is never a
-    class. ``none``: no labels. ``auto``: class folders when every image sits in one and there
-    are at least two, else none. ``classes`` forces the label order of another split.
+    ``folders``: every image must sit in a class folder (at any depth below it); a folder holding
+    no image is never a class. ``none``: no labels. ``auto``: class folders when every image
+    sits directly in one and there are at least two, else none: a folder of photos sorted into
+    year/event subfolders is not taken for a labelled set. ``classes`` forces the label order of another split.
     """
     tops = [r.split("/", 1)[0] if "/" in r else None for r in scan.relative]
     loose = [r for r, t in zip(scan.relative, tops, strict=True) if t is None]
@@ -132,6 +133,11 @@ def resolve_labels(scan: FolderScan, labels: Labels, classes: list[str] | None =
             return LabelChoice([-1] * len(tops), [], "none", f"{len(loose)} images are not in a class folder")
         if len(found) < 2:
             return LabelChoice([-1] * len(tops), [], "none", f"{len(found)} folder holds images, not 2 or more classes")
+        deep = sum(r.count("/") > 1 for r in scan.relative)
+        if deep:  # an archive by year/trip/...: its folders are no classes (solo-learn #374)
+            return LabelChoice([-1] * len(tops), [], "none",
+                               f"{deep} images sit more than one folder deep; set data.labels folders "
+                               "if the top-level folders are classes")
     elif loose:
         raise SelfsupError(
             f"data.labels=folders, but {len(loose)} images of {scan.directory} are not in a class folder "
