@@ -136,7 +136,7 @@ def write_imperfect_folder(root: Path) -> tuple[set[str], int]:
         ((a if i % 2 else b) / f"{i:03d}.jpg").write_bytes(data)
     rgb = np.asarray(Image.open(io.BytesIO(good[0])).convert("RGB"))
     Image.fromarray(rgb).convert("CMYK").save(a / "cmyk.jpg", quality=95)
-    Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)).save(a / "gray16.png")
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).save(a / "gray16.png")
     Image.fromarray(rgb).convert("P").save(a / "palette.png")
     Image.fromarray(np.dstack([rgb, np.full((32, 32), 128, np.uint8)])).save(b / "rgba.png")
     Image.fromarray(rgb).convert("L").save(b / "gray.png")
