@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,9 @@ def why_unreadable(path: str | Path | bytes, e: BaseException) -> str:
     if not isinstance(path, bytes) and os.path.isfile(path) and os.path.getsize(path) == 0:
         return "empty file (0 bytes)"
     if isinstance(e, Image.DecompressionBombError):
-        return f"decompression bomb ({str(e).split('(')[1].split(')')[0]})" if "(" in str(e) else "decompression bomb"
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        over = f"{int(pixels.group(1)):,} pixels, " if pixels else ""
+        return f"decompression bomb ({over}over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,})"
     if isinstance(e, Image.UnidentifiedImageError):
         return "not an image Pillow can read"
     if isinstance(e, FileNotFoundError):
@@ -185,9 +188,10 @@ def decode_files(
         for k, c in enumerate(chunks):
             take(k * chunk, _decode_chunk(c, image_size))
     else:
-        # spawn: a clean interpreter per worker; forking a process that runs torch's threads
-        # can deadlock. The workers import only this module's Pillow and numpy.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        # fork: a spawned worker re-imports the main module (the CLI, so Lightning: seconds per
+        # worker). The forked workers run only Pillow and numpy, as DataLoader workers do.
+        ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = [pool.submit(_decode_chunk, c, image_size) for c in chunks]
             for k, f in enumerate(futures):
                 take(k * chunk, f.result())

@@ -130,13 +130,13 @@ def resolve_labels(scan: FolderScan, labels: Labels, classes: list[str] | None =
         return LabelChoice([-1] * len(tops), [], "none", "data.labels=none")
     if labels == "auto":
         if loose:
-            return LabelChoice([-1] * len(tops), [], "none", f"{len(loose)} images are not in a class folder")
+            return LabelChoice([-1] * len(tops), [], "none", f"{len(loose):,} images are not in a class folder")
         if len(found) < 2:
             return LabelChoice([-1] * len(tops), [], "none", f"{len(found)} folder holds images, not 2 or more classes")
         deep = sum(r.count("/") > 1 for r in scan.relative)
         if deep:  # an archive by year/trip/...: its folders are no classes (solo-learn #374)
             return LabelChoice([-1] * len(tops), [], "none",
-                               f"{deep} images sit more than one folder deep; set data.labels folders "
+                               f"{deep:,} images sit more than one folder deep; set data.labels folders "
                                "if the top-level folders are classes")
     elif loose:
         raise SelfsupError(
