@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,22 @@ def read_records(path: Path) -> list[pb.Record]:
     return records
 
 
+def finished_records(run_dir: Path, timeout: float = 60.0) -> list[pb.Record]:
+    """The records of a finished run. W&B's service process may still be writing the file when
+    ``finish()`` returns (seen with wandb 0.31 offline): wait for the run's exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (run_file,) = run_dir.glob("run-*.wandb")
+        records = read_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def logged_config(run_dir: Path) -> dict[str, Any]:
     """The run config as logged (top-level keys to JSON-decoded values)."""
-    (run_file,) = run_dir.glob("run-*.wandb")
     config: dict[str, Any] = {}
-    for r in read_records(run_file):
+    for r in finished_records(run_dir):
         if r.WhichOneof("record_type") == "config":
             for item in r.config.update:
                 config[item.key] = json.loads(item.value_json)
@@ -55,9 +67,8 @@ def logged_config(run_dir: Path) -> dict[str, Any]:
 
 
 def logged_metric_keys(run_dir: Path) -> set[str]:
-    (run_file,) = run_dir.glob("run-*.wandb")
     keys: set[str] = set()
-    for r in read_records(run_file):
+    for r in finished_records(run_dir):
         if r.WhichOneof("record_type") == "history":
             keys.update(item.key or item.nested_key[0] for item in r.history.item)  # images nest
     return keys
