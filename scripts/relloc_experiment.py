@@ -78,7 +78,7 @@ def main() -> None:
                                callbacks=[Warmup()], **kw)
                 pt.fit(probe, datamodule=dm)
                 top1 = float(pt.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"])
-                report(f"{name}_linear_top1_stage{stage % len(probe.backbone.stages)}", top1)
+                report(f"{name}_linear_top1_stage{stage % probe.backbone.num_stages}", top1)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
 

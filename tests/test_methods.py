@@ -116,3 +116,27 @@ def test_probe_at_an_earlier_stage(tmp_path: Path, dm: ImageDataModule) -> None:
     t.fit(probe, datamodule=dm)
     assert probe._cache["train"][0].shape == (120, 16)
     assert 0 <= t.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"] <= 1
+
+
+@pytest.mark.parametrize("name, stage", [("torchvision:resnet34", -2), ("timm:resnet18", -2),
+                                         ("torchvision:mobilenet_v3_small", -1)])
+def test_named_backbone_pretrains_one_step_and_is_probed(name: str, stage: int, tmp_path: Path,
+                                                         dm: ImageDataModule) -> None:
+    """Any torchvision or timm model as the backbone: one SimCLR step, then a probe from the
+    checkpoint (at an intermediate stage where the model has stages) whose weights match."""
+    pre = SimCLR(backbone=name, proj_hidden=16, proj_dim=8, online_eval=False)
+    before = {k: v.clone() for k, v in pre.backbone.state_dict().items()}
+    t = trainer(tmp_path / "pre", max_steps=1, limit_val_batches=0)
+    t.fit(pre, datamodule=dm)
+    assert any(not torch.equal(before[k], v) for k, v in pre.backbone.state_dict().items())
+    ckpt = tmp_path / "pre.ckpt"
+    t.save_checkpoint(ckpt)
+    probe = LinearProbe(backbone=name, backbone_checkpoint=str(ckpt), feature_stage=stage)
+    for k, v in pre.backbone.state_dict().items():
+        assert torch.equal(probe.backbone.state_dict()[k], v), k
+    t2 = trainer(tmp_path / "probe", max_epochs=1, limit_train_batches=2)
+    t2.fit(probe, datamodule=dm)
+    metrics = t2.validate(probe, datamodule=dm, verbose=False)[0]
+    assert 0 <= metrics["val/top1"] <= 1
+    (linear,) = [m for m in probe.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear.in_features == pre.backbone.stage_features(stage)  # the probed depth feeds the head

@@ -84,8 +84,32 @@ def test_group_norm_trains_at_batch_one_and_batch_norm_cannot() -> None:
 
 
 def test_unknown_backbone() -> None:
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(SelfsupError, match="unknown backbone"):
         build_backbone("vgg")
+    with pytest.raises(SelfsupError, match="torchvision has no classification model 'nope'"):
+        build_backbone("torchvision:nope")
+    with pytest.raises(SelfsupError, match="timm has no model 'nope'"):
+        build_backbone("timm:nope")
+    with pytest.raises(SelfsupError, match="not torchvision:mobilenet_v3_small"):
+        build_backbone("torchvision:mobilenet_v3_small", cifar_stem=True)
+
+
+@pytest.mark.parametrize("name, features, stages", [
+    ("torchvision:resnet34", 512, [64, 128, 256, 512]),  # the ResNet family keeps its stages
+    ("torchvision:mobilenet_v3_small", 1024, [1024]),  # pooled features only
+    ("timm:resnet18", 512, [64, 64, 128, 256, 512]),  # timm's feature_info: stem, then 4 stages
+])
+def test_named_backbones_give_pooled_features_and_stages(name: str, features: int, stages: list[int]) -> None:
+    net = build_backbone(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert net.num_features == features and net.num_stages == len(stages)
+    with torch.no_grad():
+        assert net(x).shape == (2, features)
+        for k, c in enumerate(stages):
+            assert net.stage_features(k) == c and net(x, stage=k).shape == (2, c)
+    if len(stages) == 1:
+        with pytest.raises(SelfsupError, match="pooled features only, not stage -2"):
+            net(x, stage=-2)
 
 
 def test_sync_batch_norm_backbone() -> None:

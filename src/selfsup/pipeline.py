@@ -118,7 +118,7 @@ class Pipeline:
         model = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(checkpoint) if checkpoint else None,
                             input_norm=input_norm, feature_stage=feature_stage, **self.backbone_args,
                             **_to_dict(self.cfg.probe.model))
-        index = feature_stage % len(model.backbone.stages)
+        index = feature_stage % model.backbone.num_stages
         name = f"{stage}_probe" if feature_stage == -1 else f"{stage}_probe_stage{index}"
         trainer = self.trainer(name, self.cfg.probe.warmup, self.cfg.probe.max_epochs)
         trainer.fit(model, datamodule=dm)

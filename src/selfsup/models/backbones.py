@@ -1,8 +1,18 @@
-"""Backbones: torchvision ResNet-18/50 (optionally with a CIFAR stem) and a small CNN.
+"""Backbones by name: a small CNN, torchvision models and timm models.
 
-Every backbone maps (B, 3, H, W) float images to (B, num_features) pooled features and
-exposes ``num_features``; ``stages`` lists the blocks so that later code can read
-intermediate depths.
+Every backbone maps (B, 3, H, W) float images to (B, num_features) pooled features, exposes
+``num_features`` and ``num_stages``, and ``forward(x, stage=k)`` / ``stage_features(k)`` give
+the pooled output of an intermediate stage where the model has stages (for probing at several
+depths). Names:
+
+- ``small_cnn``; ``resnet18``, ``resnet50`` (torchvision's, with an optional CIFAR stem);
+- ``torchvision:<arch>``: any torchvision classification model, e.g. ``torchvision:resnet34``,
+  ``torchvision:mobilenet_v3_small``, ``torchvision:vit_b_16``. The ResNet family keeps its four
+  stages, the CIFAR stem and GroupNorm; other models give their pooled features only;
+- ``timm:<name>``, with timm installed (``pip install selfsup[timm]``): any timm model, e.g.
+  ``timm:resnet50``, ``timm:vit_small_patch16_224``; stages from timm's ``feature_info``.
+
+Nothing is downloaded: every model starts from its random initialisation.
 """
 
 from __future__ import annotations
@@ -64,6 +74,10 @@ class Backbone(nn.Module):
         # channels_last: about 1.4x faster convolutions on CPU (oneDNN) and the layout
         # tensor cores want on GPU; the state dict is unchanged.
         self.to(memory_format=torch.channels_last)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 1:
@@ -138,20 +152,119 @@ def _resnet(arch: str, cifar_stem: bool, norm: Norm) -> Backbone:
     return Backbone(stem, stages, net.fc.in_features, arch)
 
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50")
+def _no_stages(name: str, stage: int) -> SelfsupError:
+    return SelfsupError(f"backbone {name} gives its pooled features only, not stage {stage}: probe the last "
+                        "stage (feature_stage -1), or use a ResNet (torchvision:resnet*) or a timm model "
+                        "for intermediate depths")
 
 
-def build_backbone(name: str = "small_cnn", cifar_stem: bool = False, width: int = 32, norm: Norm = "batch") -> Backbone:
-    """Build a backbone by name.
+class PooledBackbone(nn.Module):
+    """A torchvision classifier without its last linear layer: (B, 3, H, W) -> (B, F), one stage.
+
+    The classifier's last ``nn.Linear`` becomes the identity, so the features are what the
+    model's own head would have read (pooled CNN features, a ViT's class token).
+    """
+
+    def __init__(self, net: nn.Module, name: str) -> None:
+        super().__init__()
+        last = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+        if not last:
+            raise SelfsupError(f"backbone {name} has no linear classifier to take off; choose another model")
+        path, linear = last[-1]
+        parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
+        setattr(parent, path.rpartition(".")[2], nn.Identity())
+        self.net = net
+        self.num_features = linear.in_features
+        self.num_stages = 1
+        self.name = name
+
+    def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+        if stage not in (-1, 0):
+            raise _no_stages(self.name, stage)
+        if self.training and x.shape[0] == 1:
+            check_batch_norm_batch(self)
+        return self.net(x)
+
+    def stage_features(self, stage: int = -1) -> int:
+        if stage not in (-1, 0):
+            raise _no_stages(self.name, stage)
+        return self.num_features
+
+
+class TimmBackbone(nn.Module):
+    """A timm model without its classifier (``timm.create_model(name, num_classes=0)``).
+
+    The last stage is the model's own pooled output (B, num_features); earlier stages, where
+    timm reports them (``feature_info`` and ``forward_intermediates``), are average-pooled
+    feature maps (B, C_k). Stage 0 is timm's first reported feature (often the stem).
+    """
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise SelfsupError(f"backbone timm:{model_name} needs timm: pip install 'selfsup[timm]'") from None
+        try:
+            self.model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        except RuntimeError as e:  # timm's "Unknown model"
+            raise SelfsupError(f"timm has no model {model_name!r} ({e}); see timm.list_models()") from None
+        self.num_features = int(self.model.num_features)
+        info = getattr(self.model, "feature_info", None) or []
+        staged = hasattr(self.model, "forward_intermediates") and len(info) > 1
+        self._channels = [int(f["num_chs"]) for f in info] if staged else [self.num_features]
+        self.name = f"timm:{model_name}"
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._channels)
+
+    def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+        s = stage % self.num_stages
+        if self.training and x.shape[0] == 1:
+            check_batch_norm_batch(self)
+        if s == self.num_stages - 1:
+            return self.model(x)
+        (maps,) = self.model.forward_intermediates(x, indices=[s], intermediates_only=True)
+        return maps.mean(dim=(2, 3))  # NCHW, also for ViTs (tokens reshaped to their grid)
+
+    def stage_features(self, stage: int = -1) -> int:
+        s = stage % self.num_stages
+        return self.num_features if s == self.num_stages - 1 else self._channels[s]
+
+
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "torchvision:<arch>", "timm:<name>")
+_RESNETS = ("resnet", "resnext", "wide_resnet")
+
+
+def _torchvision(arch: str, cifar_stem: bool, norm: Norm) -> nn.Module:
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise SelfsupError(f"torchvision has no classification model {arch!r}; see "
+                           "torchvision.models.list_models(module=torchvision.models)")
+    if arch.startswith(_RESNETS):
+        return _resnet(arch, cifar_stem, norm)
+    if cifar_stem or norm != "batch":
+        raise SelfsupError(f"cifar_stem and norm group apply to small_cnn and ResNets, not torchvision:{arch}")
+    return PooledBackbone(torchvision.models.get_model(arch, weights=None), f"torchvision:{arch}")
+
+
+def build_backbone(name: str = "small_cnn", cifar_stem: bool = False, width: int = 32, norm: Norm = "batch") -> nn.Module:
+    """Build a backbone by name (see the module docstring for the names).
 
     Args:
-        name: one of ``small_cnn``, ``resnet18``, ``resnet50``.
+        name: ``small_cnn``, ``resnet18``, ``resnet50``, ``torchvision:<arch>`` or ``timm:<name>``.
         cifar_stem: ResNets only: 3x3 stride-1 first conv and no max-pool, for 32-pixel images.
         width: small_cnn only: channels of the first stage.
-        norm: ``batch`` (BatchNorm) or ``group`` (GroupNorm).
+        norm: ``batch`` (BatchNorm) or ``group`` (GroupNorm; small_cnn and ResNets).
     """
     if name == "small_cnn":
         return small_cnn(width, norm)
     if name in ("resnet18", "resnet50"):
         return _resnet(name, cifar_stem, norm)
-    raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    if name.startswith("torchvision:"):
+        return _torchvision(name.removeprefix("torchvision:"), cifar_stem, norm)
+    if name.startswith("timm:"):
+        if cifar_stem or norm != "batch":
+            raise SelfsupError(f"cifar_stem and norm group apply to small_cnn and ResNets, not {name}")
+        return TimmBackbone(name.removeprefix("timm:"))
+    raise SelfsupError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
