@@ -43,3 +43,114 @@ def test_full_crop_without_colour_ops_is_identity_up_to_normalisation() -> None:
     # Each image is either itself or its mirror image.
     per_image = [(torch.allclose(back[i], x[i], atol=1e-5) or torch.allclose(back[i], x[i].flip(-1), atol=1e-5)) for i in range(4)]
     assert all(per_image)
+
+
+# -- against the torchvision transforms they replace ------------------------------------------------
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torchvision.transforms.v2 as T  # noqa: E402
+import torchvision.transforms.v2.functional as TF  # noqa: E402
+
+from selfsup.data.views import (  # noqa: E402
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    crop_boxes,
+    rgb_to_hsv,
+)
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return float(np.abs(fa - fb).max())
+
+
+def ks_limit(n: int, m: int) -> float:
+    """Critical KS distance at a significance level of 0.001."""
+    return 1.95 * math.sqrt((n + m) / (n * m))
+
+
+@pytest.mark.parametrize("ours, theirs, low, high", [
+    (adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+    (adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+    (adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
+    (adjust_hue, TF.adjust_hue, -0.5, 0.5),
+])
+def test_colour_operations_equal_torchvision_per_image(ours, theirs, low: float, high: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, 16, 16, generator=g)
+    x[0] = 0.5  # a gray image: hue undefined, saturation 0
+    f = low + (high - low) * torch.rand(12, generator=g)
+    batched = ours(x, f)
+    reference = torch.stack([theirs(x[i], float(f[i])) for i in range(12)])
+    assert torch.allclose(batched, reference, atol=2e-5), (batched - reference).abs().max()
+
+
+def test_hsv_round_trip_and_hue_of_primaries() -> None:
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    from selfsup.data.views import hsv_to_rgb
+
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
+    primaries = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]).view(3, 3, 1, 1)
+    assert torch.allclose(rgb_to_hsv(primaries)[:, 0].flatten(), torch.tensor([0, 1 / 3, 2 / 3]), atol=1e-6)
+
+
+def test_crop_parameters_follow_torchvision_random_resized_crop() -> None:
+    """Area fraction, aspect ratio and position of the boxes: the same distributions as
+    torchvision's RandomResizedCrop.get_params (4,000 draws each, on a wide 48 x 32 image, where
+    some attempts do not fit and the fallback matters)."""
+    n, h, w = 4000, 32, 48
+    torch.manual_seed(0)
+    ref = np.array([T.RandomResizedCrop.get_params(torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
+                   dtype=float)  # (top, left, height, width)
+    boxes = crop_boxes(n, h, w, generator=torch.Generator().manual_seed(1)).numpy()  # (x0, y0, w, h)
+    ours = {"area": boxes[:, 2] * boxes[:, 3] / (h * w), "log_ratio": np.log(boxes[:, 2] / boxes[:, 3]),
+            "cx": (boxes[:, 0] + boxes[:, 2] / 2) / w, "cy": (boxes[:, 1] + boxes[:, 3] / 2) / h}
+    theirs = {"area": ref[:, 2] * ref[:, 3] / (h * w), "log_ratio": np.log(ref[:, 3] / ref[:, 2]),
+              "cx": (ref[:, 1] + ref[:, 3] / 2) / w, "cy": (ref[:, 0] + ref[:, 2] / 2) / h}
+    for key in ours:
+        assert ks_distance(ours[key], theirs[key]) < ks_limit(n, n), key
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= w).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= h).all()
+
+
+def image_stats(x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per image: mean brightness (V), mean saturation, and the circular mean hue."""
+    hsv = rgb_to_hsv(x)
+    angle = hsv[:, 0] * 2 * math.pi
+    weight = hsv[:, 1]  # hue of a near-gray pixel says little
+    hue = torch.atan2((weight * angle.sin()).mean((1, 2)), (weight * angle.cos()).mean((1, 2)))
+    return {"brightness": hsv[:, 2].mean((1, 2)).numpy(), "saturation": hsv[:, 1].mean((1, 2)).numpy(),
+            "hue": hue.numpy()}
+
+
+def test_color_jitter_shifts_images_as_torchvision_does() -> None:
+    """One real colourful image jittered 3,000 times: the per-image brightness, saturation and
+    hue shifts have the distributions of torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1)
+    (random order of the four operations included)."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from selfsup.data.sources import SAMPLE_ZIP
+
+    with zipfile.ZipFile(SAMPLE_ZIP) as zf:
+        name = sorted(n for n in zf.namelist() if n.startswith("train/frog/"))[3]
+        img = torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(name))).convert("RGB"))).permute(2, 0, 1)
+    x = img.float() / 255
+    n = 3000
+    ours = color_jitter(x.expand(n, -1, -1, -1).contiguous(), p=1.0, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(3)
+    jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    theirs = torch.stack([jitter(x) for _ in range(n)])
+    a, b = image_stats(ours), image_stats(theirs)
+    for key in a:
+        assert ks_distance(a[key], b[key]) < ks_limit(n, n), key
+    assert a["brightness"].std() > 0.02 and a["hue"].std() > 0.05  # the test image does move

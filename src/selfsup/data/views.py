@@ -17,7 +17,9 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_LUMA = (0.299, 0.587, 0.114)
+#: torchvision's ``rgb_to_grayscale`` weights (ITU-R 601-2 luma), so that contrast and
+#: saturation match its ColorJitter exactly.
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -44,6 +46,55 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
+def crop_boxes(
+    b: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    attempts: int = 10,
+) -> torch.Tensor:
+    """Random crop boxes drawn as torchvision's ``RandomResizedCrop.get_params`` draws them, for
+    a whole batch at once: area fraction uniform in ``scale``, log aspect ratio uniform in
+    ``log(ratio)``, up to ``attempts`` tries for a box that fits, else the largest centred box
+    with the aspect ratio clamped to ``ratio``; the position uniform over where the box fits.
+
+    Returns:
+        (b, 4) float boxes (x0, y0, w, h) in pixels (continuous, not rounded).
+    """
+    dev = torch.device(device)
+    area = height * width
+    u = _rand(b * attempts * 4, generator, dev).view(b, attempts, 4)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    r = torch.exp(log_r)
+    w = torch.sqrt(target * r).round()  # torchvision rounds the sides to whole pixels
+    h = torch.sqrt(target / r).round()
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((b,), -1, device=dev))
+    pick = first.clamp(min=0)[:, None]
+    w, h = w.gather(1, pick)[:, 0], h.gather(1, pick)[:, 0]
+    # Position: integer offsets uniform over 0..W-w (torchvision: randint(0, W - w + 1)).
+    x0 = torch.floor(u[..., 2].gather(1, pick)[:, 0] * (width - w + 1))
+    y0 = torch.floor(u[..., 3].gather(1, pick)[:, 0] * (height - h + 1))
+    # No attempt fitted: the whole image, cut to the nearest allowed aspect ratio, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    none = first < 0
+    w = torch.where(none, torch.full_like(w, fw), w)
+    h = torch.where(none, torch.full_like(h, fh), h)
+    x0 = torch.where(none, torch.full_like(x0, (width - fw) // 2), x0)
+    y0 = torch.where(none, torch.full_like(y0, (height - fh) // 2), y0)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
 def random_resized_crop(
     x: torch.Tensor,
     size: int,
@@ -52,30 +103,76 @@ def random_resized_crop(
     flip_p: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Crop a random box of each image (area fraction in ``scale``, aspect in ``ratio``),
-    resize it to ``size`` x ``size`` bilinearly and flip it horizontally with ``flip_p``.
+    """Crop a random box of each image (drawn as torchvision's RandomResizedCrop draws it, see
+    :func:`crop_boxes`), resize it to ``size`` x ``size`` bilinearly and flip it horizontally
+    with ``flip_p``. One affine ``grid_sample`` does crop, resize and flip together.
 
-    One affine ``grid_sample`` does crop, resize and flip together.
     Shapes: (B, C, H, W) float -> (B, C, size, size).
     """
     b, _, h, w = x.shape
     dev = x.device
-    area = scale[0] + (scale[1] - scale[0]) * _rand(b, generator, dev)
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(b, generator, dev)
-    r = torch.exp(log_r)
-    # Box sides as fractions of the image side (torchvision clips the same way after retries).
-    bw = torch.sqrt(area * r).clamp(max=1.0)
-    bh = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (1 - bw) * (2 * _rand(b, generator, dev) - 1)  # box centre in [-1, 1] coordinates
-    cy = (1 - bh) * (2 * _rand(b, generator, dev) - 1)
+    x0, y0, bw, bh = crop_boxes(b, h, w, scale, ratio, generator, dev).unbind(1)
     flip = torch.where(_rand(b, generator, dev) < flip_p, -1.0, 1.0)
+    # The box in grid_sample's [-1, 1] coordinates (align_corners=False: pixel edges at +-1).
     theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = bw * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = bh
-    theta[:, 1, 2] = cy
+    theta[:, 0, 0] = bw / w * flip
+    theta[:, 0, 2] = (2 * x0 + bw) / w - 1
+    theta[:, 1, 1] = bh / h
+    theta[:, 1, 2] = (2 * y0 + bh) / h - 1
     grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's brightness: ``clamp(f * x)``. x: (B, 3, H, W) in [0, 1]; f: (B,)."""
+    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's contrast: blend with the image's mean luma by ``f`` (B,)."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's saturation: blend with the per-pixel luma by ``f`` (B,)."""
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * grayscale(x)).clamp(0, 1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> HSV, hue as a fraction of a turn in [0, 1)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    flat = maxc == minc
+    chroma = maxc - minc
+    s = chroma / torch.where(flat, torch.ones_like(maxc), maxc)
+    d = torch.where(flat, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(flat, torch.zeros_like(h), h)
+    return torch.stack([torch.remainder(h / 6.0, 1.0), s, maxc], dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    h, s, v = x.unbind(1)
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long() % 6
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    # The six sectors of the hue circle, (R, G, B) in each.
+    sectors = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)
+    return sectors.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's hue: shift the HSV hue by ``f`` (B,) of a full turn, f in [-0.5, 0.5]."""
+    hsv = rgb_to_hsv(x)
+    hsv[:, 0] = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(hsv)
 
 
 def color_jitter(
@@ -87,43 +184,27 @@ def color_jitter(
     p: float = 0.8,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Per-image brightness, contrast, saturation and hue jitter, applied with probability ``p``.
+    """torchvision's ColorJitter, per image, for a batch, applied with probability ``p``.
 
-    Factors are drawn from [1 - s, 1 + s]; hue rotates chroma in YIQ space by up to
-    ``hue`` of a full turn. Order is fixed (brightness, contrast, saturation, hue).
+    As torchvision: brightness, contrast and saturation factors uniform in [1 - s, 1 + s], the
+    hue shift uniform in [-hue, hue] of a turn (HSV), the four applied in a random order drawn
+    per image. Each operation runs once over the images that have it at that position.
     Shapes: (B, 3, H, W) floats in [0, 1] -> same.
     """
     b, dev = x.shape[0], x.device
-
-    def factor(s: float) -> torch.Tensor:
-        return (1 - s + 2 * s * _rand(b, generator, dev)).view(b, 1, 1, 1)
-
-    apply = (_rand(b, generator, dev) < p).view(b, 1, 1, 1)
-    y = (x * factor(brightness)).clamp(0, 1)
-    mean = grayscale(y).mean(dim=(2, 3), keepdim=True)
-    y = ((y - mean) * factor(contrast) + mean).clamp(0, 1)
-    gray = grayscale(y)
-    y = ((y - gray) * factor(saturation) + gray).clamp(0, 1)
-    if hue > 0:
-        angle = (2 * _rand(b, generator, dev) - 1) * hue * 2 * math.pi
-        y = _rotate_hue(y, angle).clamp(0, 1)
-    return torch.where(apply, y, x)
-
-
-_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-
-
-def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rotate the (I, Q) chroma plane by ``angle`` (B,) radians."""
-    m = x.new_tensor(_RGB2YIQ)
-    minv = torch.linalg.inv(m)
-    c, s = torch.cos(angle), torch.sin(angle)
-    rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2] = c, -s
-    rot[:, 2, 1], rot[:, 2, 2] = s, c
-    t = minv @ rot @ m  # (B, 3, 3) per-image colour transform
-    return torch.einsum("bij,bjhw->bihw", t, x)
+    factors = [1 - s + 2 * s * _rand(b, generator, dev) for s in (brightness, contrast, saturation)]
+    factors.append((2 * _rand(b, generator, dev) - 1) * hue)
+    order = _rand(4 * b, generator, dev).view(b, 4).argsort(dim=1)  # a uniform permutation per image
+    apply = _rand(b, generator, dev) < p
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    y = x.clone()
+    for position in range(4):
+        for k, (op, on) in enumerate(zip(ops, active, strict=True)):
+            idx = torch.nonzero(apply & (order[:, position] == k)).flatten()
+            if on and idx.numel():
+                y[idx] = op(y[idx], factors[k][idx])
+    return y
 
 
 def random_grayscale(x: torch.Tensor, p: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
