@@ -312,9 +312,11 @@ def test_probe_without_labels_and_too_small_images_fail_in_one_line(flat: Path, 
 
 
 # -- the pipeline: pretrain on one root, evaluate on another ----------------------------------------
-PIPE_TINY = ["--backbone.width", "8", "--data.batch_size", "16", "--relative_location.max_epochs", "1",
-             "--simclr.max_epochs", "1", "--probe.max_epochs", "2", "--relative_location.model.head_hidden", "16",
-             "--simclr.model.proj_hidden", "16", "--relative_location.probe_stages", "[]", "--wandb.enabled", "false"]
+PIPE_TINY = ["--backbone.width", "8", "--data.batch_size", "16", "--stages.relative_location.max_epochs", "1",
+             "--stages.simclr.max_epochs", "1", "--probe.max_epochs", "2",
+             "--stages.relative_location.model", '{"head_hidden": 16}',
+             "--stages.simclr.model", '{"optimizer": "adam", "lr": 0.002, "proj_hidden": 16}',
+             "--stages.relative_location.probe_stages", "[]", "--wandb.enabled", "false"]
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import yaml
 
 from selfsup.cli import main
 from selfsup.config import ConfigError
-from selfsup.pipeline import build_parser
+from selfsup.pipeline import Pipeline, build_parser, stage_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
@@ -62,7 +62,14 @@ def test_trainer_preset_parses(path: Path, capsys: pytest.CaptureFixture) -> Non
 def test_pipeline_config_parses(path: Path) -> None:
     cfg = build_parser().parse_args(["--config", str(path)])
     assert cfg.backbone.name in ("small_cnn", "resnet18", "resnet50")
-    assert cfg.relative_location.max_epochs >= 1 and cfg.simclr.max_epochs >= 1
+    assert cfg.stages and all(st.max_epochs >= 1 for st in cfg.stages.values())
+    pipeline = Pipeline(cfg)
+    for name, stage in cfg.stages.items():  # each stage's fit config and overrides build its module
+        model, warmup = stage_model(name, stage, pipeline.backbone_args, pipeline.config_dirs)
+        assert type(model).__module__.startswith("selfsup.methods") and isinstance(warmup, dict)
+        for key, value in stage.model.items():
+            assert model.hparams[key] == value, (name, key)
+        assert model.hparams["backbone"] == cfg.backbone.name
 
 
 def test_unknown_keys_are_rejected(tmp_path: Path) -> None:

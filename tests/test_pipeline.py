@@ -9,14 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from selfsup import SelfsupError
 from selfsup.pipeline import pipeline_main
 from wandb_files import logged_config, logged_metric_keys
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone.width", "8", "--data.batch_size", "32",
-        "--relative_location.max_epochs", "1", "--simclr.max_epochs", "1", "--probe.max_epochs", "2",
-        "--relative_location.model.head_hidden", "32", "--simclr.model.proj_hidden", "32"]
+        "--stages.relative_location.max_epochs", "1", "--stages.simclr.max_epochs", "1", "--probe.max_epochs", "2",
+        "--stages.relative_location.model", '{"per_patch_norm": true, "lr": 0.002, "head_hidden": 32}',
+        "--stages.simclr.model", '{"temperature": 0.5, "optimizer": "adam", "lr": 0.002, "proj_hidden": 32}']
 
 
 def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -54,7 +57,7 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
                              "relative_location_probe_stage1", "simclr", "simclr_probe"}
     config = logged_config(by_stage["simclr_probe"])
     assert config["pipeline"]["backbone"]["width"] == 8
-    assert config["pipeline"]["simclr"]["model"]["temperature"] == 0.5
+    assert config["pipeline"]["stages"]["simclr"]["model"]["temperature"] == 0.5
     assert config["lr"] == 0.002  # the stage module's own hyperparameters too
     assert "val/top1" in logged_metric_keys(by_stage["simclr_probe"])
     assert "train/pretext_top1_epoch" in logged_metric_keys(by_stage["relative_location"])
@@ -83,3 +86,32 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
         assert "Traceback" not in p.stderr
         errors = [ln for ln in p.stderr.splitlines() if ln.startswith("selfsup: error:")]
         assert len(errors) == 1 and expected in errors[0], p.stderr
+
+
+def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_path: Path) -> None:
+    """A stage is the `selfsup fit` config it names (configs/moco/cifar10.yaml: MoCo, SGD at 0.03,
+    queue 4096) with the pipeline's shared sections and the stage's overrides on top."""
+    out = tmp_path / "out"
+    s = pipeline_main(["--config", str(REPO / "configs/pipeline/all_methods.yaml"), "--data.root", str(image_folder),
+                       "--out", str(out), "--backbone.width", "8", "--data.batch_size", "32", "--probe.max_epochs", "1",
+                       "--stages.relative_location.enabled", "false", "--stages.simclr.enabled", "false",
+                       "--stages.moco.max_epochs", "1", "--stages.moco.model", '{"proj_hidden": 16, "queue_size": 64}',
+                       "--wandb.enabled", "false"])
+    assert set(s["results"]) == {"random", "moco"} and 0 <= s["results"]["moco"]["linear_top1"] <= 1
+    ckpt = torch.load(out / "moco" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert (hp["queue_size"], hp["proj_hidden"], hp["width"], hp["backbone"]) == (64, 16, 8, "small_cnn")
+    assert (hp["optimizer"], hp["lr"], hp["temperature"]) == ("sgd", 0.03, 0.2)  # from configs/moco/cifar10.yaml
+    assert "| MoCo |" in (out / "summary.md").read_text()
+
+
+def test_stage_errors_name_the_stage_before_anything_trains(image_folder: Path, tmp_path: Path) -> None:
+    base = ["--data.root", str(image_folder), "--out", str(tmp_path / "out"), "--wandb.enabled", "false"]
+    with pytest.raises(SelfsupError, match="stage extra names no config"):
+        pipeline_main([*base, "--stages.extra.max_epochs", "1"])
+    with pytest.raises(SelfsupError, match="stage extra: config not found: nowhere.yaml"):
+        pipeline_main([*base, "--stages.extra.config", "nowhere.yaml"])
+    with pytest.raises(SelfsupError, match="tempreature"):
+        pipeline_main([*base, "--stages.extra.config", str(REPO / "configs/simclr/cifar10.yaml"),
+                       "--stages.extra.model", '{"tempreature": 0.1}'])
+    assert not (tmp_path / "out" / "random_probe").exists()  # no stage started

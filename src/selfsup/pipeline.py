@@ -1,8 +1,12 @@
-"""``selfsup pipeline``: the three stages in order, measured on one fixed split.
+"""``selfsup pipeline``: pretraining stages in order, each probed, measured on one fixed split.
 
 1. random-init baseline: linear probe of an untrained backbone;
-2. relative location pretraining, then its linear probe;
-3. SimCLR pretraining, then its linear probe.
+2. each stage of ``stages`` in order (a name, the ``selfsup fit`` config that describes it,
+   overrides): pretraining, then linear probes of its backbone at the chosen depths.
+
+A stage's model and warmup come from its fit config (``configs/<method>/<dataset>.yaml``); the
+pipeline's shared sections (``data``, ``backbone``, ``trainer``, ``lr_scaling``) apply to every
+stage, and the stage's own entries (``model``, ``warmup``, epochs) override both.
 
 Pretraining reads ``data.root`` (labelled or not); the probes train and evaluate on the labelled
 evaluation data: ``data.eval_root`` when given, else ``data.root``'s own labels.
@@ -18,11 +22,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 
@@ -31,12 +38,37 @@ from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
 from selfsup.data.datamodule import BAD_FILES_NAME
-from selfsup.methods import LinearProbe, RelativeLocation, SimCLR
+from selfsup.methods import LinearProbe
 from selfsup.models.backbones import build_backbone
 from selfsup.tracking import WandbLogger, finish_wandb
 
 BACKBONE_ARGS = {"backbone", "cifar_stem", "width", "norm"}
-PRETRAIN = {"relative_location": RelativeLocation, "simclr": SimCLR}
+DISPLAY_NAMES = {"random": "random init (baseline)", "relative_location": "relative location", "simclr": "SimCLR",
+                 "moco": "MoCo"}
+
+
+@dataclass
+class Stage:
+    """One pretraining stage of a pipeline.
+
+    Args:
+        config: a ``selfsup fit`` config (e.g. ``configs/simclr/cifar10.yaml``): its ``model``
+            (class_path and init_args) and ``warmup`` sections describe the stage. A relative
+            path is read from the working directory, else from the pipeline config's folders.
+        model: init_args that override the config's (the shared ``backbone`` applies first).
+        warmup: Warmup arguments that override the config's.
+        max_epochs / max_time: the stage's budget (max_time in seconds).
+        probe_stages: earlier backbone stages to probe too (e.g. -2: ResNet layer3), besides the last.
+        enabled: run this stage and its probes.
+    """
+
+    config: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    warmup: dict[str, Any] = field(default_factory=dict)
+    max_epochs: int = 10
+    max_time: float | None = None
+    probe_stages: list[int] = field(default_factory=list)
+    enabled: bool = True
 
 
 class PipelineParser(ConfigErrorMixin, ArgumentParser):
@@ -56,19 +88,48 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--wandb.enabled", type=bool, default=True)
     p.add_argument("--wandb.project", type=str, default="selfsup")
     p.add_argument("--wandb.offline", type=bool | None, default=None, help="None: offline unless an account is set")
-    for stage, cls in PRETRAIN.items():
-        p.add_argument(f"--{stage}.enabled", type=bool, default=True, help="run this stage and its probe")
-        p.add_argument(f"--{stage}.max_epochs", type=int, default=10)
-        p.add_argument(f"--{stage}.max_time", type=float | None, default=None, help="budget in seconds")
-        p.add_argument(f"--{stage}.probe_stages", type=list[int], default=[-2] if stage == "relative_location" else [],
-                       help="earlier backbone stages to probe too (e.g. -2: ResNet layer3)")
-        p.add_class_arguments(cls, f"{stage}.model", skip=BACKBONE_ARGS)
-        p.add_class_arguments(Warmup, f"{stage}.warmup")
+    p.add_argument("--stages", type=dict[str, Stage], default={},
+                   help="pretraining stages in order, by name, e.g. --stages.simclr.max_epochs 5")
     p.add_argument("--probe.max_epochs", type=int, default=30)
     p.add_class_arguments(Warmup, "probe.warmup")
     p.add_class_arguments(LinearProbe, "probe.model",
                           skip=BACKBONE_ARGS | {"num_classes", "backbone_checkpoint", "input_norm", "feature_stage"})
     return p
+
+
+def _find_config(path: str, near: list[Path]) -> Path:
+    """A stage's fit config: as given (from the working directory), else relative to the folders
+    of the pipeline config files and their parents (configs/pipeline/x.yaml names
+    configs/simclr/y.yaml)."""
+    p = Path(path).expanduser()
+    if p.is_file() or p.is_absolute():
+        return p
+    for base in near:
+        for d in (base, *base.parents):
+            if (d / p).is_file():
+                return d / p
+    return p
+
+
+def stage_model(name: str, stage: Namespace, backbone: dict[str, Any], near: list[Path]) -> tuple[LightningModule, dict]:
+    """Build a stage's module from its fit config and overrides; return it and the warmup
+    arguments. The module is type-checked by the same parser machinery as ``selfsup fit``."""
+    if stage.config is None:
+        raise SelfsupError(f"stage {name} names no config: give stages.{name}.config, a selfsup fit config "
+                           "such as configs/simclr/cifar10.yaml")
+    path = _find_config(stage.config, near)
+    if not path.is_file():
+        raise SelfsupError(f"stage {name}: config not found: {stage.config}")
+    fit = yaml.safe_load(path.read_text()) or {}
+    model = fit.get("model")
+    if not isinstance(model, dict) or "class_path" not in model:
+        raise SelfsupError(f"stage {name}: {path} has no model.class_path")
+    init = {**(model.get("init_args") or {}), **backbone, **stage.model}
+    parser = PipelineParser(prog=f"selfsup pipeline (stage {name})")
+    parser.add_subclass_arguments(LightningModule, "model")
+    cfg = parser.parse_object({"model": {"class_path": model["class_path"], "init_args": init}})
+    module = parser.instantiate_classes(cfg).model
+    return module, {**(fit.get("warmup") or {}), **stage.warmup}
 
 
 def _to_dict(ns: Namespace) -> dict[str, Any]:
@@ -87,6 +148,8 @@ class Pipeline:
         self.out = Path(cfg.out)
         self.backbone_args = {"backbone": cfg.backbone.name, "cifar_stem": cfg.backbone.cifar_stem,
                               "width": cfg.backbone.width, "norm": cfg.backbone.norm}
+        # Where a stage's relative config path may be found besides the working directory.
+        self.config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
 
     def trainer(self, stage: str, warmup: Namespace, max_epochs: int, max_time: float | None = None,
                 checkpoint: bool = False) -> L.Trainer:
@@ -127,18 +190,22 @@ class Pipeline:
         top5 = float(metrics["val/top5"]) if model.top_k == 5 else None  # None: 5 classes or fewer
         return {"linear_top1": float(metrics["val/top1"]), "linear_top5": top5}, index
 
-    def pretrain(self, dm: ImageDataModule, stage: str) -> tuple[Path, dict[str, float]]:
+    def build(self, name: str) -> tuple[LightningModule, dict]:
+        """A stage's module (seeded, so each stage starts from the same initialisation stream)."""
         L.seed_everything(self.cfg.seed, verbose=False)
-        scfg = getattr(self.cfg, stage)
-        model = PRETRAIN[stage](**self.backbone_args, **_to_dict(scfg.model))
-        trainer = self.trainer(stage, scfg.warmup, scfg.max_epochs, scfg.max_time, checkpoint=True)
+        return stage_model(name, self.cfg.stages[name], self.backbone_args, self.config_dirs)
+
+    def pretrain(self, dm: ImageDataModule, name: str) -> tuple[Path, LightningModule, dict[str, float]]:
+        model, warmup = self.build(name)
+        scfg = self.cfg.stages[name]
+        trainer = self.trainer(name, Namespace(**warmup), scfg.max_epochs, scfg.max_time, checkpoint=True)
         trainer.fit(model, datamodule=dm)
         extra: dict[str, float] = {}
-        if stage == "relative_location":
-            metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+        metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+        if "val/pretext_top1" in metrics:  # a pretext task with classes of its own
             extra["pretext_top1"] = float(metrics["val/pretext_top1"])
         finish_wandb(trainer)  # the next stage gets a run of its own
-        return self.out / stage / "checkpoints" / "last.ckpt", extra
+        return self.out / name / "checkpoints" / "last.ckpt", model, extra
 
     def run(self) -> dict[str, Any]:
         t_start = time.time()
@@ -154,28 +221,30 @@ class Pipeline:
                 f"the pipeline's probes need labelled images, but {cfg.data.root} has none (data.labels="
                 f"{cfg.data.labels}); give labelled evaluation data with --data.eval_root DIR (DIR/<class>/<image>)"
             )
-        if cfg.relative_location.enabled:
-            RelativeLocation(**self.backbone_args, **_to_dict(cfg.relative_location.model)).check_data(dm)
+        stages = [name for name, st in cfg.stages.items() if st.enabled]
+        for name in stages:  # every stage's config parses and fits the data before anything trains
+            model, _ = stage_model(name, cfg.stages[name], self.backbone_args, self.config_dirs)
+            check = getattr(model, "check_data", None)
+            if check is not None:
+                check(dm)
         results: dict[str, dict[str, float]] = {}
 
         t0 = time.time()
         random, _ = self.probe(labelled, "random", None, "channel")
         results["random"] = {**random, "seconds": time.time() - t0}
 
-        for stage in PRETRAIN:
-            if not getattr(cfg, stage).enabled:
-                continue
+        for name in stages:
             t0 = time.time()
-            ckpt, extra = self.pretrain(dm, stage)
-            # A relative-location backbone saw per-patch standardised inputs: probe it the same way.
-            per_image = stage == "relative_location" and cfg.relative_location.model.per_patch_norm
-            norm = "per_image" if per_image else "channel"
-            probe, _ = self.probe(labelled, stage, ckpt, norm)
+            ckpt, model, extra = self.pretrain(dm, name)
+            # Probe with the inputs the backbone was trained on (per-patch standardised for
+            # relative location).
+            norm = getattr(model, "probe_input_norm", "channel")
+            probe, _ = self.probe(labelled, name, ckpt, norm)
             # Earlier stages too: pretext tasks over-specialise the last one.
-            for k in getattr(cfg, stage).probe_stages:
-                metrics, index = self.probe(labelled, stage, ckpt, norm, k)
+            for k in cfg.stages[name].probe_stages:
+                metrics, index = self.probe(labelled, name, ckpt, norm, k)
                 extra[f"linear_top1_stage{index}"] = metrics["linear_top1"]
-            results[stage] = {**extra, **probe, "seconds": time.time() - t0}
+            results[name] = {**extra, **probe, "seconds": time.time() - t0}
 
         def where(root: str | None) -> str:
             return str(Path(root).expanduser().resolve()) if root else "(embedded sample)"
@@ -206,7 +275,7 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "") -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    names = {"random": "random init (baseline)", "relative_location": "relative location", "simclr": "SimCLR"}
+    names = DISPLAY_NAMES
     separate = s.get("eval_root", s["data_root"]) != s["data_root"]
     counts = s.get("images", {})
     lines = [

@@ -91,6 +91,11 @@ class RelativeLocation(L.LightningModule):
             gap_max=hp.gap_max,
         )
 
+    @property
+    def probe_input_norm(self) -> str:
+        """How a probe should normalise inputs for this backbone: as it saw its patches."""
+        return "per_image" if self.hparams.per_patch_norm else "channel"
+
     def check_data(self, dm: L.LightningDataModule) -> None:
         """Stop before training when the images are too small for the patch grid, naming the
         smallest image size that works."""
