@@ -9,7 +9,7 @@ import torch
 from selfsup.data.views import SimCLRViews, normalize, to_float
 from selfsup.media import log_training_figure, spread, view_pairs_grid
 from selfsup.methods.common import configure_optimizers
-from selfsup.methods.online import OnlineEvaluator, frozen_evaluation
+from selfsup.methods.online import OnlineEvaluator, evaluation_due, frozen_evaluation
 
 
 class ContrastiveMethod(L.LightningModule):
@@ -62,12 +62,12 @@ class ContrastiveMethod(L.LightningModule):
         ev = dm.evaluation_data
         if ev is None:  # no labels anywhere: nothing to evaluate, and no head of one class per image
             self._say("online evaluation off: the pretraining images have no labels; give labelled "
-                           "images with --data.eval_root DIR to monitor kNN and linear accuracy")
+                      "images with --data.eval_root DIR to monitor kNN and linear accuracy")
         elif ev is not dm:
             self._separate_eval = ev
             self._say(f"online evaluation on {ev.hparams.root} ({len(ev.train_set):,} train / "
-                           f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
-                           f"classifier on frozen features every {self.hparams.knn_every} epochs")
+                      f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
+                      f"classifier on frozen features every {self.hparams.knn_every} epochs")
         elif ev.num_classes >= 2:
             self._build_online(ev.num_classes)
 
@@ -78,9 +78,8 @@ class ContrastiveMethod(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         ev = self._separate_eval
-        if ev is not None and not self.trainer.sanity_checking and self.hparams.knn_every > 0:
-            last = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
-            if (self.current_epoch + 1) % self.hparams.knn_every == 0 or last:
+        if ev is not None and not self.trainer.sanity_checking:
+            if evaluation_due(self.current_epoch, self.trainer.max_epochs, self.hparams.knn_every):
                 self._separate_metrics = frozen_evaluation(
                     self.embed, ev.train_set.images, ev.train_set.labels, ev.eval_set.images, ev.eval_set.labels,
                     ev.num_classes, self.device, knn_k=self.hparams.knn_k)

@@ -19,6 +19,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from selfsup.knn import knn_scores
 
 
+def evaluation_due(epoch: int, max_epochs: int | None, every: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) evaluates: every ``every`` epochs and on the last;
+    never when ``every`` <= 0."""
+    if every <= 0:
+        return False
+    return (epoch + 1) % every == 0 or (max_epochs is not None and epoch + 1 >= max_epochs)
+
+
 @torch.no_grad()
 def embed_all(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
               batch_size: int = 512) -> torch.Tensor:
@@ -105,9 +113,7 @@ class OnlineEvaluator(nn.Module):
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
 
     def knn_due(self, epoch: int, max_epochs: int | None) -> bool:
-        if self.knn_every <= 0:
-            return False
-        return (epoch + 1) % self.knn_every == 0 or (max_epochs is not None and epoch + 1 >= max_epochs)
+        return evaluation_due(epoch, max_epochs, self.knn_every)
 
     @torch.no_grad()
     def build_bank(self, embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
