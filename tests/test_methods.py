@@ -140,3 +140,20 @@ def test_named_backbone_pretrains_one_step_and_is_probed(name: str, stage: int, 
     assert 0 <= metrics["val/top1"] <= 1
     (linear,) = [m for m in probe.head.modules() if isinstance(m, torch.nn.Linear)]
     assert linear.in_features == pre.backbone.stage_features(stage)  # the probed depth feeds the head
+
+
+def test_pretext_accuracy_counts_every_pair_of_the_epoch(tmp_path: Path, image_folder: Path) -> None:
+    """val/pretext_top1 is correct pairs / all pairs over the whole split (a torchmetrics metric),
+    here over batches of 16 and 14 images, recomputed with the same fixed patch generators."""
+    dm = ImageDataModule(root=str(image_folder), batch_size=16)
+    model = RelativeLocation(**TINY, head_hidden=16)
+    metrics = trainer(tmp_path).validate(model, datamodule=dm, verbose=False)[0]
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for i, batch in enumerate(dm.val_dataloader()):
+            logits, labels = model(batch["image"], torch.Generator().manual_seed(1000 + i))
+            correct += int((logits.argmax(1) == labels).sum())
+            total += labels.numel()
+    assert total == 30 * 8
+    assert metrics["val/pretext_top1"] == pytest.approx(correct / total, abs=1e-6)

@@ -108,8 +108,8 @@ class ContrastiveMethod(L.LightningModule):
         loss, feats = self.contrastive_loss(v0, v1)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         if self.online is not None:
-            probe_loss, acc = self.online.train_loss(feats, batch["label"])
-            self.log("train/online_top1", acc, on_step=False, on_epoch=True)
+            probe_loss = self.online.train_loss(feats, batch["label"])
+            self.log("train/online_top1", self.online.train_top1, on_step=False, on_epoch=True)
             loss = loss + probe_loss  # detached features: the probe never shapes the backbone
         return loss
 

@@ -102,15 +102,17 @@ class OnlineEvaluator(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes))
+        self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.online_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.knn_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.knn_every, self.knn_k, self.knn_t, self.knn_bank_size = knn_every, knn_k, knn_temperature, knn_bank_size
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def train_loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of the head on detached features: (loss, accuracy)."""
+    def train_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the head on detached features; accumulates ``train_top1``."""
         logits = self.head(features.detach().float())
-        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+        self.train_top1.update(logits.detach(), labels)
+        return F.cross_entropy(logits, labels)
 
     def knn_due(self, epoch: int, max_epochs: int | None) -> bool:
         return evaluation_due(epoch, max_epochs, self.knn_every)

@@ -7,6 +7,8 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup import SelfsupError
 from selfsup.data.patches import (
@@ -80,6 +82,9 @@ class RelativeLocation(L.LightningModule):
         self.backbone = build_backbone(backbone, cifar_stem, width, norm)
         f = self.backbone.num_features
         self.head = MLP([2 * f, head_hidden, 8], batch_norm=True, dropout=dropout)
+        # torchmetrics: counts over every pair of the epoch, summed across ranks under DDP
+        # (not a mean of per-batch means). Metric states are not saved in checkpoints.
+        self.pretext_top1 = nn.ModuleDict({f"{k}_top1": MulticlassAccuracy(8, average="micro") for k in ("train", "val")})
 
     def grid_spec(self, image_size: int) -> GridSpec:
         hp = self.hparams
@@ -169,8 +174,9 @@ class RelativeLocation(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, labels = self(batch["image"])
         loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
-        self.log_dict({"train/loss": loss, "train/pretext_top1": acc}, prog_bar=True, on_step=True, on_epoch=True)
+        self.pretext_top1["train_top1"](logits, labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/pretext_top1", self.pretext_top1["train_top1"], prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -178,9 +184,10 @@ class RelativeLocation(L.LightningModule):
         g = torch.Generator(device=batch["image"].device).manual_seed(1000 + batch_idx)
         logits, labels = self(batch["image"], g)
         loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
         n = batch["image"].shape[0]
-        self.log_dict({"val/loss": loss, "val/pretext_top1": acc}, prog_bar=True, batch_size=n, sync_dist=True)
+        self.pretext_top1["val_top1"](logits, labels)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/pretext_top1", self.pretext_top1["val_top1"], prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return configure_optimizers(self, [self.backbone, self.head])

@@ -74,6 +74,7 @@ class _Classifier(L.LightningModule):
             f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
             for split in ("val", "test") for name, top_k in ks
         })
+        self.metrics["train_top1"] = MulticlassAccuracy(num_classes, average="micro")
 
     def check_data(self, dm: L.LightningDataModule) -> None:
         """Stop before training when the data have no labels to train on (one line, the fix)."""
@@ -115,8 +116,9 @@ class _Classifier(L.LightningModule):
         logits = self.head(self.features(batch["image"], batch, "train"))
         y = batch["label"]
         loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        self.log_dict({"train/loss": loss, "train/top1": acc}, prog_bar=True, on_step=True, on_epoch=True)
+        self.metrics["train_top1"](logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/top1", self.metrics["train_top1"], prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
 
