@@ -142,8 +142,8 @@ def memory_runs(a: argparse.Namespace) -> None:
             env = {**os.environ, "SELFSUP_CACHE": str(cache), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": a.src}
             cmd = [sys.executable, "-m", "selfsup.cli", "fit", "--config", str(REPO / "configs/simclr/cifar10.yaml"),
-                   "--config", str(REPO / "configs/trainer" / trainer), "--model.init_args.backbone", "small_cnn",
-                   "--model.init_args.width", "8", "--model.init_args.proj_hidden", "16",
+                   "--config", str(REPO / "configs/trainer" / trainer), "--model.init_args.backbone.name", "small_cnn",
+                   "--model.init_args.backbone.width", "8", "--model.init_args.proj_hidden", "16",
                    "--model.init_args.online_eval", "false", "--data.root", str(Path(a.root).resolve()),
                    "--data.image_size", str(a.image_size), "--data.batch_size", "32",
                    "--trainer.max_steps", str(a.steps), "--trainer.limit_val_batches", "1",

@@ -67,7 +67,7 @@ def bench_sampler(images: torch.Tensor, repeats: int) -> tuple[float, float]:
 
 
 def bench_training(images: torch.Tensor, repeats: int) -> tuple[float, float]:
-    model = RelativeLocation(backbone="small_cnn", width=32, color="none", pixelate_p=0.0)
+    model = RelativeLocation(backbone={"name": "small_cnn", "width": 32}, color="none", pixelate_p=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     b = images.shape[0]

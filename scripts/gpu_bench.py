@@ -83,7 +83,7 @@ def time_to_accuracy(device: torch.device, epochs: int, probe_epochs: int, batch
           "enable_progress_bar": False, "enable_model_summary": False}
     if device.type == "cuda":
         kw["precision"] = "bf16-mixed"
-    arch = {"backbone": "resnet18", "cifar_stem": True}
+    arch = {"backbone": {"name": "resnet18", "cifar_stem": True}}
     out: dict = {"train_images": len(dm.train_set), "eval_images": len(dm.eval_set), "epochs": epochs}
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(0)

@@ -48,7 +48,7 @@ def main() -> None:
     dm = ImageDataModule(root=args.root, image_size=args.image_size, batch_size=args.batch,
                          val_fraction=args.val_fraction, cache_dir=None)
     dm.setup()
-    arch = {"backbone": args.backbone, "cifar_stem": args.cifar_stem, "width": args.width}
+    arch = {"backbone": {"name": args.backbone, "cifar_stem": args.cifar_stem, "width": args.width}}
     kw = {"accelerator": args.accelerator, "devices": 1, "precision": args.precision, "logger": False,
           "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
     res: dict = {"train_images": len(dm.train_set), "eval_images": len(dm.eval_set), **vars(args)}

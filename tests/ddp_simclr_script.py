@@ -43,7 +43,7 @@ def main() -> None:
     method = sys.argv[3] if len(sys.argv) > 3 else "simclr"
     L.seed_everything(0)
     dm = ImageDataModule(root=root, batch_size=10)
-    kw = {"backbone": "small_cnn", "width": 8, "proj_hidden": 16, "proj_dim": 8, "knn_every": 1}
+    kw = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 8, "knn_every": 1}
     model = SimCLR(**kw) if method == "simclr" else MoCo(**kw, queue_size=50)
     rec = Record()
     scaling = LearningRateScaling("linear", reference_batch=256)

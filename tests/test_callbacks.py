@@ -71,7 +71,7 @@ class StopAfter(L.Callback):
 
 def _probe() -> LinearProbe:
     L.seed_everything(0)
-    return LinearProbe(num_classes=3, backbone="small_cnn", width=4, optimizer="sgd", lr=0.4)
+    return LinearProbe(num_classes=3, backbone={"name": "small_cnn", "width": 4}, optimizer="sgd", lr=0.4)
 
 
 def _fit(model: L.LightningModule, dm: ImageDataModule, root: Path, callbacks: list[L.Callback], max_epochs: int,
@@ -127,7 +127,7 @@ def test_accumulation_counts_in_the_global_batch_and_gives_the_same_step(image_f
     weights, lines = [], []
     for batch, accumulate in ((64, 1), (32, 2)):
         L.seed_everything(0)
-        model = FineTune(num_classes=3, backbone="small_cnn", width=8, norm="group", augment=False,
+        model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8, "norm": "group"}, augment=False,
                          optimizer="sgd", lr=0.5, weight_decay=1e-4)
         start = [p.detach().clone() for p in model.parameters()]
         dm = ImageDataModule(root=str(image_folder), batch_size=batch)
@@ -147,7 +147,7 @@ def test_accumulation_counts_in_the_global_batch_and_gives_the_same_step(image_f
 def test_batch_size_one_and_full_batch(image_folder: Path, tmp_path: Path) -> None:
     dm = ImageDataModule(root=str(image_folder), batch_size=1)
     L.seed_everything(0)
-    model = FineTune(num_classes=3, backbone="small_cnn", width=8, norm="group", optimizer="sgd", lr=0.01)
+    model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8, "norm": "group"}, optimizer="sgd", lr=0.01)
     rec = RecordLR()
     scaling = LearningRateScaling()
     _fit(model, dm, tmp_path / "sgd", [scaling, Warmup(), rec], 1, max_steps=5)
@@ -156,7 +156,7 @@ def test_batch_size_one_and_full_batch(image_folder: Path, tmp_path: Path) -> No
 
     dm = ImageDataModule(root=str(image_folder), batch_size=120)  # every training image in one batch
     L.seed_everything(0)
-    model = FineTune(num_classes=3, backbone="small_cnn", width=8, optimizer="sgd", lr=0.1)
+    model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8}, optimizer="sgd", lr=0.1)
     rec = RecordLR()
     scaling = LearningRateScaling()
     trainer = _fit(model, dm, tmp_path / "gd", [scaling, Warmup(decay="constant"), rec], 3)
@@ -168,7 +168,7 @@ def test_batch_norm_at_batch_one_fails_clearly(image_folder: Path, tmp_path: Pat
                                                capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/finetune/cifar10.yaml"),
-            "--model.init_args.backbone", "small_cnn", "--model.init_args.width", "8",
+            "--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8",
             "--data.root", str(image_folder), "--data.batch_size", "1", "--trainer.max_steps", "2",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     with pytest.raises(SystemExit) as e:
@@ -176,9 +176,9 @@ def test_batch_norm_at_batch_one_fails_clearly(image_folder: Path, tmp_path: Pat
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the decoding progress bar
     assert err.startswith("selfsup: error: BatchNorm cannot train on a batch of 1")
-    assert "GroupNorm" in err and "--model.init_args.norm group" in err
+    assert "GroupNorm" in err and "--model.init_args.backbone.norm group" in err
     # The suggested fix runs.
-    main([*args, "--model.init_args.norm", "group", "--trainer.default_root_dir", str(tmp_path / "gn")])
+    main([*args, "--model.init_args.backbone.norm", "group", "--trainer.default_root_dir", str(tmp_path / "gn")])
     assert "global_batch=1 " in capsys.readouterr().out
 
 

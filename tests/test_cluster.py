@@ -101,8 +101,8 @@ def test_torchrun_launcher_two_processes_on_cpu(image_folder: Path, tmp_path: Pa
     env.update(PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
     p = subprocess.run(
         ["bash", str(REPO / "scripts/torchrun.sh"), "--config", str(REPO / "configs/trainer/cpu.yaml"),
-         "--config", str(REPO / "configs/simclr/cifar10.yaml"), "--model.init_args.backbone", "small_cnn",
-         "--model.init_args.width", "8", "--model.init_args.proj_hidden", "16", "--data.root", str(image_folder),
+         "--config", str(REPO / "configs/simclr/cifar10.yaml"), "--model.init_args.backbone.name", "small_cnn",
+         "--model.init_args.backbone.width", "8", "--model.init_args.proj_hidden", "16", "--data.root", str(image_folder),
          "--data.batch_size", "16", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
          "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
          "--trainer.default_root_dir", str(tmp_path / "run")],

@@ -218,7 +218,7 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
 
 
 TINY_SIMCLR = ["--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/simclr/cifar10.yaml"),
-               "--model.init_args.backbone", "small_cnn", "--model.init_args.width", "8", "--model.init_args.proj_hidden", "16",
+               "--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8", "--model.init_args.proj_hidden", "16",
                "--model.init_args.optimizer", "adam", "--model.init_args.lr", "0.002", "--data.batch_size", "8",
                "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
 
@@ -249,10 +249,10 @@ def test_stop_policy_ends_before_any_logger_and_skip_trains(imperfect: tuple[Pat
 # -- every pretraining stage without labels, and with separate labelled evaluation data -------------
 METHOD_ARGS = {
     "relative_location": ["--config", str(REPO / "configs/relative_location/cifar10.yaml"),
-                          "--model.init_args.width", "8", "--model.init_args.head_hidden", "16"],
+                          "--model.init_args.backbone.width", "8", "--model.init_args.head_hidden", "16"],
     "simclr": TINY_SIMCLR[2:16],
-    "moco": ["--config", str(REPO / "configs/moco/cifar10.yaml"), "--model.init_args.backbone", "small_cnn",
-             "--model.init_args.width", "8", "--model.init_args.proj_hidden", "16", "--model.init_args.queue_size", "32"],
+    "moco": ["--config", str(REPO / "configs/moco/cifar10.yaml"), "--model.init_args.backbone.name", "small_cnn",
+             "--model.init_args.backbone.width", "8", "--model.init_args.proj_hidden", "16", "--model.init_args.queue_size", "32"],
 }
 COMMON = ["--config", str(REPO / "configs/trainer/cpu.yaml"), "--data.batch_size", "8", "--trainer.max_steps", "2",
           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
@@ -305,7 +305,7 @@ def test_probe_without_labels_and_too_small_images_fail_in_one_line(flat: Path, 
          "needs images of at least 32 px"),
     ]:
         code, out, err = run_main(["fit", *COMMON, "--config", str(REPO / f"configs/{config}/cifar10.yaml"),
-                                   "--model.init_args.backbone", "small_cnn", *extra], capsys)
+                                   "--model.init_args.backbone.name", "small_cnn", *extra], capsys)
         assert code == 2 and "Traceback" not in err, err
         (line,) = [x for x in err.splitlines() if x.startswith("selfsup: error:")]
         assert expected in line

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
     """The rate the same job gets on one process (max_steps=1)."""
     dm = ImageDataModule(root=str(root), batch_size=10)
-    model = SimCLR(backbone="small_cnn", width=8, proj_hidden=16, proj_dim=8, online_eval=False)
+    model = SimCLR(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8, online_eval=False)
     scaling = LearningRateScaling("linear", reference_batch=256)
     L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,

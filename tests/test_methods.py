@@ -12,7 +12,7 @@ from selfsup import SelfsupError
 from selfsup.data import ImageDataModule
 from selfsup.methods import FineTune, LinearProbe, RelativeLocation, SimCLR
 
-TINY = {"backbone": "small_cnn", "width": 8}
+TINY = {"backbone": {"name": "small_cnn", "width": 8}}
 
 
 def trainer(tmp_path: Path, **kw) -> L.Trainer:
@@ -50,7 +50,8 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     t.save_checkpoint(ckpt)
     # Checkpoints hold plain types only: the safe loader accepts them.
     state = torch.load(ckpt, weights_only=True)
-    assert state["hyper_parameters"]["backbone"] == "small_cnn"
+    assert state["hyper_parameters"]["backbone"] == {"name": "small_cnn", "cifar_stem": False, "width": 8,
+                                                     "norm": "batch"}
 
     probe = LinearProbe(backbone_checkpoint=str(ckpt), **TINY)
     for k, v in pre.backbone.state_dict().items():
@@ -81,7 +82,7 @@ def test_relative_location_trains_and_validates(tmp_path: Path, dm: ImageDataMod
 def test_handoff_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SelfsupError, match="checkpoint not found"):
         LinearProbe(backbone_checkpoint=str(tmp_path / "missing.ckpt"), **TINY)
-    src = SimCLR(backbone="small_cnn", width=16)
+    src = SimCLR(backbone={"name": "small_cnn", "width": 16})
     path = tmp_path / "wide.ckpt"
     torch.save({"state_dict": src.state_dict()}, path)
     with pytest.raises(SelfsupError, match="shape mismatches") as e:

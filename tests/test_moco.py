@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from selfsup.methods import MoCo
 
-TINY = {"backbone": "small_cnn", "width": 8, "proj_hidden": 16, "proj_dim": 4, "online_eval": False}
+TINY = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 4, "online_eval": False}
 
 
 def test_queue_is_first_in_first_out_and_wraps() -> None:

@@ -133,7 +133,7 @@ def test_labels_are_uniform_over_the_eight_positions() -> None:
     imgs = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
     counts_all = torch.bincount(pair_labels(400), minlength=8)
     assert counts_all.tolist() == [400] * 8
-    one = RelativeLocation(backbone="small_cnn", width=4, head_hidden=8, pairs="one")
+    one = RelativeLocation(backbone={"name": "small_cnn", "width": 4}, head_hidden=8, pairs="one")
     with torch.no_grad():
         _, labels = one(imgs, torch.Generator().manual_seed(0))
     counts = torch.bincount(labels, minlength=8).float()

@@ -32,7 +32,7 @@ def test_offline_unless_an_account_is_configured(monkeypatch: pytest.MonkeyPatch
 def test_cli_fit_records_full_config(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/simclr/cifar10.yaml"),
-          "--model.init_args.backbone", "small_cnn", "--model.init_args.width", "8", "--model.init_args.temperature", "0.3",
+          "--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8", "--model.init_args.temperature", "0.3",
           "--data.root", str(image_folder), "--data.batch_size", "16", "--trainer.max_steps", "2",
           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.log_every_n_steps", "1"])

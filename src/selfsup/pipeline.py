@@ -39,10 +39,9 @@ from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
 from selfsup.data.datamodule import BAD_FILES_NAME
 from selfsup.methods import LinearProbe
-from selfsup.models.backbones import build_backbone
+from selfsup.models.backbones import BackboneSpec
 from selfsup.tracking import WandbLogger, finish_wandb
 
-BACKBONE_ARGS = {"backbone", "cifar_stem", "width", "norm"}
 DISPLAY_NAMES = {"random": "random init (baseline)", "relative_location": "relative location", "simclr": "SimCLR",
                  "moco": "MoCo"}
 
@@ -82,7 +81,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--name", type=str, default="pipeline", help="run name (W&B group)")
     p.add_argument("--seed", type=int, default=0)
     p.add_class_arguments(ImageDataModule, "data")
-    p.add_function_arguments(build_backbone, "backbone")
+    p.add_class_arguments(BackboneSpec, "backbone")
     p.add_argument("--trainer", type=dict[str, Any], default={}, help="Trainer arguments shared by every stage")
     p.add_class_arguments(LearningRateScaling, "lr_scaling")
     p.add_argument("--wandb.enabled", type=bool, default=True)
@@ -93,7 +92,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--probe.max_epochs", type=int, default=30)
     p.add_class_arguments(Warmup, "probe.warmup")
     p.add_class_arguments(LinearProbe, "probe.model",
-                          skip=BACKBONE_ARGS | {"num_classes", "backbone_checkpoint", "input_norm", "feature_stage"})
+                          skip={"backbone", "num_classes", "backbone_checkpoint", "input_norm", "feature_stage"})
     return p
 
 
@@ -146,8 +145,8 @@ class Pipeline:
         self.cfg = cfg
         self.config = _to_dict(cfg)
         self.out = Path(cfg.out)
-        self.backbone_args = {"backbone": cfg.backbone.name, "cifar_stem": cfg.backbone.cifar_stem,
-                              "width": cfg.backbone.width, "norm": cfg.backbone.norm}
+        # The shared backbone, as every stage module takes it (replacing its config's).
+        self.backbone_args = {"backbone": BackboneSpec.of(_to_dict(cfg.backbone)).as_dict()}
         # Where a stage's relative config path may be found besides the working directory.
         self.config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
 

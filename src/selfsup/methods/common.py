@@ -89,7 +89,7 @@ def load_backbone(backbone: nn.Module, path: str | Path) -> int:
         raise SelfsupError(
             f"backbone weights in {path} do not match the configured backbone: missing keys {show(missing)}, "
             f"unexpected keys {show(unexpected)}, shape mismatches {show(sorted(shapes))}; "
-            "check backbone, width and cifar_stem against the pretraining run"
+            "check the backbone (name, width, cifar_stem, norm) against the pretraining run"
         )
     backbone.load_state_dict(sub, strict=True)
     return len(sub)

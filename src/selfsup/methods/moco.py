@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from selfsup.distributed import gather_no_grad
 from selfsup.methods.common import OptimizerName
 from selfsup.methods.contrastive import ContrastiveMethod
-from selfsup.models.backbones import Norm, build_backbone
+from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
 
@@ -24,6 +24,8 @@ class MoCo(ContrastiveMethod):
     on all ranks. The key encoder's BatchNorm sees only the local batch (no shuffle-BN).
 
     Args:
+        backbone: which network (``selfsup.models.BackboneSpec``: name, cifar_stem, width, norm);
+            None: the small CNN. Stored as a plain dict in the hyperparameters.
         queue_size: negatives kept (MoCo: 65536 on ImageNet; a few thousand on CIFAR).
         key_momentum: m in ``key = m * key + (1 - m) * query`` after each step (0.99-0.999).
         temperature: 0.2 in MoCo v2.
@@ -33,10 +35,7 @@ class MoCo(ContrastiveMethod):
 
     def __init__(
         self,
-        backbone: str = "small_cnn",
-        cifar_stem: bool = False,
-        width: int = 32,
-        norm: Norm = "batch",
+        backbone: BackboneSpec | None = None,
         proj_hidden: int = 512,
         proj_dim: int = 128,
         queue_size: int = 4096,
@@ -56,10 +55,11 @@ class MoCo(ContrastiveMethod):
         knn_k: int = 200,
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
         self.save_hyperparameters()
         if not 0 <= key_momentum < 1:
             raise ValueError(f"key_momentum must be in [0, 1), got {key_momentum}")
-        self.backbone = build_backbone(backbone, cifar_stem, width, norm)
+        self.backbone = BackboneSpec.of(backbone).build()
         self.projector = MLP([self.backbone.num_features, proj_hidden, proj_dim], batch_norm=True)
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)

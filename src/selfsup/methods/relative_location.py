@@ -24,7 +24,7 @@ from selfsup.data.patches import (
 )
 from selfsup.data.views import normalize, to_float
 from selfsup.methods.common import OptimizerName, configure_optimizers
-from selfsup.models.backbones import Norm, build_backbone
+from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
 
@@ -37,6 +37,8 @@ class RelativeLocation(L.LightningModule):
     and classified by an MLP. Labels follow ``selfsup.data.patches`` (0..7 in reading order).
 
     Args:
+        backbone: which network (``selfsup.models.BackboneSpec``: name, cifar_stem, width, norm);
+            None: the small CNN. Stored as a plain dict in the hyperparameters.
         grid: preset style for the image size, ``doersch`` or ``kolesnikov`` (see
             ``selfsup.data.patches.GRID_PRESETS``).
         patch / gap / jitter: grid geometry in pixels; None takes the preset's value.
@@ -54,10 +56,7 @@ class RelativeLocation(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "small_cnn",
-        cifar_stem: bool = False,
-        width: int = 32,
-        norm: Norm = "batch",
+        backbone: BackboneSpec | None = None,
         grid: Literal["doersch", "kolesnikov"] = "doersch",
         patch: int | None = None,
         gap: int | None = None,
@@ -76,10 +75,11 @@ class RelativeLocation(L.LightningModule):
         momentum: float = 0.9,
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
         self.save_hyperparameters()
         if pairs not in ("all", "one"):
             raise ValueError(f"pairs must be 'all' or 'one', got {pairs!r}")
-        self.backbone = build_backbone(backbone, cifar_stem, width, norm)
+        self.backbone = BackboneSpec.of(backbone).build()
         f = self.backbone.num_features
         self.head = MLP([2 * f, head_hidden, 8], batch_norm=True, dropout=dropout)
         # torchmetrics: counts over every pair of the epoch, summed across ranks under DDP

@@ -7,7 +7,7 @@ import torch
 from selfsup.losses.ntxent import NTXentLoss
 from selfsup.methods.common import OptimizerName
 from selfsup.methods.contrastive import ContrastiveMethod
-from selfsup.models.backbones import Norm, build_backbone
+from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
 
@@ -19,6 +19,8 @@ class SimCLR(ContrastiveMethod):
     the loss runs over the global batch (all ranks' embeddings are negatives).
 
     Args:
+        backbone: which network (``selfsup.models.BackboneSpec``: name, cifar_stem, width, norm);
+            None: the small CNN. Stored as a plain dict in the hyperparameters.
         temperature: NT-Xent temperature.
         view_size: side of the views; None uses the input size.
         crop_min_scale: smallest area fraction of the random resized crop.
@@ -31,10 +33,7 @@ class SimCLR(ContrastiveMethod):
 
     def __init__(
         self,
-        backbone: str = "small_cnn",
-        cifar_stem: bool = False,
-        width: int = 32,
-        norm: Norm = "batch",
+        backbone: BackboneSpec | None = None,
         proj_hidden: int = 512,
         proj_dim: int = 128,
         temperature: float = 0.5,
@@ -51,8 +50,9 @@ class SimCLR(ContrastiveMethod):
         knn_k: int = 200,
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
         self.save_hyperparameters()
-        self.backbone = build_backbone(backbone, cifar_stem, width, norm)
+        self.backbone = BackboneSpec.of(backbone).build()
         self.projector = MLP([self.backbone.num_features, proj_hidden, proj_dim], batch_norm=True)
         self.criterion = NTXentLoss(temperature)
         self.init_online()

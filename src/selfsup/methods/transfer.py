@@ -15,7 +15,7 @@ from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
 from selfsup.data.views import normalize, random_resized_crop, to_float
 from selfsup.methods.common import OptimizerName, configure_optimizers, load_backbone
-from selfsup.models.backbones import Norm, build_backbone
+from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
 InputNorm = Literal["channel", "per_image"]
@@ -34,11 +34,11 @@ class _Classifier(L.LightningModule):
     frozen = False  # whether the backbone trains
     feature_stage = -1  # which backbone stage feeds the head
 
-    def __init__(self, num_classes: int | None, backbone: str, cifar_stem: bool, width: int, norm: Norm,
-                 backbone_checkpoint: str | None) -> None:
+    def __init__(self, num_classes: int | None, backbone: BackboneSpec | None, backbone_checkpoint: str | None) -> None:
         super().__init__()
-        self.norm = norm
-        self.backbone = build_backbone(backbone, cifar_stem, width, norm)
+        spec = BackboneSpec.of(backbone)
+        self.norm = spec.norm
+        self.backbone = spec.build()
         if backbone_checkpoint:
             load_backbone(self.backbone, backbone_checkpoint)
         self.head: nn.Module | None = None
@@ -131,6 +131,8 @@ class LinearProbe(_Classifier):
 
     Args:
         num_classes: None reads it from the datamodule.
+        backbone: which network (``selfsup.models.BackboneSpec``: name, cifar_stem, width, norm);
+            None: the small CNN. Stored as a plain dict in the hyperparameters.
         backbone_checkpoint: a checkpoint of an earlier stage; its ``backbone.*`` weights are
             loaded strictly. None probes the random initialisation (the baseline).
         input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardisation.
@@ -145,10 +147,7 @@ class LinearProbe(_Classifier):
     def __init__(
         self,
         num_classes: int | None = None,
-        backbone: str = "small_cnn",
-        cifar_stem: bool = False,
-        width: int = 32,
-        norm: Norm = "batch",
+        backbone: BackboneSpec | None = None,
         backbone_checkpoint: str | None = None,
         input_norm: InputNorm = "channel",
         feature_stage: int = -1,
@@ -159,7 +158,8 @@ class LinearProbe(_Classifier):
         momentum: float = 0.9,
     ) -> None:
         self.feature_stage = feature_stage
-        super().__init__(num_classes, backbone, cifar_stem, width, norm, backbone_checkpoint)
+        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
+        super().__init__(num_classes, backbone, backbone_checkpoint)
         self.save_hyperparameters()
         self.backbone.requires_grad_(False)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -209,10 +209,7 @@ class FineTune(_Classifier):
     def __init__(
         self,
         num_classes: int | None = None,
-        backbone: str = "small_cnn",
-        cifar_stem: bool = False,
-        width: int = 32,
-        norm: Norm = "batch",
+        backbone: BackboneSpec | None = None,
         backbone_checkpoint: str | None = None,
         input_norm: InputNorm = "channel",
         augment: bool = True,
@@ -222,7 +219,8 @@ class FineTune(_Classifier):
         weight_decay: float = 1e-5,
         momentum: float = 0.9,
     ) -> None:
-        super().__init__(num_classes, backbone, cifar_stem, width, norm, backbone_checkpoint)
+        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
+        super().__init__(num_classes, backbone, backbone_checkpoint)
         self.save_hyperparameters()
 
     def features(self, images: torch.Tensor, batch: dict, split: str) -> torch.Tensor:

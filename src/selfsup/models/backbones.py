@@ -18,7 +18,8 @@ Nothing is downloaded: every model starts from its random initialisation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torchvision
@@ -54,7 +55,7 @@ def check_batch_norm_batch(model: nn.Module) -> None:
             raise SelfsupError(
                 "BatchNorm cannot train on a batch of 1 sample per device (it would normalise each image "
                 "by its own statistics): use GroupNorm, which does not depend on the batch "
-                "(norm: group, e.g. --model.init_args.norm group), or a per-device batch of at least 2"
+                "(backbone norm: group, e.g. --model.init_args.backbone.norm group), or a per-device batch of at least 2"
             )
 
 
@@ -268,3 +269,41 @@ def build_backbone(name: str = "small_cnn", cifar_stem: bool = False, width: int
             raise SelfsupError(f"cifar_stem and norm group apply to small_cnn and ResNets, not {name}")
         return TimmBackbone(name.removeprefix("timm:"))
     raise SelfsupError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which backbone a stage builds, shared by every stage module as one typed argument.
+
+    Plain data: modules store it in their hyperparameters as a dict (:meth:`as_dict`), so
+    checkpoints load with ``torch.load(weights_only=True)`` and :meth:`of` rebuilds it.
+    In a config: ``backbone: {name: resnet18, cifar_stem: true}``; on the command line
+    ``--model.init_args.backbone.name resnet18``.
+
+    Args: as :func:`build_backbone`.
+    """
+
+    name: str = "small_cnn"
+    cifar_stem: bool = False
+    width: int = 32
+    norm: Norm = "batch"
+
+    def build(self) -> nn.Module:
+        return build_backbone(self.name, self.cifar_stem, self.width, self.norm)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, value: BackboneSpec | dict[str, Any] | str | None) -> BackboneSpec:
+        """A spec from a spec, its dict (a checkpoint's hyperparameters), a name, or None (the default)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        if isinstance(value, dict):
+            return cls(**value)
+        # jsonargparse may hand over a Namespace of the fields.
+        return cls(**vars(value))
