@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from selfsup import SelfsupError
-from selfsup.data.decode import IMAGE_EXTENSIONS
+from selfsup.data.decode import is_image_name
 from selfsup.data.sources import (
     EVAL_SPLITS,
     ImageSet,
@@ -80,7 +81,7 @@ def check_image_root(root: str | None, what: str = "data root") -> None:
         raise SelfsupError(f"{what} not found: {path}")
     for _, dirs, names in os.walk(path, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".") for n in names):
+        if any(map(is_image_name, names)):
             return
     raise SelfsupError(
         f"no images found under {path} ({what}): expected image files (.jpg, .png, .webp or another format Pillow reads) "
@@ -91,8 +92,6 @@ def check_image_root(root: str | None, what: str = "data root") -> None:
 def say(message: str, every_rank: bool = False) -> None:
     """Print one line of what the data module did, on the first process only unless asked
     (the rank is known from the launcher's environment before any process group exists)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     rank = getattr(rank_zero_only, "rank", 0)
     if rank == 0:
         print(message, flush=True)
@@ -324,8 +323,6 @@ class ImageDataModule(L.LightningDataModule):
             return
         total = sum(r.found for r in self.all_reports)
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
         stop = self.hparams.bad_files == "stop"
         listed = "full list: bad_files.txt in the run folder"
         if self.run_dir is not None:

@@ -41,6 +41,11 @@ def image_extensions() -> tuple[str, ...]:
 IMAGE_EXTENSIONS = image_extensions()
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name is one we read: not hidden, with an extension Pillow decodes."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow image -> RGB as a viewer shows it (see the module docstring)."""
     im = ImageOps.exif_transpose(im)
@@ -112,13 +117,15 @@ class Decoded:
 
     images: uint8 (N_ok, 3, H, W) with an ``image_size``, else a list of (H, W, 3) arrays;
     ok: bool (N,) which inputs decoded; reasons: (input index, reason) for the others;
-    smaller: how many decoded images were smaller than ``image_size`` (so upscaled).
+    smaller: how many decoded images were smaller than ``image_size`` (so upscaled);
+    workers: the processes that decoded them.
     """
 
     images: np.ndarray | list[np.ndarray]
     ok: np.ndarray
     reasons: list[tuple[int, str]] = field(default_factory=list)
     smaller: int = 0
+    workers: int = 1
 
 
 def _decode_chunk(items: Sequence[str | Path | bytes], image_size: int | None) -> Decoded:
@@ -195,4 +202,4 @@ def decode_files(
             futures = [pool.submit(_decode_chunk, c, image_size) for c in chunks]
             for k, f in enumerate(futures):
                 take(k * chunk, f.result())
-    return Decoded(out[:filled] if out is not None else arrays, ok, reasons, smaller)
+    return Decoded(out[:filled] if out is not None else arrays, ok, reasons, smaller, max(1, workers))

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfsup import SelfsupError
-from selfsup.data.decode import IMAGE_EXTENSIONS, available_cores, decode_files
+from selfsup.data.decode import decode_files, is_image_name
 
 SAMPLE_ZIP = Path(__file__).parent / "sample" / "cifar10_sample.zip"
 EVAL_SPLITS = ("val", "test")
@@ -94,11 +94,9 @@ def scan_folder(directory: Path) -> FolderScan:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel_root = os.path.relpath(root, directory)
         for n in names:
-            if n.startswith("."):
-                continue
-            if n.lower().endswith(IMAGE_EXTENSIONS):
+            if is_image_name(n):
                 found.append(n if rel_root == "." else f"{rel_root}/{n}".replace(os.sep, "/"))
-            else:
+            elif not n.startswith("."):
                 ignored += 1
     found.sort()
     return FolderScan(directory, [directory / r for r in found], found, ignored)
@@ -126,18 +124,21 @@ def resolve_labels(scan: FolderScan, labels: Labels, classes: list[str] | None =
     tops = [r.split("/", 1)[0] if "/" in r else None for r in scan.relative]
     loose = [r for r, t in zip(scan.relative, tops, strict=True) if t is None]
     found = sorted({t for t in tops if t is not None})
+
+    def unlabeled(reason: str) -> LabelChoice:
+        return LabelChoice([-1] * len(tops), [], "none", reason)
+
     if labels == "none":
-        return LabelChoice([-1] * len(tops), [], "none", "data.labels=none")
+        return unlabeled("data.labels=none")
     if labels == "auto":
         if loose:
-            return LabelChoice([-1] * len(tops), [], "none", f"{len(loose):,} images are not in a class folder")
+            return unlabeled(f"{len(loose):,} images are not in a class folder")
         if len(found) < 2:
-            return LabelChoice([-1] * len(tops), [], "none", f"{len(found)} folder holds images, not 2 or more classes")
+            return unlabeled(f"{len(found)} folder holds images, not 2 or more classes")
         deep = sum(r.count("/") > 1 for r in scan.relative)
         if deep:  # an archive by year/trip/...: its folders are no classes (solo-learn #374)
-            return LabelChoice([-1] * len(tops), [], "none",
-                               f"{deep:,} images sit more than one folder deep; set data.labels folders "
-                               "if the top-level folders are classes")
+            return unlabeled(f"{deep:,} images sit more than one folder deep; set data.labels folders "
+                             "if the top-level folders are classes")
     elif loose:
         raise SelfsupError(
             f"data.labels=folders, but {len(loose)} images of {scan.directory} are not in a class folder "
@@ -230,8 +231,7 @@ def decode_split(
     def build() -> dict:
         t0 = time.perf_counter()
         bar = tqdm(total=len(files), desc=desc, unit="img", leave=False, mininterval=1.0)
-        n_workers = workers or available_cores()
-        d = decode_files(files, image_size, n_workers, progress=bar.update)
+        d = decode_files(files, image_size, workers, progress=bar.update)
         bar.close()
         if image_size is None:
             shapes = {a.shape for a in d.images}
@@ -252,7 +252,7 @@ def decode_split(
             "reasons": [r for _, r in d.reasons],
             "smaller": int(d.smaller),
             "seconds": time.perf_counter() - t0,
-            "workers": min(n_workers, max(1, -(-len(files) // 256))),
+            "workers": d.workers,
         }
 
     payload: dict | None = None
@@ -284,7 +284,7 @@ def decode_split(
 def load_sample_split(split: str, image_size: int | None) -> ImageSet:
     """Decode one split (``train`` or ``val``) of the embedded CIFAR-10 sample."""
     with zipfile.ZipFile(SAMPLE_ZIP) as zf:
-        names = sorted(n for n in zf.namelist() if n.startswith(f"{split}/") and n.lower().endswith(IMAGE_EXTENSIONS))
+        names = sorted(n for n in zf.namelist() if n.startswith(f"{split}/") and is_image_name(n.rsplit("/", 1)[-1]))
         classes = sorted({n.split("/")[1] for n in names})
         blobs = [zf.read(n) for n in names]
     labels = torch.tensor([classes.index(n.split("/")[1]) for n in names], dtype=torch.long)

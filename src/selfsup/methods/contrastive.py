@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from selfsup.data.datamodule import say
 from selfsup.data.views import SimCLRViews, normalize, to_float
 from selfsup.media import log_training_figure, spread, view_pairs_grid
 from selfsup.methods.common import configure_optimizers
@@ -61,20 +62,15 @@ class ContrastiveMethod(L.LightningModule):
             return
         ev = dm.evaluation_data
         if ev is None:  # no labels anywhere: nothing to evaluate, and no head of one class per image
-            self._say("online evaluation off: the pretraining images have no labels; give labelled "
-                      "images with --data.eval_root DIR to monitor kNN and linear accuracy")
+            say("online evaluation off: the pretraining images have no labels; give labelled "
+                "images with --data.eval_root DIR to monitor kNN and linear accuracy")
         elif ev is not dm:
             self._separate_eval = ev
-            self._say(f"online evaluation on {ev.hparams.root} ({len(ev.train_set):,} train / "
-                      f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
-                      f"classifier on frozen features every {self.hparams.knn_every} epochs")
+            say(f"online evaluation on {ev.hparams.root} ({len(ev.train_set):,} train / "
+                f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
+                f"classifier on frozen features every {self.hparams.knn_every} epochs")
         elif ev.num_classes >= 2:
             self._build_online(ev.num_classes)
-
-    def _say(self, message: str) -> None:
-        """One line for the user, from the first process only."""
-        if self.trainer.is_global_zero:
-            print(message, flush=True)
 
     def on_validation_epoch_start(self) -> None:
         ev = self._separate_eval

@@ -125,8 +125,7 @@ class OnlineEvaluator(nn.Module):
         if len(images) > self.knn_bank_size:
             idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size]
             images, labels = images[idx], labels[idx]
-        feats = [embed(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
-        self._bank = (torch.cat(feats), labels.to(device))
+        self._bank = (embed_all(embed, images, device, batch_size), labels.to(device))
 
     @property
     def has_bank(self) -> bool:
