@@ -31,6 +31,7 @@ import torch
 from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.data import ImageDataModule
 from selfsup.methods import FineTune
+from selfsup.methods.common import OptimizerSpec
 
 POLICIES = ("fixed", "linear", "linear+warmup")
 
@@ -53,8 +54,9 @@ def run(args: argparse.Namespace, batch: int, policy: str, tmp: str) -> dict:
     L.seed_everything(args.seed, verbose=False)
     dm = ImageDataModule(root=args.root, batch_size=batch, eval_batch_size=1000,
                          max_train_images=args.train_images, max_eval_images=args.eval_images)
-    model = FineTune(backbone={"name": args.backbone, "cifar_stem": args.cifar_stem, "width": args.width}, optimizer="sgd", lr=args.base_lr,
-                     weight_decay=args.weight_decay, momentum=0.9)
+    model = FineTune(num_classes=dm.num_classes,
+                     backbone={"name": args.backbone, "cifar_stem": args.cifar_stem, "width": args.width},
+                     optimizer=OptimizerSpec("sgd", lr=args.base_lr, weight_decay=args.weight_decay, momentum=0.9))
     log = StepLog()
     callbacks = [LearningRateScaling("none" if policy == "fixed" else "linear", reference_batch=args.reference),
                  Warmup(warmup_epochs=args.warmup_epochs if policy == "linear+warmup" else 0.0), log]

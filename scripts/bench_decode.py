@@ -144,7 +144,7 @@ def memory_runs(a: argparse.Namespace) -> None:
             cmd = [sys.executable, "-m", "selfsup.cli", "fit", "--config", str(REPO / "configs/simclr/cifar10.yaml"),
                    "--config", str(REPO / "configs/trainer" / trainer), "--model.init_args.backbone.name", "small_cnn",
                    "--model.init_args.backbone.width", "8", "--model.init_args.proj_hidden", "16",
-                   "--model.init_args.online_eval", "false", "--data.root", str(Path(a.root).resolve()),
+                   "--model.init_args.online.enabled", "false", "--data.root", str(Path(a.root).resolve()),
                    "--data.image_size", str(a.image_size), "--data.batch_size", "32",
                    "--trainer.max_steps", str(a.steps), "--trainer.limit_val_batches", "1",
                    "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",

@@ -23,6 +23,7 @@ from selfsup.data import ImageDataModule
 from selfsup.data.views import SimCLRViews
 from selfsup.losses import NTXentLoss
 from selfsup.methods import LinearProbe, SimCLR
+from selfsup.methods.common import OptimizerSpec
 from selfsup.models import MLP, build_backbone
 
 
@@ -87,7 +88,8 @@ def time_to_accuracy(device: torch.device, epochs: int, probe_epochs: int, batch
     out: dict = {"train_images": len(dm.train_set), "eval_images": len(dm.eval_set), "epochs": epochs}
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(0)
-        model = SimCLR(**arch, temperature=0.5, lr=2e-3)
+        model = SimCLR(**arch, temperature=0.5, optimizer=OptimizerSpec(lr=2e-3, weight_decay=1e-6),
+                       num_classes=dm.num_classes)
         t = time.perf_counter()
         trainer = L.Trainer(max_epochs=epochs, enable_checkpointing=False, limit_val_batches=0,
                             callbacks=[Warmup(warmup_epochs=min(10, epochs // 10))],
@@ -98,7 +100,8 @@ def time_to_accuracy(device: torch.device, epochs: int, probe_epochs: int, batch
         trainer.save_checkpoint(ckpt)
         for name, path in (("random", None), ("simclr", str(ckpt))):
             L.seed_everything(0)
-            probe = LinearProbe(**arch, backbone_checkpoint=path, lr=2e-3)
+            probe = LinearProbe(**arch, num_classes=dm.num_classes, backbone_checkpoint=path,
+                                optimizer=OptimizerSpec(lr=2e-3))
             t = time.perf_counter()
             pt = L.Trainer(max_epochs=probe_epochs, enable_checkpointing=False, default_root_dir=tmp,
                            num_sanity_val_steps=0, callbacks=[Warmup()], **kw)

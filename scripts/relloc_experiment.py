@@ -23,6 +23,7 @@ import lightning as L
 from selfsup.callbacks import Warmup
 from selfsup.data import ImageDataModule
 from selfsup.methods import LinearProbe, RelativeLocation
+from selfsup.methods.common import OptimizerSpec
 
 
 def main() -> None:
@@ -60,7 +61,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(0)
-        model = RelativeLocation(**arch, grid=args.grid, color=args.color, pixelate_p=args.pixelate, lr=args.lr)
+        model = RelativeLocation(**arch, grid=args.grid, color=args.color, pixelate_p=args.pixelate,
+                                 optimizer=OptimizerSpec(lr=args.lr, weight_decay=1e-5))
         t = time.perf_counter()
         trainer = L.Trainer(max_epochs=args.epochs, default_root_dir=tmp,
                             callbacks=[Warmup(warmup_epochs=min(2, args.epochs / 10))], **kw)
@@ -72,7 +74,8 @@ def main() -> None:
         for name, path in (("random", None), ("relative_location", str(ckpt))):
             for stage in (-1, -2):
                 L.seed_everything(0)
-                probe = LinearProbe(**arch, backbone_checkpoint=path, feature_stage=stage, lr=args.lr,
+                probe = LinearProbe(**arch, num_classes=dm.num_classes, backbone_checkpoint=path, feature_stage=stage,
+                                    optimizer=OptimizerSpec(lr=args.lr),
                                     input_norm="per_image" if path else "channel")
                 pt = L.Trainer(max_epochs=args.probe_epochs, default_root_dir=tmp, num_sanity_val_steps=0,
                                callbacks=[Warmup()], **kw)

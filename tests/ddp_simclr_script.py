@@ -16,6 +16,7 @@ from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.data import ImageDataModule
 from selfsup.distributed import gather_with_grad, world_size
 from selfsup.methods import MoCo, SimCLR
+from selfsup.methods.online import OnlineSpec
 
 
 class Record(L.Callback):
@@ -43,7 +44,8 @@ def main() -> None:
     method = sys.argv[3] if len(sys.argv) > 3 else "simclr"
     L.seed_everything(0)
     dm = ImageDataModule(root=root, batch_size=10)
-    kw = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 8, "knn_every": 1}
+    kw = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 8,
+          "online": OnlineSpec(knn_every=1), "num_classes": dm.num_classes}
     model = SimCLR(**kw) if method == "simclr" else MoCo(**kw, queue_size=50)
     rec = Record()
     scaling = LearningRateScaling("linear", reference_batch=256)

@@ -18,6 +18,7 @@ from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.cli import main
 from selfsup.data import ImageDataModule
 from selfsup.methods import FineTune, LinearProbe
+from selfsup.methods.common import OptimizerSpec
 from selfsup.optim.schedules import lr_factor, scale_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ class StopAfter(L.Callback):
 
 def _probe() -> LinearProbe:
     L.seed_everything(0)
-    return LinearProbe(num_classes=3, backbone={"name": "small_cnn", "width": 4}, optimizer="sgd", lr=0.4)
+    return LinearProbe(num_classes=3, backbone={"name": "small_cnn", "width": 4}, optimizer=OptimizerSpec("sgd", lr=0.4))
 
 
 def _fit(model: L.LightningModule, dm: ImageDataModule, root: Path, callbacks: list[L.Callback], max_epochs: int,
@@ -128,7 +129,7 @@ def test_accumulation_counts_in_the_global_batch_and_gives_the_same_step(image_f
     for batch, accumulate in ((64, 1), (32, 2)):
         L.seed_everything(0)
         model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8, "norm": "group"}, augment=False,
-                         optimizer="sgd", lr=0.5, weight_decay=1e-4)
+                         optimizer=OptimizerSpec("sgd", lr=0.5, weight_decay=1e-4))
         start = [p.detach().clone() for p in model.parameters()]
         dm = ImageDataModule(root=str(image_folder), batch_size=batch)
         scaling = LearningRateScaling("linear", reference_batch=256)
@@ -147,7 +148,7 @@ def test_accumulation_counts_in_the_global_batch_and_gives_the_same_step(image_f
 def test_batch_size_one_and_full_batch(image_folder: Path, tmp_path: Path) -> None:
     dm = ImageDataModule(root=str(image_folder), batch_size=1)
     L.seed_everything(0)
-    model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8, "norm": "group"}, optimizer="sgd", lr=0.01)
+    model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8, "norm": "group"}, optimizer=OptimizerSpec("sgd", lr=0.01))
     rec = RecordLR()
     scaling = LearningRateScaling()
     _fit(model, dm, tmp_path / "sgd", [scaling, Warmup(), rec], 1, max_steps=5)
@@ -156,7 +157,7 @@ def test_batch_size_one_and_full_batch(image_folder: Path, tmp_path: Path) -> No
 
     dm = ImageDataModule(root=str(image_folder), batch_size=120)  # every training image in one batch
     L.seed_everything(0)
-    model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8}, optimizer="sgd", lr=0.1)
+    model = FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8}, optimizer=OptimizerSpec("sgd", lr=0.1))
     rec = RecordLR()
     scaling = LearningRateScaling()
     trainer = _fit(model, dm, tmp_path / "gd", [scaling, Warmup(decay="constant"), rec], 3)

@@ -71,9 +71,10 @@ def test_simulated_slurm_job_two_nodes_by_four_tasks(image_folder: Path, tmp_pat
     assert trainer.world_size == 8 and trainer.num_nodes == 2 and trainer.num_devices == 4
     assert (trainer.global_rank, trainer.node_rank, trainer.local_rank) == (5, 1, 1)
     (scaling,) = [cb for cb in trainer.callbacks if isinstance(cb, LearningRateScaling)]
-    global_batch, lr = scaling.resolve(trainer, cli.model.hparams.lr, cli.datamodule.hparams.batch_size)
+    base_lr = cli.model.hparams.optimizer["lr"]
+    global_batch, lr = scaling.resolve(trainer, base_lr, cli.datamodule.hparams.batch_size)
     assert global_batch == 8 * 32 == 256 and lr == pytest.approx(0.3)
-    assert scaling.describe(cli.model.hparams.lr, global_batch, lr) == (
+    assert scaling.describe(base_lr, global_batch, lr) == (
         "lr scaling: base_lr=0.3 global_batch=256 reference=256 rule=linear -> lr=0.3")
     trainer.accumulate_grad_batches = 4  # accumulation counts as well
     assert scaling.resolve(trainer, 0.3, 32) == (1024, pytest.approx(1.2))

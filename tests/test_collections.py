@@ -104,7 +104,7 @@ def test_unlabeled_folder_becomes_a_training_set(layout: str, tmp_path: Path, ca
         write_unlabeled(tmp_path / "r", 40, nested=layout == "nested")
     dm = ImageDataModule(root=str(tmp_path / "r"), image_size=32, val_fraction=0.25)
     dm.setup()
-    assert not dm.has_labels and dm.num_classes == 0 and dm.evaluation_data is None
+    assert not dm.has_labels and dm.num_classes is None and dm.evaluation_data is None
     assert (len(dm.train_set), len(dm.eval_set)) == (30, 10)
     assert (dm.train_set.labels == -1).all()
     out = capsys.readouterr().out
@@ -219,7 +219,7 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
 
 TINY_SIMCLR = ["--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/simclr/cifar10.yaml"),
                "--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8", "--model.init_args.proj_hidden", "16",
-               "--model.init_args.optimizer", "adam", "--model.init_args.lr", "0.002", "--data.batch_size", "8",
+               "--model.init_args.optimizer.name", "adam", "--model.init_args.optimizer.lr", "0.002", "--data.batch_size", "8",
                "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
 
 
@@ -274,13 +274,14 @@ def test_every_stage_pretrains_on_an_unlabeled_folder(method: str, layout: str, 
     assert "64 images, unlabeled" in out
     if method != "relative_location":
         assert "online evaluation off: the pretraining images have no labels" in out + err
-        assert cli.model.online is None
+        # The class count linked from the unlabeled data is None: no head is built.
+        assert cli.model.hparams.num_classes is None and cli.model.online.head is None
 
 
 @pytest.mark.slow
 def test_fit_with_separate_labelled_evaluation_data(flat: Path, image_folder: Path, tmp_path: Path) -> None:
     args = ["fit", *METHOD_ARGS["simclr"], *COMMON, "--data.root", str(flat), "--data.eval_root", str(image_folder),
-            "--model.init_args.knn_every", "1", "--model.init_args.knn_k", "10", "--trainer.max_steps", "-1",
+            "--model.init_args.online.knn_every", "1", "--model.init_args.online.knn_k", "10", "--trainer.max_steps", "-1",
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
             "--trainer.default_root_dir", str(tmp_path / "run")]
     cli = SelfsupCLI(args)
@@ -313,9 +314,9 @@ def test_probe_without_labels_and_too_small_images_fail_in_one_line(flat: Path, 
 
 # -- the pipeline: pretrain on one root, evaluate on another ----------------------------------------
 PIPE_TINY = ["--backbone.width", "8", "--data.batch_size", "16", "--stages.relative_location.max_epochs", "1",
-             "--stages.simclr.max_epochs", "1", "--probe.max_epochs", "2",
+             "--stages.simclr.max_epochs", "1", "--evaluations.linear.max_epochs", "2",
              "--stages.relative_location.model", '{"head_hidden": 16}',
-             "--stages.simclr.model", '{"optimizer": "adam", "lr": 0.002, "proj_hidden": 16}',
+             "--stages.simclr.model", '{"optimizer": {"name": "adam", "lr": 0.002}, "proj_hidden": 16}',
              "--stages.relative_location.probe_stages", "[]", "--wandb.enabled", "false"]
 
 

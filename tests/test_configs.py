@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from selfsup.cli import main
+from selfsup.cli import SelfsupCLI, main
 from selfsup.config import ConfigError
 from selfsup.pipeline import Pipeline, build_parser, stage_model
 
@@ -41,7 +42,7 @@ def test_stage_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cfg["trainer"]["accelerator"] == "cpu"
     own = yaml.safe_load(path.read_text())
     for key, value in own["model"]["init_args"].items():
-        if isinstance(value, dict):  # the backbone: what the file gives, the spec's defaults for the rest
+        if isinstance(value, dict):  # backbone, optimizer, online: what the file gives, the spec's defaults for the rest
             assert cfg["model"]["init_args"][key] == {**cfg["model"]["init_args"][key], **value}, key
         else:
             assert cfg["model"]["init_args"][key] == value, key
@@ -50,7 +51,7 @@ def test_stage_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     for section in ("lr_scaling", "warmup"):
         for key, value in own.get(section, {}).items():
             assert cfg[section][key] == value, (section, key)
-    adam = own["model"]["init_args"].get("optimizer") == "adam"
+    adam = own["model"]["init_args"]["optimizer"]["name"] == "adam"
     assert own["lr_scaling"]["rule"] == ("sqrt" if adam else "linear")
 
 
@@ -67,12 +68,19 @@ def test_pipeline_config_parses(path: Path) -> None:
     assert cfg.backbone.name in ("small_cnn", "resnet18", "resnet50")
     assert cfg.stages and all(st.max_epochs >= 1 for st in cfg.stages.values())
     pipeline = Pipeline(cfg)
-    for name, stage in cfg.stages.items():  # each stage's fit config and overrides build its module
-        model, warmup = stage_model(name, stage, pipeline.backbone_args, pipeline.config_dirs)
+    assert set(cfg.evaluations) == {"linear"} and cfg.baseline == "random"
+    # Each stage's fit config and overrides build its module, evaluations included.
+    for name, stage in [*cfg.stages.items(), *cfg.evaluations.items()]:
+        model, warmup = stage_model(name, stage, pipeline.shared, pipeline.config_dirs, num_classes=10)
         assert type(model).__module__.startswith("selfsup.methods") and isinstance(warmup, dict)
         for key, value in stage.model.items():
-            assert model.hparams[key] == value, (name, key)
+            if isinstance(value, dict):  # a nested section overrides key by key
+                assert model.hparams[key] == {**model.hparams[key], **value}, (name, key)
+            else:
+                assert model.hparams[key] == value, (name, key)
         assert model.hparams["backbone"]["name"] == cfg.backbone.name
+        if "num_classes" in model.hparams:  # linked, as selfsup fit links the DataModule's
+            assert model.hparams["num_classes"] == 10
 
 
 def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
@@ -83,3 +91,19 @@ def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
     assert e.value.code == 2
     with pytest.raises(ConfigError, match="rooot"):
         build_parser().parse_args(["--data.rooot", "x"])
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "linear_probe", "finetune"])
+def test_num_classes_is_linked_from_the_data_before_anything_is_decoded(method: str, image_folder: Path,
+                                                                        tmp_path: Path) -> None:
+    """selfsup fit links data.num_classes into the module when both are built (a folder listing,
+    nothing decoded yet), so heads exist from __init__ on; a user cannot set it apart from the data."""
+    cli = SelfsupCLI(["--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / f"{method}/cifar10.yaml"),
+                      "--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8",
+                      "--data.root", str(image_folder), "--trainer.logger", "false",
+                      "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.datamodule.train_set is None  # not decoded: the class count came from the listing
+    assert cli.model.hparams.num_classes == 3
+    head = cli.model.online.head if method in ("simclr", "moco") else cli.model.classifier.head
+    (linear,) = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear.out_features == 3

@@ -15,6 +15,7 @@ import pytest
 from selfsup.callbacks import LearningRateScaling
 from selfsup.data import ImageDataModule
 from selfsup.methods import SimCLR
+from selfsup.methods.online import OnlineSpec
 
 HERE = Path(__file__).resolve().parent
 
@@ -22,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
     """The rate the same job gets on one process (max_steps=1)."""
     dm = ImageDataModule(root=str(root), batch_size=10)
-    model = SimCLR(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8, online_eval=False)
+    model = SimCLR(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8, online=OnlineSpec(enabled=False))
     scaling = LearningRateScaling("linear", reference_batch=256)
     L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,

@@ -11,6 +11,7 @@ import torch
 from selfsup import SelfsupError
 from selfsup.data import ImageDataModule
 from selfsup.methods import FineTune, LinearProbe, RelativeLocation, SimCLR
+from selfsup.methods.online import OnlineSpec
 
 TINY = {"backbone": {"name": "small_cnn", "width": 8}}
 
@@ -50,10 +51,15 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     t.save_checkpoint(ckpt)
     # Checkpoints hold plain types only: the safe loader accepts them.
     state = torch.load(ckpt, weights_only=True)
-    assert state["hyper_parameters"]["backbone"] == {"name": "small_cnn", "cifar_stem": False, "width": 8,
-                                                     "norm": "batch"}
+    hp = state["hyper_parameters"]
+    # Each typed group complete, whatever part of it was given (here: the backbone's width only).
+    assert hp["backbone"] == {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch"}
+    assert hp["optimizer"] == {"name": "adam", "lr": 2e-3, "weight_decay": 1e-6, "momentum": 0.9}
+    assert hp["online"] == {"enabled": True, "lr": 1e-3, "knn_every": 5, "knn_k": 200}
+    assert hp["views"] == {"size": None, "crop_min_scale": 0.08}
+    assert SimCLR.load_from_checkpoint(ckpt, weights_only=True).hparams.optimizer["lr"] == 2e-3
 
-    probe = LinearProbe(backbone_checkpoint=str(ckpt), **TINY)
+    probe = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(ckpt), **TINY)
     for k, v in pre.backbone.state_dict().items():
         assert torch.equal(probe.backbone.state_dict()[k], v), k
     t2 = trainer(tmp_path, max_epochs=2)
@@ -64,9 +70,9 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     metrics = t2.validate(probe, datamodule=dm, verbose=False)[0]
     assert 0 <= metrics["val/top1"] <= 1
     assert not any(k.startswith("val/top3") or k.startswith("val/top5") for k in metrics)  # 3 classes: no top-k
-    assert probe.hparams.num_classes == 3  # read from the datamodule, stored with the checkpoint
+    assert probe.hparams.num_classes == 3  # stored with the checkpoint
 
-    ft = FineTune(backbone_checkpoint=str(ckpt), **TINY)
+    ft = FineTune(num_classes=3, backbone_checkpoint=str(ckpt), **TINY)
     trainer(tmp_path, max_steps=2).fit(ft, datamodule=dm)
     assert any(not torch.equal(ft.backbone.state_dict()[k], v) for k, v in pre.backbone.state_dict().items())
 
@@ -102,7 +108,7 @@ def test_handoff_errors_name_the_problem(tmp_path: Path) -> None:
 
 def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -> None:
     # The feature cache stays fp32 while the backbone runs in bf16 (a GPU run found this).
-    probe = LinearProbe(**TINY)
+    probe = LinearProbe(num_classes=3, **TINY)
     t = trainer(tmp_path, max_epochs=2, precision="bf16-mixed")
     t.fit(probe, datamodule=dm)
     store, filled = probe._cache["train"]
@@ -112,7 +118,7 @@ def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -
 
 def test_probe_at_an_earlier_stage(tmp_path: Path, dm: ImageDataModule) -> None:
     probe = LinearProbe(num_classes=3, feature_stage=-2, **TINY)
-    assert probe.head[1][0].in_features == 16  # small_cnn width 8: stages of 8, 16, 32 channels
+    assert probe.classifier.head[1][0].in_features == 16  # small_cnn width 8: stages of 8, 16, 32 channels
     t = trainer(tmp_path, max_epochs=1)
     t.fit(probe, datamodule=dm)
     assert probe._cache["train"][0].shape == (120, 16)
@@ -125,21 +131,21 @@ def test_named_backbone_pretrains_one_step_and_is_probed(name: str, stage: int, 
                                                          dm: ImageDataModule) -> None:
     """Any torchvision or timm model as the backbone: one SimCLR step, then a probe from the
     checkpoint (at an intermediate stage where the model has stages) whose weights match."""
-    pre = SimCLR(backbone=name, proj_hidden=16, proj_dim=8, online_eval=False)
+    pre = SimCLR(backbone=name, proj_hidden=16, proj_dim=8, online=OnlineSpec(enabled=False))
     before = {k: v.clone() for k, v in pre.backbone.state_dict().items()}
     t = trainer(tmp_path / "pre", max_steps=1, limit_val_batches=0)
     t.fit(pre, datamodule=dm)
     assert any(not torch.equal(before[k], v) for k, v in pre.backbone.state_dict().items())
     ckpt = tmp_path / "pre.ckpt"
     t.save_checkpoint(ckpt)
-    probe = LinearProbe(backbone=name, backbone_checkpoint=str(ckpt), feature_stage=stage)
+    probe = LinearProbe(num_classes=3, backbone=name, backbone_checkpoint=str(ckpt), feature_stage=stage)
     for k, v in pre.backbone.state_dict().items():
         assert torch.equal(probe.backbone.state_dict()[k], v), k
     t2 = trainer(tmp_path / "probe", max_epochs=1, limit_train_batches=2)
     t2.fit(probe, datamodule=dm)
     metrics = t2.validate(probe, datamodule=dm, verbose=False)[0]
     assert 0 <= metrics["val/top1"] <= 1
-    (linear,) = [m for m in probe.head.modules() if isinstance(m, torch.nn.Linear)]
+    (linear,) = [m for m in probe.classifier.modules() if isinstance(m, torch.nn.Linear)]
     assert linear.in_features == pre.backbone.stage_features(stage)  # the probed depth feeds the head
 
 

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.methods import MoCo
+from selfsup.methods.online import OnlineSpec
 
-TINY = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 4, "online_eval": False}
+TINY = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 4, "online": OnlineSpec(enabled=False)}
 
 
 def test_queue_is_first_in_first_out_and_wraps() -> None:
@@ -53,16 +54,24 @@ def test_info_nce_matches_reference() -> None:
 
 
 def test_training_step_updates_queue_keys_and_not_key_grads() -> None:
-    m = MoCo(**TINY, queue_size=32)
+    m = MoCo(**TINY, queue_size=32, key_momentum=0.5)
+    m.log = lambda *a, **k: None  # no Trainer to log to: the step itself is under test
     m.train()
     imgs = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    v0, v1 = m.views(imgs)(imgs, torch.Generator().manual_seed(0))
-    loss, feats = m.contrastive_loss(v0, v1)
+    key_before = [p.clone() for p in m.key_backbone.parameters()]
+    with torch.no_grad():  # the query encoder moves away from the key encoder
+        for p in m.backbone.parameters():
+            p.add_(0.1)
+    loss = m.training_step({"image": imgs, "label": torch.full((8,), -1)}, 0)
     loss.backward()
-    assert int(m.queue_ptr) == 8 and feats.shape == (8, 32)
+    assert int(m.queue_ptr) == 8
     assert torch.allclose(m.queue[:8].norm(dim=1), torch.ones(8))
     assert all(p.grad is None for p in m.key_backbone.parameters())
     assert any(p.grad is not None for p in m.backbone.parameters())
+    moved = [not torch.equal(a, b) for a, b in zip(key_before, m.key_backbone.parameters(), strict=True)]
+    assert all(moved)  # the key encoder followed the query encoder by momentum
+    key_after = [p.clone() for p in m.key_backbone.parameters()]
     m.eval()
-    m.contrastive_loss(v0, v1)  # evaluation leaves the queue alone
+    m.validation_step({"image": imgs, "label": torch.full((8,), -1)}, 0)  # evaluation leaves queue and keys alone
     assert int(m.queue_ptr) == 8
+    assert all(torch.equal(a, b) for a, b in zip(key_after, m.key_backbone.parameters(), strict=True))

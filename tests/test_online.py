@@ -10,6 +10,7 @@ import torch
 from selfsup.data import ImageDataModule
 from selfsup.knn import knn_scores
 from selfsup.methods import MoCo, SimCLR
+from selfsup.methods.online import OnlineSpec
 
 
 def test_knn_scores_weighted_vote() -> None:
@@ -27,7 +28,8 @@ def test_knn_scores_weighted_vote() -> None:
 def test_online_probe_and_knn_are_logged_and_checkpointed(image_folder: Path, tmp_path: Path) -> None:
     dm = ImageDataModule(root=str(image_folder), batch_size=16)
     for cls in (SimCLR, MoCo):
-        model = cls(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8, knn_every=1)
+        model = cls(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8,
+                    online=OnlineSpec(knn_every=1), num_classes=dm.num_classes)
         t = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=str(tmp_path))
         t.fit(model, datamodule=dm)
@@ -43,6 +45,7 @@ def test_online_probe_and_knn_are_logged_and_checkpointed(image_folder: Path, tm
         # Resume continues from the checkpoint, the online head included.
         t2 = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                        enable_model_summary=False, default_root_dir=str(tmp_path))
-        fresh = cls(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8, knn_every=1)
+        fresh = cls(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8,
+                    online=OnlineSpec(knn_every=1), num_classes=dm.num_classes)
         t2.fit(fresh, datamodule=dm, ckpt_path=ckpt)
         assert t2.current_epoch == 2 and "val/knn_top1" in t2.callback_metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.methods.common import build_optimizer, param_groups
+from selfsup.methods.common import OptimizerSpec, param_groups
 from selfsup.optim.lars import LARS
 from selfsup.optim.schedules import warmup_cosine
 
@@ -29,8 +29,9 @@ def test_param_groups_put_biases_and_norms_in_an_excluded_group() -> None:
     groups = param_groups([net], 1e-4)
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert groups[1]["weight_decay"] == 0.0 and groups[1]["lars_exclude"]
-    assert isinstance(build_optimizer(groups, "lars", 0.1), LARS)
-    adam = build_optimizer(groups, "adam", 0.1)
+    lars = OptimizerSpec("lars", lr=0.1, weight_decay=1e-4).build([net])
+    assert isinstance(lars, LARS) and [g["weight_decay"] for g in lars.param_groups] == [1e-4, 0.0]
+    adam = OptimizerSpec("adam", lr=0.1).build([net])
     assert all("lars_exclude" not in g for g in adam.param_groups)
 
 

@@ -17,9 +17,10 @@ from wandb_files import logged_config, logged_metric_keys
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone.width", "8", "--data.batch_size", "32",
-        "--stages.relative_location.max_epochs", "1", "--stages.simclr.max_epochs", "1", "--probe.max_epochs", "2",
-        "--stages.relative_location.model", '{"per_patch_norm": true, "lr": 0.002, "head_hidden": 32}',
-        "--stages.simclr.model", '{"temperature": 0.5, "optimizer": "adam", "lr": 0.002, "proj_hidden": 32}']
+        "--stages.relative_location.max_epochs", "1", "--stages.simclr.max_epochs", "1",
+        "--evaluations.linear.max_epochs", "2",
+        "--stages.relative_location.model", '{"per_patch_norm": true, "optimizer": {"lr": 0.002}, "head_hidden": 32}',
+        "--stages.simclr.model", '{"temperature": 0.5, "optimizer": {"name": "adam", "lr": 0.002}, "proj_hidden": 32}']
 
 
 def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -58,7 +59,7 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
     config = logged_config(by_stage["simclr_probe"])
     assert config["pipeline"]["backbone"]["width"] == 8
     assert config["pipeline"]["stages"]["simclr"]["model"]["temperature"] == 0.5
-    assert config["lr"] == 0.002  # the stage module's own hyperparameters too
+    assert config["optimizer"]["lr"] == 0.002  # the stage module's own hyperparameters too
     assert "val/top1" in logged_metric_keys(by_stage["simclr_probe"])
     assert "train/pretext_top1_epoch" in logged_metric_keys(by_stage["relative_location"])
 
@@ -93,17 +94,27 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
     queue 4096) with the pipeline's shared sections and the stage's overrides on top."""
     out = tmp_path / "out"
     s = pipeline_main(["--config", str(REPO / "configs/pipeline/all_methods.yaml"), "--data.root", str(image_folder),
-                       "--out", str(out), "--backbone.width", "8", "--data.batch_size", "32", "--probe.max_epochs", "1",
+                       "--out", str(out), "--backbone.width", "8", "--data.batch_size", "32",
+                       "--evaluations.linear.max_epochs", "1",
+                       # An evaluation is a stage from a fit config too: fine-tuning beside the probe.
+                       "--evaluations.finetune.config", "configs/finetune/cifar10.yaml",
+                       "--evaluations.finetune.max_epochs", "1",
                        "--stages.relative_location.enabled", "false", "--stages.simclr.enabled", "false",
                        "--stages.moco.max_epochs", "1", "--stages.moco.model", '{"proj_hidden": 16, "queue_size": 64}',
                        "--wandb.enabled", "false"])
-    assert set(s["results"]) == {"random", "moco"} and 0 <= s["results"]["moco"]["linear_top1"] <= 1
+    assert set(s["results"]) == {"random", "moco"}
+    for entry in s["results"].values():
+        assert 0 <= entry["linear_top1"] <= 1 and 0 <= entry["finetune_top1"] <= 1
     ckpt = torch.load(out / "moco" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert (hp["queue_size"], hp["proj_hidden"]) == (64, 16)
     assert hp["backbone"] == {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch"}  # shared section
-    assert (hp["optimizer"], hp["lr"], hp["temperature"]) == ("sgd", 0.03, 0.2)  # from configs/moco/cifar10.yaml
-    assert "| MoCo |" in (out / "summary.md").read_text()
+    # From configs/moco/cifar10.yaml: SGD at 0.03, temperature 0.2; the stage overrides the queue.
+    assert (hp["optimizer"]["name"], hp["optimizer"]["lr"], hp["temperature"]) == ("sgd", 0.03, 0.2)
+    table = (out / "summary.md").read_text()
+    assert "| MoCo |" in table and "| finetune top-1 |" in table
+    assert not (out / "moco_finetune" / "checkpoints").exists()  # evaluations keep no checkpoints
+    assert "val/top1" in (out / "moco_finetune" / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_stage_errors_name_the_stage_before_anything_trains(image_folder: Path, tmp_path: Path) -> None:

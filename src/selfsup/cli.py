@@ -109,6 +109,9 @@ class SelfsupCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LearningRateScaling, "lr_scaling")
         parser.add_lightning_class_args(Warmup, "warmup")
+        # The class count comes from the data (a folder listing, nothing decoded) into every
+        # module that takes one, before the module is built: heads exist from __init__ on.
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from dataclasses import asdict, dataclass
+from typing import Any, NoReturn, TypeVar
 
 from selfsup import SelfsupError
+
+S = TypeVar("S", bound="PlainData")
 
 # Lines of jsonargparse's multi-line messages that name the actual problem.
 _SPECIFIC = ("is not accepted", "not expected", "Unrecognized", "does not exist", "No such file",
@@ -48,3 +51,29 @@ def find_selfsup_error(e: BaseException | None) -> SelfsupError | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+# A dataclass itself (with no fields): jsonargparse then reads the groups as nested sections,
+# not as classes chosen by class_path.
+@dataclass(frozen=True)
+class PlainData:
+    """For the typed argument groups of the stage modules (backbone, optimiser, online
+    evaluation): frozen dataclasses that a module keeps as plain dicts in its hyperparameters,
+    so that checkpoints load with ``torch.load(weights_only=True)``, and rebuilds with :meth:`of`.
+    In a config each is a nested section (``optimizer: {name: sgd, lr: 0.1}``); on the command
+    line ``--model.init_args.optimizer.lr 0.1``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def of(cls: type[S], value: Any, default: S | None = None) -> S:
+        """The group from itself, its dict (a checkpoint's hyperparameters), a Namespace of its
+        fields (jsonargparse), or None (``default``, else the class defaults)."""
+        if value is None:
+            return default if default is not None else cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        return cls(**vars(value))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import torch
 from torchvision.io import write_png
 from torchvision.utils import make_grid
@@ -112,3 +113,17 @@ def draw_patches(model, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator(device=images.device).manual_seed(seed)
     patches, corners = model.patches(images, g)
     return patch_grid_figure(images.cpu(), corners.cpu(), model.grid_spec(images.shape[-1]).patch, patches.cpu())
+
+
+class ViewsFigure(L.Callback):
+    """Show what a contrastive module trains on: at the start of training, 8 training images with
+    their two views (``pl_module.views``) as a W&B image ``train/views`` and ``train_views.png``
+    in the log folder. A module returns it from ``configure_callbacks``."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def draw(train_set) -> torch.Tensor:
+            images = train_set.images[spread(len(train_set), 8)].to(pl_module.device)
+            v0, v1 = pl_module.views(images, torch.Generator(device=pl_module.device).manual_seed(0))
+            return view_pairs_grid(images, v0, v1)
+
+        log_training_figure(trainer, "train/views", draw, "rows: image, view 0, view 1")

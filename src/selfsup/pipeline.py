@@ -1,14 +1,19 @@
-"""``selfsup pipeline``: pretraining stages in order, each probed, measured on one fixed split.
+"""``selfsup pipeline``: pretraining stages in order, each evaluated, measured on one fixed split.
 
-1. random-init baseline: linear probe of an untrained backbone;
-2. each stage of ``stages`` in order (a name, the ``selfsup fit`` config that describes it,
-   overrides): pretraining, then linear probes of its backbone at the chosen depths.
+The pipeline is two ordered lists of stages, each described by a ``selfsup fit`` config
+(``configs/<method>/<dataset>.yaml``: its ``model`` and ``warmup`` sections) plus overrides:
 
-A stage's model and warmup come from its fit config (``configs/<method>/<dataset>.yaml``); the
-pipeline's shared sections (``data``, ``backbone``, ``trainer``, ``lr_scaling``) apply to every
-stage, and the stage's own entries (``model``, ``warmup``, epochs) override both.
+- ``stages``: pretraining (relative location, SimCLR, MoCo, any stage module);
+- ``evaluations``: run on every backbone, the untrained one first (the ``baseline`` entry,
+  ``random``) and each pretraining stage's at the depths it names (``probe_stages``); the
+  linear probe (``configs/linear_probe/...``) is the one the configs ship with.
 
-Pretraining reads ``data.root`` (labelled or not); the probes train and evaluate on the labelled
+The pipeline's shared sections (``data``, ``backbone``, ``trainer``, ``lr_scaling``) apply to
+every stage, and a stage's own entries (``model``, ``warmup``, epochs) override both. The class
+count comes from the data; an evaluation also gets the checkpoint, depth and input
+normalisation of the backbone it evaluates.
+
+Pretraining reads ``data.root`` (labelled or not); evaluations train and measure on the labelled
 evaluation data: ``data.eval_root`` when given, else ``data.root``'s own labels.
 
 Writes ``OUT/summary.json`` and ``OUT/summary.md`` (also printed), checkpoints under
@@ -38,7 +43,6 @@ from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
 from selfsup.data.datamodule import BAD_FILES_NAME
-from selfsup.methods import LinearProbe
 from selfsup.models.backbones import BackboneSpec
 from selfsup.tracking import WandbLogger, finish_wandb
 
@@ -48,17 +52,19 @@ DISPLAY_NAMES = {"random": "random init (baseline)", "relative_location": "relat
 
 @dataclass
 class Stage:
-    """One pretraining stage of a pipeline.
+    """One stage of a pipeline: pretraining (``stages``) or evaluation (``evaluations``).
 
     Args:
         config: a ``selfsup fit`` config (e.g. ``configs/simclr/cifar10.yaml``): its ``model``
             (class_path and init_args) and ``warmup`` sections describe the stage. A relative
             path is read from the working directory, else from the pipeline config's folders.
-        model: init_args that override the config's (the shared ``backbone`` applies first).
+        model: init_args that override the config's (merged key by key into nested sections,
+            e.g. ``optimizer: {lr: 0.1}`` keeps the config's optimiser name).
         warmup: Warmup arguments that override the config's.
         max_epochs / max_time: the stage's budget (max_time in seconds).
-        probe_stages: earlier backbone stages to probe too (e.g. -2: ResNet layer3), besides the last.
-        enabled: run this stage and its probes.
+        probe_stages: of a pretraining stage: earlier backbone stages to evaluate too (e.g. -2:
+            ResNet layer3), besides the last.
+        enabled: run this stage (and, for pretraining, its evaluations).
     """
 
     config: str | None = None
@@ -89,10 +95,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--wandb.offline", type=bool | None, default=None, help="None: offline unless an account is set")
     p.add_argument("--stages", type=dict[str, Stage], default={},
                    help="pretraining stages in order, by name, e.g. --stages.simclr.max_epochs 5")
-    p.add_argument("--probe.max_epochs", type=int, default=30)
-    p.add_class_arguments(Warmup, "probe.warmup")
-    p.add_class_arguments(LinearProbe, "probe.model",
-                          skip={"backbone", "num_classes", "backbone_checkpoint", "input_norm", "feature_stage"})
+    p.add_argument("--evaluations", type=dict[str, Stage], default={},
+                   help="evaluation stages run on every backbone, by name (linear: the linear probe), "
+                        "e.g. --evaluations.linear.max_epochs 30")
+    p.add_argument("--baseline", type=str | None, default="random",
+                   help="the entry of the untrained backbone's evaluations; null: none")
     return p
 
 
@@ -110,9 +117,20 @@ def _find_config(path: str, near: list[Path]) -> Path:
     return p
 
 
-def stage_model(name: str, stage: Namespace, backbone: dict[str, Any], near: list[Path]) -> tuple[LightningModule, dict]:
-    """Build a stage's module from its fit config and overrides; return it and the warmup
-    arguments. The module is type-checked by the same parser machinery as ``selfsup fit``."""
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` on top, nested sections merged key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_model(name: str, stage: Namespace, shared: dict[str, Any], near: list[Path],
+                num_classes: int | None = None) -> tuple[LightningModule, dict]:
+    """Build a stage's module from its fit config, the shared sections and the stage's
+    overrides (in that order); return it and the warmup arguments. The module is type-checked
+    by the same parser machinery as ``selfsup fit``, and ``num_classes`` is linked into it as
+    ``selfsup fit`` links the DataModule's (where the module takes one)."""
     if stage.config is None:
         raise SelfsupError(f"stage {name} names no config: give stages.{name}.config, a selfsup fit config "
                            "such as configs/simclr/cifar10.yaml")
@@ -123,12 +141,15 @@ def stage_model(name: str, stage: Namespace, backbone: dict[str, Any], near: lis
     model = fit.get("model")
     if not isinstance(model, dict) or "class_path" not in model:
         raise SelfsupError(f"stage {name}: {path} has no model.class_path")
-    init = {**(model.get("init_args") or {}), **backbone, **stage.model}
+    init = merge(merge(model.get("init_args") or {}, shared), stage.model)
     parser = PipelineParser(prog=f"selfsup pipeline (stage {name})")
     parser.add_subclass_arguments(LightningModule, "model")
-    cfg = parser.parse_object({"model": {"class_path": model["class_path"], "init_args": init}})
+    parser.add_argument("--num_classes", type=int | None, default=None)
+    parser.link_arguments("num_classes", "model.init_args.num_classes", apply_on="parse")
+    cfg = parser.parse_object({"model": {"class_path": model["class_path"], "init_args": init},
+                               "num_classes": num_classes})
     module = parser.instantiate_classes(cfg).model
-    return module, {**(fit.get("warmup") or {}), **stage.warmup}
+    return module, merge(fit.get("warmup") or {}, stage.warmup)
 
 
 def _to_dict(ns: Namespace) -> dict[str, Any]:
@@ -146,11 +167,11 @@ class Pipeline:
         self.config = _to_dict(cfg)
         self.out = Path(cfg.out)
         # The shared backbone, as every stage module takes it (replacing its config's).
-        self.backbone_args = {"backbone": BackboneSpec.of(_to_dict(cfg.backbone)).as_dict()}
+        self.shared = {"backbone": BackboneSpec.of(_to_dict(cfg.backbone)).as_dict()}
         # Where a stage's relative config path may be found besides the working directory.
         self.config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
 
-    def trainer(self, stage: str, warmup: Namespace, max_epochs: int, max_time: float | None = None,
+    def trainer(self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None,
                 checkpoint: bool = False) -> L.Trainer:
         cfg = self.cfg
         loggers: list[Logger] = [CSVLogger(str(self.out), name=stage, version="")]
@@ -160,7 +181,7 @@ class Pipeline:
         for lg in loggers:
             lg.log_hyperparams({"pipeline": self.config, "stage": stage})
         callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10), LearningRateScaling(**_to_dict(cfg.lr_scaling)),
-                                       Warmup(**_to_dict(warmup))]
+                                       Warmup(**warmup)]
         if checkpoint:
             callbacks.append(ModelCheckpoint(dirpath=self.out / stage / "checkpoints", filename="last",
                                              enable_version_counter=False))
@@ -173,38 +194,46 @@ class Pipeline:
         except TypeError as e:
             raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
 
-    def probe(self, dm: ImageDataModule, stage: str, checkpoint: Path | None, input_norm: str,
-              feature_stage: int = -1) -> tuple[dict[str, float], int]:
-        """Linear probe of a backbone at ``feature_stage``: (top-1/top-5 metrics, stage index)."""
-        L.seed_everything(self.cfg.seed, verbose=False)
-        model = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(checkpoint) if checkpoint else None,
-                            input_norm=input_norm, feature_stage=feature_stage, **self.backbone_args,
-                            **_to_dict(self.cfg.probe.model))
-        index = feature_stage % model.backbone.num_stages
-        name = f"{stage}_probe" if feature_stage == -1 else f"{stage}_probe_stage{index}"
-        trainer = self.trainer(name, self.cfg.probe.warmup, self.cfg.probe.max_epochs)
-        trainer.fit(model, datamodule=dm)
-        metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-        finish_wandb(trainer)  # the next stage gets a run of its own
-        top5 = float(metrics["val/top5"]) if model.top_k == 5 else None  # None: 5 classes or fewer
-        return {"linear_top1": float(metrics["val/top1"]), "linear_top5": top5}, index
-
-    def build(self, name: str) -> tuple[LightningModule, dict]:
+    def build(self, name: str, stage: Namespace, num_classes: int | None,
+              extra: dict[str, Any] | None = None) -> tuple[LightningModule, dict]:
         """A stage's module (seeded, so each stage starts from the same initialisation stream)."""
         L.seed_everything(self.cfg.seed, verbose=False)
-        return stage_model(name, self.cfg.stages[name], self.backbone_args, self.config_dirs)
+        return stage_model(name, stage, merge(self.shared, extra or {}), self.config_dirs, num_classes)
 
-    def pretrain(self, dm: ImageDataModule, name: str) -> tuple[Path, LightningModule, dict[str, float]]:
-        model, warmup = self.build(name)
-        scfg = self.cfg.stages[name]
-        trainer = self.trainer(name, Namespace(**warmup), scfg.max_epochs, scfg.max_time, checkpoint=True)
+    def run_stage(self, name: str, stage: Namespace, model: LightningModule, warmup: dict,
+                  dm: ImageDataModule, checkpoint: bool = False) -> dict[str, float]:
+        """Train one stage on ``dm`` and validate it; its figures, e.g. ``val/top1``."""
+        trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint)
         trainer.fit(model, datamodule=dm)
-        extra: dict[str, float] = {}
         metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-        if "val/pretext_top1" in metrics:  # a pretext task with classes of its own
-            extra["pretext_top1"] = float(metrics["val/pretext_top1"])
         finish_wandb(trainer)  # the next stage gets a run of its own
-        return self.out / name / "checkpoints" / "last.ckpt", model, extra
+        return {k: float(v) for k, v in metrics.items()}
+
+    def evaluate(self, labelled: ImageDataModule, entry: str, checkpoint: Path | None, input_norm: str,
+                 depths: list[int]) -> dict[str, float | None]:
+        """Every evaluation stage on one backbone (``checkpoint``; None: untrained) at each depth:
+        ``{evaluation}_top1``, ``{evaluation}_top5`` (None with 5 classes or fewer) and
+        ``{evaluation}_top1_stage{k}`` for the earlier depths."""
+        results: dict[str, float | None] = {}
+        for ev_name, ev in self.cfg.evaluations.items():
+            if not ev.enabled:
+                continue
+            for depth in [-1, *depths]:
+                extra: dict[str, Any] = {"backbone_checkpoint": str(checkpoint) if checkpoint else None,
+                                         "input_norm": input_norm}
+                if depth != -1:
+                    extra["feature_stage"] = depth
+                model, warmup = self.build(ev_name, ev, labelled.num_classes, extra)
+                index = depth % model.backbone.num_stages
+                run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
+                run += "" if depth == -1 else f"_stage{index}"
+                metrics = self.run_stage(run, ev, model, warmup, labelled)
+                if depth == -1:
+                    results[f"{ev_name}_top1"] = metrics["val/top1"]
+                    results[f"{ev_name}_top5"] = metrics.get("val/top5")  # absent with 5 classes or fewer
+                else:
+                    results[f"{ev_name}_top1_stage{index}"] = metrics["val/top1"]
+        return results
 
     def run(self) -> dict[str, Any]:
         t_start = time.time()
@@ -217,33 +246,35 @@ class Pipeline:
         labelled = dm.evaluation_data
         if labelled is None:
             raise SelfsupError(
-                f"the pipeline's probes need labelled images, but {cfg.data.root} has none (data.labels="
+                f"the pipeline's evaluations need labelled images, but {cfg.data.root} has none (data.labels="
                 f"{cfg.data.labels}); give labelled evaluation data with --data.eval_root DIR (DIR/<class>/<image>)"
             )
         stages = [name for name, st in cfg.stages.items() if st.enabled]
-        for name in stages:  # every stage's config parses and fits the data before anything trains
-            model, _ = stage_model(name, cfg.stages[name], self.backbone_args, self.config_dirs)
-            check = getattr(model, "check_data", None)
-            if check is not None:
-                check(dm)
-        results: dict[str, dict[str, float]] = {}
+        # Every stage's config parses and fits its data before anything trains.
+        checks = [(name, cfg.stages[name], dm) for name in stages]
+        checks += [(name, ev, labelled) for name, ev in cfg.evaluations.items() if ev.enabled]
+        for name, stage, data in checks:
+            model, _ = stage_model(name, stage, self.shared, self.config_dirs, data.num_classes)
+            if hasattr(model, "check_data"):
+                model.check_data(data)
+        results: dict[str, dict[str, Any]] = {}
 
-        t0 = time.time()
-        random, _ = self.probe(labelled, "random", None, "channel")
-        results["random"] = {**random, "seconds": time.time() - t0}
+        if cfg.baseline:
+            t0 = time.time()
+            results[cfg.baseline] = {**self.evaluate(labelled, cfg.baseline, None, "channel", []),
+                                     "seconds": time.time() - t0}
 
         for name in stages:
             t0 = time.time()
-            ckpt, model, extra = self.pretrain(dm, name)
-            # Probe with the inputs the backbone was trained on (per-patch standardised for
-            # relative location).
+            model, warmup = self.build(name, cfg.stages[name], dm.num_classes)
+            metrics = self.run_stage(name, cfg.stages[name], model, warmup, dm, checkpoint=True)
+            extra = {"pretext_top1": metrics["val/pretext_top1"]} if "val/pretext_top1" in metrics else {}
+            # Evaluate with the inputs the backbone was trained on (per-patch standardised for
+            # relative location), and at earlier depths too: pretext tasks over-specialise the last one.
             norm = getattr(model, "probe_input_norm", "channel")
-            probe, _ = self.probe(labelled, name, ckpt, norm)
-            # Earlier stages too: pretext tasks over-specialise the last one.
-            for k in cfg.stages[name].probe_stages:
-                metrics, index = self.probe(labelled, name, ckpt, norm, k)
-                extra[f"linear_top1_stage{index}"] = metrics["linear_top1"]
-            results[name] = {**extra, **probe, "seconds": time.time() - t0}
+            ckpt = self.out / name / "checkpoints" / "last.ckpt"
+            evaluated = self.evaluate(labelled, name, ckpt, norm, list(cfg.stages[name].probe_stages))
+            results[name] = {**extra, **evaluated, "seconds": time.time() - t0}
 
         def where(root: str | None) -> str:
             return str(Path(root).expanduser().resolve()) if root else "(embedded sample)"
@@ -263,20 +294,22 @@ class Pipeline:
             "wall_seconds": time.time() - t_start,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = summary_markdown(summary, labelled.eval_split)
+        table = summary_markdown(summary, labelled.eval_split, [n for n, e in cfg.evaluations.items() if e.enabled])
         (self.out / "summary.md").write_text(table)
         print("\n" + table)
         return summary
 
 
-def summary_markdown(s: dict[str, Any], eval_split: str = "") -> str:
-    """The summary as a Markdown table; accuracies in percent."""
+def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Sequence[str] = ("linear",)) -> str:
+    """The summary as a Markdown table, one row per backbone and two columns per evaluation;
+    accuracies in percent."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     names = DISPLAY_NAMES
     separate = s.get("eval_root", s["data_root"]) != s["data_root"]
     counts = s.get("images", {})
+    columns = [(f"{e}_{k}", f"{e} {k[:3]}-{k[3:]}") for e in evaluations for k in ("top1", "top5")]
     lines = [
         f"# selfsup pipeline: {s['data_root']}",
         "",
@@ -287,17 +320,18 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "") -> str:
         f"accuracies on the eval split; {s['wall_seconds']:.0f} s in all."
         + (f" {counts['skipped']} unreadable files skipped ({counts['skipped_list']})." if counts.get("skipped") else ""),
         "",
-        "| backbone from | pretext top-1 | linear top-1 | linear top-5 | seconds |",
-        "|---|---:|---:|---:|---:|",
+        "| backbone from | pretext top-1 | " + " | ".join(title for _, title in columns) + " | seconds |",
+        "|---|---:|" + "---:|" * len(columns) + "---:|",
     ]
     notes = []
     for key, r in s["results"].items():
-        lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {pct(r['linear_top1'])} | "
-                     f"{pct(r['linear_top5'])} | {r['seconds']:.0f} |")
-        by_stage = [f"stage {k.removeprefix('linear_top1_stage')} {pct(v)}" for k, v in r.items()
-                    if k.startswith("linear_top1_stage")]
-        if by_stage:
-            notes.append(f"{names.get(key, key)}, linear top-1 from earlier backbone stages: {', '.join(by_stage)}.")
+        cells = " | ".join(pct(r.get(k)) for k, _ in columns)
+        lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {cells} | {r['seconds']:.0f} |")
+        for e in evaluations:
+            by_stage = [f"stage {k.removeprefix(f'{e}_top1_stage')} {pct(v)}" for k, v in r.items()
+                        if k.startswith(f"{e}_top1_stage")]
+            if by_stage:
+                notes.append(f"{names.get(key, key)}, {e} top-1 from earlier backbone stages: {', '.join(by_stage)}.")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

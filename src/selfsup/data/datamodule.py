@@ -21,7 +21,10 @@ from selfsup import SelfsupError
 from selfsup.data.decode import is_image_name
 from selfsup.data.sources import (
     EVAL_SPLITS,
+    TORCHVISION_CLASSES,
+    FolderScan,
     ImageSet,
+    LabelChoice,
     Labels,
     SplitReport,
     decode_split,
@@ -29,6 +32,7 @@ from selfsup.data.sources import (
     load_sample_split,
     load_torchvision_split,
     resolve_labels,
+    sample_classes,
     scan_folder,
 )
 
@@ -164,6 +168,7 @@ class ImageDataModule(L.LightningDataModule):
         self.run_dir: str | None = None
         self.defer_bad_files = False
         self._evaluation: ImageDataModule | None = None
+        self._layout: tuple[Path, Path | None, FolderScan, LabelChoice] | None = None
         if self.source == "folder":
             check_image_root(root)
         if eval_root is not None:
@@ -225,7 +230,11 @@ class ImageDataModule(L.LightningDataModule):
             if idx is not None:
                 setattr(self, name, getattr(self, name).subset(idx))
 
-    def _load_folder(self) -> None:
+    def _folder_layout(self) -> tuple[Path, Path | None, FolderScan, LabelChoice]:
+        """The training folder, the evaluation split's folder (or None), the training files and
+        their labels: scanned once (a listing, nothing decoded) and kept."""
+        if self._layout is not None:
+            return self._layout
         hp = self.hparams
         if hp.root is None:
             raise SelfsupError("data.source=folder needs data.root")
@@ -239,7 +248,12 @@ class ImageDataModule(L.LightningDataModule):
         scan = scan_folder(train_dir)
         if not scan.files:
             raise SelfsupError(f"no images found under {train_dir}")
-        choice = resolve_labels(scan, hp.labels)
+        self._layout = (train_dir, eval_dir, scan, resolve_labels(scan, hp.labels))
+        return self._layout
+
+    def _load_folder(self) -> None:
+        hp = self.hparams
+        train_dir, eval_dir, scan, choice = self._folder_layout()
         kind = (f"labelled by {choice.reason}" + (" (set data.labels none if they are not classes)"
                                                    if hp.labels == "auto" else "")
                 if choice.mode == "folders" else f"unlabeled ({choice.reason})")
@@ -358,8 +372,19 @@ class ImageDataModule(L.LightningDataModule):
         return self.train_set, self.eval_set
 
     @property
-    def num_classes(self) -> int:
-        return len(self._require()[0].classes)
+    def num_classes(self) -> int | None:
+        """Classes of the training images' labels; None when they have none. Known without
+        decoding (a folder is listed, once), so that ``selfsup fit`` can link it into the
+        model's ``num_classes`` when both are built."""
+        if self.train_set is not None:
+            return len(self.train_set.classes) if self.train_set.labelled else None
+        if self.hparams.labels == "none":
+            return None
+        src = self.source
+        if src == "folder":
+            choice = self._folder_layout()[3]
+            return len(choice.classes) if choice.mode == "folders" else None
+        return len(sample_classes()) if src == "sample" else TORCHVISION_CLASSES[src]
 
     @property
     def classes(self) -> list[str]:

@@ -281,11 +281,25 @@ def decode_split(
     return ImageSet(payload["images"], payload["labels"], list(payload["classes"])), report
 
 
+#: Classes of the torchvision sets ``ImageDataModule`` reads, known without reading them.
+TORCHVISION_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}
+
+
+def _sample_names(zf: zipfile.ZipFile, split: str) -> tuple[list[str], list[str]]:
+    names = sorted(n for n in zf.namelist() if n.startswith(f"{split}/") and is_image_name(n.rsplit("/", 1)[-1]))
+    return names, sorted({n.split("/")[1] for n in names})
+
+
+def sample_classes() -> list[str]:
+    """Class names of the embedded sample, from its file list (nothing decoded)."""
+    with zipfile.ZipFile(SAMPLE_ZIP) as zf:
+        return _sample_names(zf, "train")[1]
+
+
 def load_sample_split(split: str, image_size: int | None) -> ImageSet:
     """Decode one split (``train`` or ``val``) of the embedded CIFAR-10 sample."""
     with zipfile.ZipFile(SAMPLE_ZIP) as zf:
-        names = sorted(n for n in zf.namelist() if n.startswith(f"{split}/") and is_image_name(n.rsplit("/", 1)[-1]))
-        classes = sorted({n.split("/")[1] for n in names})
+        names, classes = _sample_names(zf, split)
         blobs = [zf.read(n) for n in names]
     labels = torch.tensor([classes.index(n.split("/")[1]) for n in names], dtype=torch.long)
     d = decode_files(blobs, image_size if image_size is not None else 32, workers=1)

@@ -8,10 +8,13 @@ per-sample DataLoader workers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from selfsup.config import PlainData
 
 #: ImageNet channel statistics, the usual choice for natural images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -244,15 +247,15 @@ class SimCLRViews(nn.Module):
     for images above 32 pixels, then channel normalisation.
 
     Args:
-        image_size: side S of the output views.
-        blur: None means on for images larger than 32 pixels.
+        image_size: side S of the output views; None: the side of the input images.
+        blur: None means on for views larger than 32 pixels.
     Shapes:
         (B, 3, H, W) uint8 on any device -> two (B, 3, S, S) float tensors.
     """
 
     def __init__(
         self,
-        image_size: int = 32,
+        image_size: int | None = 32,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         jitter_strength: float = 1.0,
@@ -269,20 +272,37 @@ class SimCLRViews(nn.Module):
         self.jitter = tuple(v * jitter_strength for v in (0.4, 0.4, 0.4, 0.1))
         self.jitter_p = jitter_p
         self.gray_p = gray_p
-        self.blur = image_size > 32 if blur is None else blur
+        self.blur = blur
         self.mean, self.std = tuple(mean), tuple(std)
 
     def view(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalised."""
+        size = self.image_size or images.shape[-1]
         x = to_float(images)
-        x = random_resized_crop(x, self.image_size, self.scale, self.ratio, generator=generator)
+        x = random_resized_crop(x, size, self.scale, self.ratio, generator=generator)
         b, c, s, h = self.jitter
         x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator)
         x = random_grayscale(x, self.gray_p, generator=generator)
-        if self.blur:
+        if self.blur if self.blur is not None else size > 32:
             x = random_gaussian_blur(x, generator=generator)
         return normalize(x, self.mean, self.std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(images, generator), self.view(images, generator)
+
+
+@dataclass(frozen=True)
+class ViewSpec(PlainData):
+    """The views of a contrastive stage (one typed argument; SimCLR's recipe otherwise).
+
+    Args:
+        size: side of the views; None: the side of the input images.
+        crop_min_scale: smallest area fraction of the random resized crop (SimCLR: 0.08).
+    """
+
+    size: int | None = None
+    crop_min_scale: float = 0.08
+
+    def build(self) -> SimCLRViews:
+        return SimCLRViews(self.size, scale=(self.crop_min_scale, 1.0))

@@ -1,15 +1,20 @@
-"""Pieces the stage modules share: optimiser set-up, backbone hand-off."""
+"""Pieces the stage modules share: the optimiser argument, the backbone hand-off."""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import lightning as L
 import torch
 from torch import nn
 
 from selfsup import SelfsupError
+from selfsup.config import PlainData
 from selfsup.optim.lars import LARS
 
 OptimizerName = Literal["adam", "adamw", "sgd", "lars"]
@@ -30,34 +35,65 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     return groups
 
 
-def build_optimizer(
-    groups: list[dict], name: OptimizerName, lr: float, momentum: float = 0.9
-) -> torch.optim.Optimizer:
-    if name != "lars":
-        # Only LARS knows the exclusion flag.
-        groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    raise SelfsupError(f"unknown optimizer {name!r}; choose adam, adamw, sgd or lars")
+@dataclass(frozen=True)
+class OptimizerSpec(PlainData):
+    """The optimiser of a stage, one typed argument of every stage module (stored as a dict).
 
+    ``lr`` is the base rate at the reference batch: the LearningRateScaling and Warmup callbacks
+    (selfsup.callbacks) set the rate of every step from it and the trainer's facts. Biases and
+    normalisation weights get no weight decay (and no LARS adaptation), as in SimCLR.
 
-def configure_optimizers(module, modules: Iterable[nn.Module], extra_groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """Optimiser for ``modules`` from the module's hyperparameters ``optimizer``, ``lr``,
-    ``weight_decay`` and ``momentum``; ``extra_groups`` (e.g. an online probe with its own
-    ``lr``) join the same optimiser.
-
-    ``lr`` is the base rate at the reference batch: the LearningRateScaling and Warmup
-    callbacks (selfsup.callbacks) set the rate of every step from it and the trainer's facts.
+    Args:
+        name: ``adam``, ``adamw``, ``sgd`` (Nesterov when momentum > 0) or ``lars``.
+        lr: base learning rate at ``lr_scaling.reference_batch`` images per step.
+        weight_decay: L2 penalty of the weights (not of 1-d parameters).
+        momentum: of SGD and LARS.
     """
-    hp = module.hparams
-    groups = param_groups(modules, hp.weight_decay) + list(extra_groups or [])
-    return build_optimizer(groups, hp.optimizer, hp.lr, hp.momentum)
+
+    name: OptimizerName = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+    def build(self, modules: Iterable[nn.Module], extra_groups: Iterable[dict] = ()) -> torch.optim.Optimizer:
+        """The optimiser over the trainable parameters of ``modules``; ``extra_groups`` (e.g. an
+        online probe with its own ``lr``) join it."""
+        groups = param_groups(modules, self.weight_decay) + list(extra_groups)
+        if self.name != "lars":
+            # Only LARS knows the exclusion flag.
+            groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+        if self.name == "lars":
+            return LARS(groups, lr=self.lr, momentum=self.momentum)
+        if self.name == "adam":
+            return torch.optim.Adam(groups, lr=self.lr)
+        if self.name == "adamw":
+            return torch.optim.AdamW(groups, lr=self.lr)
+        if self.name == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.momentum > 0)
+        raise SelfsupError(f"unknown optimizer {self.name!r}; choose adam, adamw, sgd or lars")
+
+
+def _plain_group(hint: Any) -> type[PlainData] | None:
+    """The PlainData class in a type hint (``OptimizerSpec``, ``BackboneSpec | None``), if any."""
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and issubclass(t, PlainData):
+            return t
+    return None
+
+
+def save_plain_hyperparameters(module: L.LightningModule) -> None:
+    """``module.save_hyperparameters()`` for the calling ``__init__``, with the typed argument
+    groups (backbone, optimiser, ...; :class:`selfsup.config.PlainData`) stored as complete
+    plain dicts, however they were given (a spec, a partial dict, a name, None), so that
+    checkpoints load with ``torch.load(weights_only=True)`` and configs stay YAML."""
+    module.save_hyperparameters(frame=inspect.currentframe().f_back)
+    hints = typing.get_type_hints(type(module).__init__)
+    # Both copies: the run config that loggers record is made from the initial ones.
+    for hp in (module.hparams, module._hparams_initial):
+        for key, value in hp.items():
+            group = _plain_group(hints.get(key))
+            if group is not None:
+                hp[key] = group.of(value).as_dict()
 
 
 def load_backbone(backbone: nn.Module, path: str | Path) -> int:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
+from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.distributed import gather_no_grad
-from selfsup.methods.common import OptimizerName
-from selfsup.methods.contrastive import ContrastiveMethod
+from selfsup.media import ViewsFigure
+from selfsup.methods.common import OptimizerSpec, save_plain_hyperparameters
+from selfsup.methods.online import OnlineEvaluation, OnlineHooks, OnlineSpec
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
 
-class MoCo(ContrastiveMethod):
+class MoCo(L.LightningModule):
     """Queries from the trained encoder, keys from its momentum (EMA) copy; negatives from a
     queue of past keys, so small per-device batches (one GPU, a CPU) still see many negatives.
 
@@ -23,14 +26,15 @@ class MoCo(ContrastiveMethod):
     from every rank without gradient before they enter the queue, so the queue is identical
     on all ranks. The key encoder's BatchNorm sees only the local batch (no shuffle-BN).
 
+    Views, the online evaluator and the optimiser are SimCLR's parts, with the same arguments.
+
     Args:
-        backbone: which network (``selfsup.models.BackboneSpec``: name, cifar_stem, width, norm);
-            None: the small CNN. Stored as a plain dict in the hyperparameters.
+        backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
         queue_size: negatives kept (MoCo: 65536 on ImageNet; a few thousand on CIFAR).
         key_momentum: m in ``key = m * key + (1 - m) * query`` after each step (0.99-0.999).
         temperature: 0.2 in MoCo v2.
         symmetric: also use view 1 as query against view 0's key (twice the compute).
-        optimizer / lr / ...: see ``selfsup.methods.common.configure_optimizers`` (lr at the reference batch).
+        views / optimizer / online / num_classes: as in ``SimCLR``.
     """
 
     def __init__(
@@ -42,23 +46,15 @@ class MoCo(ContrastiveMethod):
         key_momentum: float = 0.99,
         temperature: float = 0.2,
         symmetric: bool = False,
-        view_size: int | None = None,
-        crop_min_scale: float = 0.08,
-        optimizer: OptimizerName = "adam",
-        lr: float = 2e-3,
-        weight_decay: float = 1e-6,
-        momentum: float = 0.9,
+        views: ViewSpec = ViewSpec(),
+        optimizer: OptimizerSpec = OptimizerSpec(lr=2e-3, weight_decay=1e-6),
+        online: OnlineSpec = OnlineSpec(),
         num_classes: int | None = None,
-        online_eval: bool = True,
-        online_lr: float = 1e-3,
-        knn_every: int = 5,
-        knn_k: int = 200,
     ) -> None:
-        super().__init__()
-        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
-        self.save_hyperparameters()
         if not 0 <= key_momentum < 1:
             raise ValueError(f"key_momentum must be in [0, 1), got {key_momentum}")
+        super().__init__()
+        save_plain_hyperparameters(self)
         self.backbone = BackboneSpec.of(backbone).build()
         self.projector = MLP([self.backbone.num_features, proj_hidden, proj_dim], batch_norm=True)
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
@@ -66,7 +62,12 @@ class MoCo(ContrastiveMethod):
         # Buffers: saved in checkpoints, so a resumed run continues with the same negatives.
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.init_online()
+        self.views = ViewSpec.of(views).build()
+        self.online = OnlineEvaluation(OnlineSpec.of(online), self.backbone.num_features, num_classes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Query-encoder features of plain uint8 images (no augmentation): (B, F)."""
+        return self.backbone(normalize(to_float(images)))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -96,20 +97,37 @@ class MoCo(ContrastiveMethod):
         logits = torch.cat([pos, neg], dim=1) / self.hparams.temperature
         return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
-    def contrastive_loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """InfoNCE of queries from ``v0`` against keys from ``v1`` (and the reverse when
+        symmetric), views (B, 3, S, S). Returns the loss, the query backbone's features of ``v0``
+        (B, F) and the keys of ``v0``'s images (B, D), the next entries of the queue."""
         symmetric = self.hparams.symmetric
-        queries = torch.cat([v0, v1]) if symmetric else v0
-        h = self.backbone(queries)
+        h = self.backbone(torch.cat([v0, v1]) if symmetric else v0)
         q = F.normalize(self.projector(h).float(), dim=1)
         with torch.no_grad():
-            if self.training:
-                self.momentum_update()
             keys_in = torch.cat([v1, v0]) if symmetric else v1
             k = F.normalize(self.key_projector(self.key_backbone(keys_in)).float(), dim=1)
-        loss = self.info_nce(q, k)
-        if self.training:
-            self.enqueue(k[: v0.shape[0]])
-        return loss, h[: v0.shape[0]]
+        b = v0.shape[0]
+        return self.info_nce(q, k), h[:b], k[:b]
 
-    def ssl_modules(self) -> list[torch.nn.Module]:
-        return [self.backbone, self.projector]
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        v0, v1 = self.views(batch["image"])
+        self.momentum_update()  # the key encoder moves before it encodes this batch's keys (MoCo, Alg. 1)
+        loss, features, keys = self.loss(v0, v1)
+        self.enqueue(keys)  # after the loss: this batch's keys are its positives, not yet negatives
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss + self.online.training_loss(self, features, batch["label"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        # Fixed views per batch, comparable over epochs; the key encoder and queue stay as they are.
+        loss, _, _ = self.loss(*self.views(images, torch.Generator(device=images.device).manual_seed(1000 + batch_idx)))
+        self.log("val/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
+        self.online.validation_update(self, self.embed(images), batch["label"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # The key encoder follows by momentum, never by gradient.
+        return OptimizerSpec.of(self.hparams.optimizer).build([self.backbone, self.projector], self.online.param_groups())
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [OnlineHooks(), ViewsFigure()]

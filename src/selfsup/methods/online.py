@@ -1,21 +1,29 @@
-"""Online evaluation inside a pretraining module: a linear head on detached features, trained by
-the module's own optimiser alongside the self-supervised loss, and a kNN monitor.
+"""Online evaluation of a pretraining module: a linear head on detached features, trained by
+the module's own optimiser alongside the self-supervised loss, and a kNN monitor; or, when the
+labelled images are separate from the pretraining images, kNN and a linear classifier fitted
+on frozen features.
 
-Both live in the LightningModule (not in a callback with its own optimiser), so they follow
-the module through DDP (the head is part of the DDP-wrapped module; metrics sync through
-torchmetrics) and through checkpoints and resume (the head's weights and optimiser state are
-saved with everything else; the kNN bank is rebuilt from the training images when needed).
+The evaluator is a part the module holds (``module.online``) and calls from its steps; its
+per-epoch work runs from :class:`OnlineHooks`, which the module returns from
+``configure_callbacks``. The head lives in the LightningModule (not in a callback with its own
+optimiser), so it follows the module through DDP (part of the DDP-wrapped module; metrics sync
+through torchmetrics) and through checkpoints and resume (weights and optimiser state saved
+with everything else; the kNN bank is rebuilt from the training images when needed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from selfsup.config import PlainData
+from selfsup.data.datamodule import say
 from selfsup.knn import knn_scores
 
 
@@ -87,59 +95,151 @@ def frozen_evaluation(
     return {"knn_top1": correct / max(1, len(test)), "linear_top1": linear}
 
 
-class OnlineEvaluator(nn.Module):
-    """Linear head plus kNN monitor for a backbone with ``num_features`` outputs.
+@dataclass(frozen=True)
+class OnlineSpec(PlainData):
+    """How a pretraining stage evaluates itself while it trains (one typed argument).
 
     Args:
-        knn_every: build the kNN bank and score the validation split every this many epochs
-            (and on the last epoch); 0 turns kNN off.
-        knn_k / knn_temperature: InstDisc's weighted kNN (k=200, t=0.1).
+        enabled: train a linear head on detached features alongside (``val/online_top1``) and
+            run the kNN monitor (``val/knn_top1``); with separate labelled data
+            (``data.eval_root``), kNN and a linear classifier on frozen features instead.
+        lr: base learning rate of the online head (scaled with the batch as the others).
+        knn_every: evaluate kNN (and the separate data) every this many epochs and on the last; 0: never.
+        knn_k: neighbours of the weighted kNN (InstDisc: 200).
+    """
+
+    enabled: bool = True
+    lr: float = 1e-3
+    knn_every: int = 5
+    knn_k: int = 200
+
+
+class OnlineEvaluation(nn.Module):
+    """The online evaluator of a pretraining module with ``num_features`` pooled features.
+
+    The module calls :meth:`training_loss` and :meth:`validation_update` from its steps and adds
+    :meth:`param_groups` to its optimiser; :class:`OnlineHooks` does the per-epoch work. A head
+    is built when ``num_classes`` (linked from the DataModule by ``selfsup fit``) is 2 or more.
+
+    Args:
+        spec: see :class:`OnlineSpec`.
+        num_classes: classes of the pretraining images' labels; None: unlabeled, no head.
+        knn_temperature: InstDisc's 0.1.
         knn_bank_size: at most this many training images (a fixed subset) in the bank.
     """
 
-    def __init__(self, num_features: int, num_classes: int, knn_every: int = 5, knn_k: int = 200,
+    def __init__(self, spec: OnlineSpec, num_features: int, num_classes: int | None,
                  knn_temperature: float = 0.1, knn_bank_size: int = 10000) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes))
-        self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
-        self.online_top1 = MulticlassAccuracy(num_classes, average="micro")
-        self.knn_top1 = MulticlassAccuracy(num_classes, average="micro")
-        self.knn_every, self.knn_k, self.knn_t, self.knn_bank_size = knn_every, knn_k, knn_temperature, knn_bank_size
+        self.spec = spec
+        self.num_classes = num_classes if spec.enabled and num_classes is not None and num_classes >= 2 else None
+        self.head: nn.Module | None = None
+        if self.num_classes is not None:
+            self.head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, self.num_classes))
+            self.train_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+            self.online_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+            self.knn_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.knn_t, self.knn_bank_size = knn_temperature, knn_bank_size
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def train_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the head on detached features; accumulates ``train_top1``."""
-        logits = self.head(features.detach().float())
-        self.train_top1.update(logits.detach(), labels)
-        return F.cross_entropy(logits, labels)
-
-    def knn_due(self, epoch: int, max_epochs: int | None) -> bool:
-        return evaluation_due(epoch, max_epochs, self.knn_every)
-
-    @torch.no_grad()
-    def build_bank(self, embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                   labels: torch.Tensor, device: torch.device, batch_size: int = 512) -> None:
-        """Features of (a fixed subset of) the training images: the kNN bank. ``embed`` maps a
-        uint8 batch on ``device`` to features."""
-        if len(images) > self.knn_bank_size:
-            idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size]
-            images, labels = images[idx], labels[idx]
-        self._bank = (embed_all(embed, images, device, batch_size), labels.to(device))
+        # Labelled data apart from the pretraining images (data.eval_root), and its figures.
+        self.separate = None
+        self._separate_metrics: dict[str, float] = {}
 
     @property
-    def has_bank(self) -> bool:
-        """Whether a kNN bank was built for this validation epoch."""
-        return self._bank is not None
+    def trains_head(self) -> bool:
+        """Whether the head trains on the pretraining batches' labels."""
+        return self.head is not None and self.separate is None
 
-    def clear_bank(self) -> None:
-        self._bank = None
+    # -- set-up -------------------------------------------------------------------------
+    def attach(self, dm: object) -> None:
+        """Choose what to evaluate on from the DataModule (one line says it): the pretraining
+        images' own labels, separate labelled data, or nothing."""
+        if not self.spec.enabled or not hasattr(dm, "evaluation_data"):
+            return
+        ev = dm.evaluation_data
+        if ev is None:  # no labels anywhere: nothing to evaluate, and no head of one class per image
+            say("online evaluation off: the pretraining images have no labels; give labelled "
+                "images with --data.eval_root DIR to monitor kNN and linear accuracy")
+        elif ev is not dm:
+            self.separate = ev
+            if self.head is not None:  # its figures would mix with the separate ones: it rests
+                self.head.requires_grad_(False)
+            say(f"online evaluation on {ev.hparams.root} ({len(ev.train_set):,} train / "
+                f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
+                f"classifier on frozen features every {self.spec.knn_every} epochs")
+        elif self.head is None:
+            say("online evaluation off: the module was built without num_classes (selfsup fit links it "
+                "from the data; in Python pass num_classes=dm.num_classes)")
+
+    def param_groups(self) -> list[dict]:
+        """The head's parameters for the module's optimiser: no weight decay, no LARS
+        adaptation, the online rate."""
+        if not self.trains_head:
+            return []
+        return [{"params": list(self.head.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": self.spec.lr}]
+
+    # -- steps ------------------------------------------------------------------------
+    def training_loss(self, module: L.LightningModule, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the head on detached features (B, F): the probe never shapes the
+        backbone. Logs ``train/online_top1``; 0 when no head trains."""
+        if not self.trains_head:
+            return features.new_zeros(())
+        logits = self.head(features.detach().float())
+        self.train_top1.update(logits.detach(), labels)
+        module.log("train/online_top1", self.train_top1, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, labels)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Accumulate validation accuracy of the head, and of kNN when a bank was built."""
+    def validation_update(self, module: L.LightningModule, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Accumulate and log the head's validation accuracy, and kNN's when a bank was built."""
+        if not self.trains_head:
+            return
         self.online_top1.update(self.head(features.float()), labels)
+        module.log("val/online_top1", self.online_top1, prog_bar=True)
         if self._bank is not None:
             bank, bank_labels = self._bank
-            scores = knn_scores(features, bank, bank_labels, self.num_classes, self.knn_k, self.knn_t)
-            self.knn_top1.update(scores, labels)
+            self.knn_top1.update(knn_scores(features, bank, bank_labels, self.num_classes, self.spec.knn_k, self.knn_t), labels)
+            module.log("val/knn_top1", self.knn_top1, prog_bar=True)
+
+    # -- per epoch (from OnlineHooks) -------------------------------------------------
+    def epoch_start(self, trainer: L.Trainer, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> None:
+        """Before validation: build the kNN bank, or evaluate the separate data, when due."""
+        self._bank = None
+        due = not trainer.sanity_checking and evaluation_due(trainer.current_epoch, trainer.max_epochs, self.spec.knn_every)
+        if not due:
+            return
+        ev = self.separate
+        if ev is not None:
+            self._separate_metrics = frozen_evaluation(
+                embed, ev.train_set.images, ev.train_set.labels, ev.eval_set.images, ev.eval_set.labels,
+                ev.num_classes, device, knn_k=self.spec.knn_k, knn_temperature=self.knn_t)
+            return
+        dm = getattr(trainer, "datamodule", None)
+        if self.trains_head and hasattr(dm, "train_set"):
+            images, labels = dm.train_set.images, dm.train_set.labels
+            if len(images) > self.knn_bank_size:
+                idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size]
+                images, labels = images[idx], labels[idx]
+            self._bank = (embed_all(embed, images, device), labels.to(device))
+
+    def epoch_end(self, module: L.LightningModule) -> None:
+        """After validation: log the separate data's figures under the online names."""
+        if self._separate_metrics:
+            m, self._separate_metrics = self._separate_metrics, {}
+            # Every rank computed the same figures on the same data; the mean keeps them in sync.
+            module.log("val/knn_top1", m["knn_top1"], prog_bar=True, sync_dist=True)
+            module.log("val/online_top1", m["linear_top1"], prog_bar=True, sync_dist=True)
+
+
+class OnlineHooks(L.Callback):
+    """The per-epoch work of ``pl_module.online`` (an :class:`OnlineEvaluation`); a module
+    returns it from ``configure_callbacks`` and calls ``embed`` (uint8 images -> features)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.online.attach(getattr(trainer, "datamodule", None))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.online.epoch_start(trainer, pl_module.embed, pl_module.device)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.online.epoch_end(pl_module)

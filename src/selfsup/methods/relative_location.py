@@ -23,7 +23,7 @@ from selfsup.data.patches import (
     sample_patches,
 )
 from selfsup.data.views import normalize, to_float
-from selfsup.methods.common import OptimizerName, configure_optimizers
+from selfsup.methods.common import OptimizerSpec, save_plain_hyperparameters
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
@@ -37,8 +37,7 @@ class RelativeLocation(L.LightningModule):
     and classified by an MLP. Labels follow ``selfsup.data.patches`` (0..7 in reading order).
 
     Args:
-        backbone: which network (``selfsup.models.BackboneSpec``: name, cifar_stem, width, norm);
-            None: the small CNN. Stored as a plain dict in the hyperparameters.
+        backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
         grid: preset style for the image size, ``doersch`` or ``kolesnikov`` (see
             ``selfsup.data.patches.GRID_PRESETS``).
         patch / gap / jitter: grid geometry in pixels; None takes the preset's value.
@@ -51,7 +50,8 @@ class RelativeLocation(L.LightningModule):
         pixelate_p: probability per patch of being downsampled and upsampled back (Doersch 1/3).
         pairs: ``all`` 8 pairs per image, or ``one`` random neighbour per image.
         head_hidden / dropout: the pair classifier, ``2F -> head_hidden (BN, ReLU, dropout) -> 8``.
-        optimizer / lr / ...: see ``selfsup.methods.common.configure_optimizers`` (lr at the reference batch).
+        optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
+    The typed arguments are stored as plain dicts in the hyperparameters.
     """
 
     def __init__(
@@ -69,14 +69,10 @@ class RelativeLocation(L.LightningModule):
         pairs: Literal["all", "one"] = "all",
         head_hidden: int = 512,
         dropout: float = 0.5,
-        optimizer: OptimizerName = "adam",
-        lr: float = 2e-3,
-        weight_decay: float = 1e-5,
-        momentum: float = 0.9,
+        optimizer: OptimizerSpec = OptimizerSpec(lr=2e-3, weight_decay=1e-5),
     ) -> None:
         super().__init__()
-        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
         if pairs not in ("all", "one"):
             raise ValueError(f"pairs must be 'all' or 'one', got {pairs!r}")
         self.backbone = BackboneSpec.of(backbone).build()
@@ -190,4 +186,4 @@ class RelativeLocation(L.LightningModule):
         self.log("val/pretext_top1", self.pretext_top1["val_top1"], prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return configure_optimizers(self, [self.backbone, self.head])
+        return OptimizerSpec.of(self.hparams.optimizer).build([self.backbone, self.head])

@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 
+from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.losses.ntxent import NTXentLoss
-from selfsup.methods.common import OptimizerName
-from selfsup.methods.contrastive import ContrastiveMethod
+from selfsup.media import ViewsFigure
+from selfsup.methods.common import OptimizerSpec, save_plain_hyperparameters
+from selfsup.methods.online import OnlineEvaluation, OnlineHooks, OnlineSpec
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
 
-class SimCLR(ContrastiveMethod):
+class SimCLR(L.LightningModule):
     """Two augmented views of each image embed close, other images far (NT-Xent).
 
     Views are made on the training device from the uint8 batch (``SimCLRViews``); both go
-    through the backbone and the projection head ``F -> proj_hidden (BN, ReLU) -> proj_dim``;
-    the loss runs over the global batch (all ranks' embeddings are negatives).
+    through the backbone in one pass and the projection head ``F -> proj_hidden (BN, ReLU) ->
+    proj_dim``; the loss runs over the global batch (all ranks' embeddings are negatives).
 
     Args:
-        backbone: which network (``selfsup.models.BackboneSpec``: name, cifar_stem, width, norm);
-            None: the small CNN. Stored as a plain dict in the hyperparameters.
+        backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
+        proj_hidden / proj_dim: widths of the projection head.
         temperature: NT-Xent temperature.
-        view_size: side of the views; None uses the input size.
-        crop_min_scale: smallest area fraction of the random resized crop.
-        num_classes: for the online probe; None reads it from the datamodule.
-        online_eval: train a linear probe on detached features alongside (``val/online_top1``)
-            and run the kNN monitor (``val/knn_top1``) every ``knn_every`` epochs.
-        online_lr: learning rate of the online probe.
-        optimizer / lr / ...: see ``selfsup.methods.common.configure_optimizers`` (lr at the reference batch).
+        views: ``selfsup.data.views.ViewSpec``: view size and smallest crop of SimCLR's views.
+        optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
+        online: ``selfsup.methods.online.OnlineSpec``: the linear head and kNN monitor.
+        num_classes: classes of the training labels, for the online head; ``selfsup fit`` links
+            it from the DataModule; None: no head.
+    The typed arguments are stored as plain dicts in the hyperparameters.
     """
 
     def __init__(
@@ -37,35 +39,49 @@ class SimCLR(ContrastiveMethod):
         proj_hidden: int = 512,
         proj_dim: int = 128,
         temperature: float = 0.5,
-        view_size: int | None = None,
-        crop_min_scale: float = 0.08,
-        optimizer: OptimizerName = "adam",
-        lr: float = 2e-3,
-        weight_decay: float = 1e-6,
-        momentum: float = 0.9,
+        views: ViewSpec = ViewSpec(),
+        optimizer: OptimizerSpec = OptimizerSpec(lr=2e-3, weight_decay=1e-6),
+        online: OnlineSpec = OnlineSpec(),
         num_classes: int | None = None,
-        online_eval: bool = True,
-        online_lr: float = 1e-3,
-        knn_every: int = 5,
-        knn_k: int = 200,
     ) -> None:
         super().__init__()
-        backbone = BackboneSpec.of(backbone).as_dict()  # plain data in hparams and the checkpoint
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
         self.backbone = BackboneSpec.of(backbone).build()
         self.projector = MLP([self.backbone.num_features, proj_hidden, proj_dim], batch_norm=True)
         self.criterion = NTXentLoss(temperature)
-        self.init_online()
+        self.views = ViewSpec.of(views).build()
+        self.online = OnlineEvaluation(OnlineSpec.of(online), self.backbone.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float images (B, 3, S, S) -> projections (B, proj_dim)."""
         return self.projector(self.backbone(x))
 
-    def contrastive_loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One backbone pass over both views: BatchNorm sees all 2N images together.
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of plain uint8 images (no augmentation): (B, F)."""
+        return self.backbone(normalize(to_float(images)))
+
+    def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NT-Xent of two batches of views (B, 3, S, S), and the backbone features of ``v0`` (B, F)."""
+        # One backbone pass over both views: BatchNorm sees all 2B images together.
         h = self.backbone(torch.cat([v0, v1]))
         z0, z1 = self.projector(h).chunk(2)
         return self.criterion(z0, z1), h[: v0.shape[0]]
 
-    def ssl_modules(self) -> list[torch.nn.Module]:
-        return [self.backbone, self.projector]
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, features = self.loss(*self.views(batch["image"]))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss + self.online.training_loss(self, features, batch["label"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        # A fixed generator per batch: the same views every evaluation, comparable over epochs.
+        g = torch.Generator(device=images.device).manual_seed(1000 + batch_idx)
+        loss, _ = self.loss(*self.views(images, g))
+        self.log("val/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
+        self.online.validation_update(self, self.embed(images), batch["label"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return OptimizerSpec.of(self.hparams.optimizer).build([self.backbone, self.projector], self.online.param_groups())
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [OnlineHooks(), ViewsFigure()]

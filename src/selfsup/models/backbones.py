@@ -18,7 +18,7 @@ Nothing is downloaded: every model starts from its random initialisation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfsup import SelfsupError
+from selfsup.config import PlainData
 from selfsup.distributed import world_size
 
 Norm = Literal["batch", "group"]
@@ -272,13 +273,12 @@ def build_backbone(name: str = "small_cnn", cifar_stem: bool = False, width: int
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
+class BackboneSpec(PlainData):
     """Which backbone a stage builds, shared by every stage module as one typed argument.
 
-    Plain data: modules store it in their hyperparameters as a dict (:meth:`as_dict`), so
-    checkpoints load with ``torch.load(weights_only=True)`` and :meth:`of` rebuilds it.
-    In a config: ``backbone: {name: resnet18, cifar_stem: true}``; on the command line
-    ``--model.init_args.backbone.name resnet18``.
+    Plain data: modules store it in their hyperparameters as a dict (see
+    :class:`selfsup.config.PlainData`). In a config: ``backbone: {name: resnet18, cifar_stem: true}``;
+    on the command line ``--model.init_args.backbone.name resnet18``.
 
     Args: as :func:`build_backbone`.
     """
@@ -291,19 +291,7 @@ class BackboneSpec:
     def build(self) -> nn.Module:
         return build_backbone(self.name, self.cifar_stem, self.width, self.norm)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
-    def of(cls, value: BackboneSpec | dict[str, Any] | str | None) -> BackboneSpec:
-        """A spec from a spec, its dict (a checkpoint's hyperparameters), a name, or None (the default)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            return cls(name=value)
-        if isinstance(value, dict):
-            return cls(**value)
-        # jsonargparse may hand over a Namespace of the fields.
-        return cls(**vars(value))
+    def of(cls, value: Any, default: BackboneSpec | None = None) -> BackboneSpec:
+        """As :meth:`PlainData.of`; a string is a backbone name."""
+        return cls(name=value) if isinstance(value, str) else super().of(value, default)
