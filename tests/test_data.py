@@ -99,10 +99,21 @@ def test_embedded_sample() -> None:
 def test_every_image_once_per_epoch_and_reshuffled(image_folder: Path) -> None:
     dm = ImageDataModule(root=str(image_folder), batch_size=16, drop_last=False)
     dm.setup()
-    epochs = [torch.cat([b["index"] for b in dm.train_dataloader()]) for _ in range(2)]
+    epochs = []
+    for epoch in range(2):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # as Lightning does at every epoch start
+        epochs.append(torch.cat([b["index"] for b in loader]))
     for seen in epochs:
         assert sorted(seen.tolist()) == list(range(120))  # without replacement
     assert not torch.equal(epochs[0], epochs[1])
+    # A restart after 3 trained batches of epoch 1 continues with the 4th batch of that epoch.
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 1, "batches": 3, "batch_size": 16})
+    loader.sampler.set_epoch(1)
+    assert torch.equal(torch.cat([b["index"] for b in loader]), epochs[1][48:])
+    loader.sampler.set_epoch(2)  # only the first pass after a restart starts late
+    assert len(torch.cat([b["index"] for b in loader])) == 120
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.uint8
     assert torch.equal(batch["image"], dm.train_set.images[batch["index"]])

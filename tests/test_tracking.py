@@ -36,18 +36,21 @@ def test_cli_fit_records_full_config(image_folder: Path, tmp_path: Path, monkeyp
           "--data.root", str(image_folder), "--data.batch_size", "16", "--trainer.max_steps", "2",
           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.log_every_n_steps", "1"])
-    (version,) = (tmp_path / "runs" / "selfsup").glob("version_*")
-    saved = yaml.safe_load((version / "config.yaml").read_text())
+    # One run folder, runs/<method> by default, no version counter: everything of the run is there.
+    run_dir = tmp_path / "runs" / "simclr"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["init_args"]["temperature"] == 0.3
-    assert (version / "metrics.csv").is_file()
-    assert list((version / "checkpoints").glob("*.ckpt"))
+    assert (run_dir / "metrics.csv").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.rglob("version_*"))
     # What the network sees: image / view 0 / view 1 for 8 images, as PNG and W&B image.
-    png = version / "train_views.png"
+    png = run_dir / "train_views.png"
     from torchvision.io import read_image
 
     grid = read_image(str(png))
     assert grid.shape[0] == 3 and grid.shape[1] > 3 * 32 and grid.shape[2] > 8 * 32
-    (run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert run.name.endswith((run_dir / "wandb_id").read_text().strip())  # resumes as the same W&B run
     config = logged_config(run)
     assert config["model"]["init_args"]["temperature"] == 0.3
     assert config["data"]["batch_size"] == 16 and config["trainer"]["max_steps"] == 2

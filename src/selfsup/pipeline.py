@@ -35,16 +35,23 @@ import lightning as L
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from selfsup import SelfsupError
 from selfsup.callbacks import LearningRateScaling, Warmup
+from selfsup.callbacks.run import (
+    CollapseWatch,
+    LossGuard,
+    RandomState,
+    RunCheckpoint,
+    newest_checkpoint,
+)
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
-from selfsup.data.datamodule import BAD_FILES_NAME
+from selfsup.data.datamodule import BAD_FILES_NAME, say
 from selfsup.models.backbones import BackboneSpec
-from selfsup.tracking import WandbLogger, finish_wandb
+from selfsup.tracking import WandbLogger, finish_wandb, wandb_run_id
 
 DISPLAY_NAMES = {"random": "random init (baseline)", "relative_location": "relative location", "simclr": "SimCLR",
                  "moco": "MoCo"}
@@ -100,6 +107,9 @@ def build_parser() -> ArgumentParser:
                         "e.g. --evaluations.linear.max_epochs 30")
     p.add_argument("--baseline", type=str | None, default="random",
                    help="the entry of the untrained backbone's evaluations; null: none")
+    p.add_class_arguments(RunCheckpoint, "checkpoint")
+    p.add_argument("--fresh", type=bool, default=False,
+                   help="run every stage again instead of keeping finished ones and resuming the interrupted one")
     return p
 
 
@@ -174,23 +184,24 @@ class Pipeline:
     def trainer(self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None,
                 checkpoint: bool = False) -> L.Trainer:
         cfg = self.cfg
+        folder = self.out / stage
         loggers: list[Logger] = [CSVLogger(str(self.out), name=stage, version="")]
-        if cfg.wandb.enabled:
+        if cfg.wandb.enabled:  # one W&B run per stage, continued when the stage resumes
             loggers.append(WandbLogger(project=cfg.wandb.project, name=f"{cfg.name}-{stage}", group=cfg.name,
-                                       save_dir=str(self.out), offline=cfg.wandb.offline, job_type=stage))
+                                       save_dir=str(self.out), offline=cfg.wandb.offline, job_type=stage,
+                                       id=wandb_run_id(folder), resume="allow"))
         for lg in loggers:
             lg.log_hyperparams({"pipeline": self.config, "stage": stage})
         callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10), LearningRateScaling(**_to_dict(cfg.lr_scaling)),
-                                       Warmup(**warmup)]
-        if checkpoint:
-            callbacks.append(ModelCheckpoint(dirpath=self.out / stage / "checkpoints", filename="last",
-                                             enable_version_counter=False))
+                                       Warmup(**warmup), LossGuard(), CollapseWatch()]
+        if checkpoint:  # pretraining stages: resumable (evaluations are short and start again)
+            callbacks += [RunCheckpoint(**_to_dict(cfg.checkpoint)), RandomState()]
         kwargs = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 10, "enable_model_summary": False,
                   **cfg.trainer}
         try:
             return L.Trainer(max_epochs=max_epochs, max_time={"seconds": max_time} if max_time else None,
                              logger=loggers, callbacks=callbacks, enable_checkpointing=checkpoint,
-                             default_root_dir=str(self.out / stage), **kwargs)
+                             default_root_dir=str(folder), **kwargs)
         except TypeError as e:
             raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
 
@@ -202,12 +213,35 @@ class Pipeline:
 
     def run_stage(self, name: str, stage: Namespace, model: LightningModule, warmup: dict,
                   dm: ImageDataModule, checkpoint: bool = False) -> dict[str, float]:
-        """Train one stage on ``dm`` and validate it; its figures, e.g. ``val/top1``."""
+        """Train one stage on ``dm`` and validate it; its figures, e.g. ``val/top1``.
+
+        Re-run with the same ``--out``, a stage that finished returns its kept figures
+        (``OUT/<stage>/result.json``) and an interrupted pretraining stage continues from its
+        newest checkpoint; ``--fresh true`` runs everything again."""
+        folder = self.out / name
+        setup = json.dumps({"model": type(model).__name__, "hparams": dict(model.hparams), "warmup": warmup,
+                            "max_epochs": stage.max_epochs, "max_time": stage.max_time}, sort_keys=True, default=str)
+        done, recorded = folder / "result.json", folder / "stage.json"
+        ckpt = None
+        if not self.cfg.fresh and recorded.is_file():
+            if recorded.read_text() != setup:
+                raise SelfsupError(f"{folder} holds stage {name} run with another config; give the pipeline its "
+                                   "own --out, or --fresh true to run every stage again")
+            if done.is_file():
+                say(f"pipeline: {name} finished earlier; its figures are kept ({done})")
+                return json.loads(done.read_text())
+            ckpt = newest_checkpoint(folder) if checkpoint else None
+            if ckpt is not None:
+                say(f"pipeline: {name} was interrupted; continuing from {ckpt}")
+        folder.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(setup)
+        done.unlink(missing_ok=True)
         trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint)
-        trainer.fit(model, datamodule=dm)
-        metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+        metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=dm, verbose=False)[0].items()}
         finish_wandb(trainer)  # the next stage gets a run of its own
-        return {k: float(v) for k, v in metrics.items()}
+        done.write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
 
     def evaluate(self, labelled: ImageDataModule, entry: str, checkpoint: Path | None, input_norm: str,
                  depths: list[int]) -> dict[str, float | None]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import netrc
 import os
+import uuid
+from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
@@ -57,6 +60,9 @@ class WandbLogger(_LightningWandbLogger):
             project=project, name=name, save_dir=save_dir, group=group, tags=tags,
             offline=resolve_offline(offline), **kwargs,
         )
+        # Lightning always passes the setting, which W&B 0.2x+ deprecates with a warning per run.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
 
 def finish_wandb(trainer: Trainer) -> None:
@@ -65,3 +71,15 @@ def finish_wandb(trainer: Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def wandb_run_id(root: Path) -> str:
+    """The W&B run id of a run folder, made once and kept in ``wandb_id`` there."""
+    path = root / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id

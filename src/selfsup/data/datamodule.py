@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from selfsup import SelfsupError
 from selfsup.data.decode import is_image_name
+from selfsup.data.resumable import ResumableLoader, ResumableSampler
 from selfsup.data.sources import (
     EVAL_SPLITS,
     TORCHVISION_CLASSES,
@@ -400,18 +401,23 @@ class ImageDataModule(L.LightningDataModule):
         bs = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
         if train and hp.drop_last and len(s) < bs:
             raise SelfsupError(f"batch_size {bs} is larger than the {len(s)} training images; lower data.batch_size")
-        # RandomSampler (shuffle=True) samples without replacement: every image once per
-        # epoch. Under DDP Lightning swaps it for a DistributedSampler: disjoint shards.
-        return DataLoader(
-            TensorImageDataset(s),
-            batch_size=bs,
-            shuffle=train,
-            drop_last=train and hp.drop_last,
-            num_workers=hp.num_workers,
-            collate_fn=collate,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=hp.num_workers > 0,
-        )
+        common = {"batch_size": bs, "num_workers": hp.num_workers, "collate_fn": collate,
+                  "pin_memory": torch.cuda.is_available(), "persistent_workers": hp.num_workers > 0}
+        if not train:  # in order; under DDP Lightning shards it with a DistributedSampler
+            return DataLoader(TensorImageDataset(s), **common)
+        # Every image once per epoch, this rank's disjoint share, in an order that a restart in
+        # the middle of the epoch continues (Lightning keeps a DistributedSampler as it is).
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return ResumableLoader(TensorImageDataset(s), sampler=ResumableSampler(s, world, rank, seed=hp.seed),
+                               drop_last=hp.drop_last, trained_batches=self._trained_batches, **common)
+
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch the trainer has trained (see selfsup.data.resumable)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require()[0], train=True)

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from selfsup.callbacks.run import embedding_spread
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.distributed import gather_no_grad
 from selfsup.media import ViewsFigure
@@ -116,6 +117,8 @@ class MoCo(L.LightningModule):
         loss, features, keys = self.loss(v0, v1)
         self.enqueue(keys)  # after the loss: this batch's keys are its positives, not yet negatives
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        # About 1 while images embed apart, 0 once all embed alike (collapse; CollapseWatch warns).
+        self.log("train/embedding_spread", embedding_spread(keys), on_step=True, on_epoch=True)
         return loss + self.online.training_loss(self, features, batch["label"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from selfsup.callbacks.run import embedding_spread
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.losses.ntxent import NTXentLoss
 from selfsup.media import ViewsFigure
@@ -60,23 +61,26 @@ class SimCLR(L.LightningModule):
         """Backbone features of plain uint8 images (no augmentation): (B, F)."""
         return self.backbone(normalize(to_float(images)))
 
-    def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """NT-Xent of two batches of views (B, 3, S, S), and the backbone features of ``v0`` (B, F)."""
+    def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NT-Xent of two batches of views (B, 3, S, S); with the backbone features (B, F) and
+        the projections (B, proj_dim) of ``v0``."""
         # One backbone pass over both views: BatchNorm sees all 2B images together.
         h = self.backbone(torch.cat([v0, v1]))
         z0, z1 = self.projector(h).chunk(2)
-        return self.criterion(z0, z1), h[: v0.shape[0]]
+        return self.criterion(z0, z1), h[: v0.shape[0]], z0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, features = self.loss(*self.views(batch["image"]))
+        loss, features, z = self.loss(*self.views(batch["image"]))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        # About 1 while images embed apart, 0 once all embed alike (collapse; CollapseWatch warns).
+        self.log("train/embedding_spread", embedding_spread(z), on_step=True, on_epoch=True)
         return loss + self.online.training_loss(self, features, batch["label"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
         # A fixed generator per batch: the same views every evaluation, comparable over epochs.
         g = torch.Generator(device=images.device).manual_seed(1000 + batch_idx)
-        loss, _ = self.loss(*self.views(images, g))
+        loss, _, _ = self.loss(*self.views(images, g))
         self.log("val/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
         self.online.validation_update(self, self.embed(images), batch["label"])
 
