@@ -6,7 +6,7 @@ as a cluster or a user would stop it: used by tests/test_resume.py.
 KIND: ``none``; ``batch`` (SIGKILL at the start of training step STEP: mid-epoch); ``save`` (SIGKILL
 once the checkpoint of step STEP is being written: its contents assembled, the file not yet
 there); ``write`` (SIGKILL half-way through writing that checkpoint's bytes); ``usr1`` /
-``term`` (SIGUSR1 / SIGTERM to itself at step STEP). RECORD gets one line per training step
+``term`` (SIGUSR1 / SIGTERM to itself at step STEP); ``oom`` (a CUDA out-of-memory error at step STEP). RECORD gets one line per training step
 trained by this process: ``<pid> <global step>``. For ``pipeline``, ``KIND:STEP@STAGE`` stops
 in that stage only.
 """
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 def die() -> None:
@@ -35,6 +36,8 @@ class Stopper(L.Callback):
             return
         if self.kind == "batch":
             die()
+        if self.kind == "oom":  # what a GPU raises when the batch does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self.kind in ("usr1", "term"):
             self.sent = True
             os.kill(os.getpid(), signal.SIGUSR1 if self.kind == "usr1" else signal.SIGTERM)

@@ -66,6 +66,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     p = run("none:0", base / "record", fit_args(images, base / "reference"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert steps_by_process(base / "record") == [STEPS]
+    # Quiet, useful output: one line to start, one to end; no advertising, no deprecation notices.
+    said = p.stdout + p.stderr
+    assert "💡" not in said and "Tip:" not in said and "deprecat" not in said.lower()
+    assert "selfsup fit: SimCLR on " in p.stdout and "global batch 16, run folder " in p.stdout
+    assert "selfsup fit: done, epoch 2, step 14" in p.stdout and "val/knn_top1" in p.stdout
     return images, weights(base / "reference")
 
 
@@ -222,3 +227,23 @@ def test_pipeline_rerun_keeps_finished_stages_and_resumes_the_killed_one(uninter
     for entry in ("random", "simclr"):
         assert a[entry]["linear_top1"] == b[entry]["linear_top1"], entry
     assert all(torch.equal(weights(out / "simclr")[k], v) for k, v in weights(tmp_path / "whole" / "simclr").items())
+
+
+@pytest.mark.slow
+def test_out_of_memory_ends_in_one_line_with_the_fix(uninterrupted, tmp_path: Path) -> None:
+    images, _ = uninterrupted
+    p = run("oom:3", tmp_path / "record", fit_args(images, tmp_path / "run"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("selfsup: error:")]
+    assert "out of GPU memory at step 3 with 16 images per device" in line
+    assert "--data.batch_size 8 --trainer.accumulate_grad_batches 2 keeps the global batch" in line
+
+
+def test_checkpointing_off_writes_no_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    from selfsup.cli import SelfsupCLI
+
+    args = fit_args(image_folder, tmp_path / "run", "--trainer.enable_checkpointing", "false",
+                    "--trainer.max_epochs", "1", "--trainer.logger", "false")
+    cli = SelfsupCLI(args)
+    assert cli.trainer.global_step == 7
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

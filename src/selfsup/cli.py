@@ -113,6 +113,11 @@ class SelfsupCLI(LightningCLI):
         trainer.callbacks.extend([RandomState(), LossGuard(), CollapseWatch()])
         return trainer
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        if config.get("enable_checkpointing") is False:  # asked for none: no RunCheckpoint either
+            callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     # -- the run folder ------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         """Settle the run folder and point the default loggers at it, before anything is built."""
@@ -197,6 +202,10 @@ class SelfsupCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
+#: Data settings that change how a run loads its images, not what it learns: a resumed run may differ in them.
+HOW_NOT_WHAT = {"num_workers", "decode_workers", "cache_dir", "cache_min_images", "eval_batch_size", "download"}
+
+
 def same_run_or_stop(root: Path, config_yaml: str) -> None:
     """Stop with one line when the run folder holds a run whose model or data differ from this
     command's: continuing it would mix two experiments."""
@@ -206,7 +215,7 @@ def same_run_or_stop(root: Path, config_yaml: str) -> None:
     old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(config_yaml) or {}
     changed = [f"{section}.{k}" for section in ("model", "data")
                for k in sorted(set(old.get(section) or {}) | set(new.get(section) or {}))
-               if (old.get(section) or {}).get(k) != (new.get(section) or {}).get(k)]
+               if k not in HOW_NOT_WHAT and (old.get(section) or {}).get(k) != (new.get(section) or {}).get(k)]
     if changed:
         raise SelfsupError(
             f"{root} holds a run with another config ({', '.join(changed[:4])} differ{'s' if len(changed) == 1 else ''}); "

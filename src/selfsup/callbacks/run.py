@@ -114,7 +114,8 @@ class LossGuard(L.Callback):
     without changing the run (the global batch, and so the rate, stay with accumulation)."""
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss).all():
+        # Decided together under DDP: a rank stopping alone would leave the others waiting.
+        if not trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss).all()), all=False):
             return
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         last = newest_checkpoint(trainer.default_root_dir) if trainer.default_root_dir else None
