@@ -20,7 +20,7 @@ STAGES = [p for p in ALL if p not in PIPELINES and p not in TRAINERS]
 
 
 def test_there_are_configs_for_every_stage_and_preset() -> None:
-    assert {p.parent.name for p in STAGES} == {"relative_location", "simclr", "moco", "linear_probe", "finetune"}
+    assert {p.parent.name for p in STAGES} == {"relative_location", "simclr", "moco", "linear_probe", "finetune", "knn"}
     assert {p.stem for p in TRAINERS} >= {"cpu", "gpu", "ddp", "ddp_cpu", "slurm"}
     assert "quickstart" in {p.stem for p in PIPELINES}
 
@@ -51,7 +51,7 @@ def test_stage_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     for section in ("lr_scaling", "warmup"):
         for key, value in own.get(section, {}).items():
             assert cfg[section][key] == value, (section, key)
-    adam = own["model"]["init_args"]["optimizer"]["name"] == "adam"
+    adam = own["model"]["init_args"].get("optimizer", {}).get("name") == "adam"  # kNN has none
     assert own["lr_scaling"]["rule"] == ("sqrt" if adam else "linear")
 
 
@@ -68,7 +68,7 @@ def test_pipeline_config_parses(path: Path) -> None:
     assert cfg.backbone.name in ("small_cnn", "resnet18", "resnet50")
     assert cfg.stages and all(st.max_epochs >= 1 for st in cfg.stages.values())
     pipeline = Pipeline(cfg)
-    assert set(cfg.evaluations) == {"linear"} and cfg.baseline == "random"
+    assert set(cfg.evaluations) <= {"linear", "knn"} and "linear" in cfg.evaluations and cfg.baseline == "random"
     # Each stage's fit config and overrides build its module, evaluations included.
     for name, stage in [*cfg.stages.items(), *cfg.evaluations.items()]:
         model, warmup = stage_model(name, stage, pipeline.shared, pipeline.config_dirs, num_classes=10)

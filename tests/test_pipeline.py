@@ -39,11 +39,14 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
     assert on_disk["backbone"] == "small_cnn"
     r = on_disk["results"]
     assert set(r) == {"random", "relative_location", "simclr"}
-    assert set(r["relative_location"]) == {"pretext_top1", "linear_top1", "linear_top5", "linear_top1_stage1", "seconds"}
+    assert set(r["relative_location"]) == {"pretext_top1", "linear_top1", "linear_top5", "linear_top1_stage1",
+                                           "knn_top1", "knn_top5", "knn_top1_k20", "knn_top1_stage1", "seconds"}
     for stage in r.values():
-        assert set(stage) >= {"linear_top1", "linear_top5", "seconds"}
-        assert 0 <= stage["linear_top1"] <= 1 and stage["seconds"] > 0
-        assert stage["linear_top5"] is None  # 3 classes: top-5 would always be 100%
+        assert set(stage) >= {"linear_top1", "linear_top5", "knn_top1", "knn_top1_k20", "seconds"}
+        assert 0 <= stage["linear_top1"] <= 1 and 0 <= stage["knn_top1"] <= 1 and stage["seconds"] > 0
+        assert stage["linear_top5"] is None and stage["knn_top5"] is None  # 3 classes: top-5 would always be 100%
+        # kNN over 30 evaluation images: a whole number of them right.
+        assert stage["knn_top1"] * 30 == pytest.approx(round(stage["knn_top1"] * 30), abs=1e-4)
     table = (out / "summary.md").read_text()
     assert "| SimCLR |" in table and table in capsys.readouterr().out
     assert "earlier backbone stages: stage 1 " in table
@@ -52,10 +55,12 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
     # Each stage has a CSV of metrics and an offline W&B run carrying the full config.
     assert "val/top1" in (out / "simclr_probe" / "metrics.csv").read_text().splitlines()[0]
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 6
+    assert len(runs) == 10
     by_stage = {logged_config(run)["stage"]: run for run in runs}
     assert set(by_stage) == {"random_probe", "relative_location", "relative_location_probe",
-                             "relative_location_probe_stage1", "simclr", "simclr_probe"}
+                             "relative_location_probe_stage1", "simclr", "simclr_probe", "random_knn",
+                             "relative_location_knn", "relative_location_knn_stage1", "simclr_knn"}
+    assert "| knn top-1 |" in table
     config = logged_config(by_stage["simclr_probe"])
     assert config["pipeline"]["backbone"]["width"] == 8
     assert config["pipeline"]["stages"]["simclr"]["model"]["temperature"] == 0.5

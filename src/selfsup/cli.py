@@ -37,7 +37,7 @@ from selfsup.tracking import finish_wandb, wandb_run_id
 #: ``save_dir`` of the default loggers until the run folder is known.
 RUN_DIR_PLACEHOLDER = "<run folder>"
 
-USAGE = """usage: selfsup {fit,validate,test,pipeline,patches} [--config FILE ...] [--section.key VALUE ...]
+USAGE = """usage: selfsup {fit,validate,test,pipeline,export,patches} [--config FILE ...] [--section.key VALUE ...]
 
   fit | validate | test   one stage through the Lightning CLI; the model is chosen by
                           class_path (selfsup.methods.RelativeLocation, SimCLR, LinearProbe,
@@ -45,6 +45,8 @@ USAGE = """usage: selfsup {fit,validate,test,pipeline,patches} [--config FILE ..
   pipeline                baseline probe, relative-location and SimCLR pretraining with their
                           probes, then OUT/summary.json and OUT/summary.md; see
                           `selfsup pipeline --help`
+  export                  a checkpoint's backbone as torchvision / timm / plain weights,
+                          with a JSON that says what it is; see `selfsup export --help`
   patches                 draw the relative-location patch grids of a few images to a PNG
 """
 
@@ -261,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from selfsup.pipeline import pipeline_main
 
             pipeline_main(args[1:])
+        elif args[0] == "export":
+            from selfsup.export import export_main
+
+            export_main(args[1:])
         elif args[0] == "patches":
             from selfsup.visualize import patches_main
 

@@ -68,7 +68,8 @@ class Stage:
         model: init_args that override the config's (merged key by key into nested sections,
             e.g. ``optimizer: {lr: 0.1}`` keeps the config's optimiser name).
         warmup: Warmup arguments that override the config's.
-        max_epochs / max_time: the stage's budget (max_time in seconds).
+        max_epochs / max_time: the stage's budget (max_time in seconds); 0 epochs: an evaluation
+            that trains nothing (kNN) is only validated.
         probe_stages: of a pretraining stage: earlier backbone stages to evaluate too (e.g. -2:
             ResNet layer3), besides the last.
         enabled: run this stage (and, for pretraining, its evaluations).
@@ -237,7 +238,8 @@ class Pipeline:
         recorded.write_text(setup)
         done.unlink(missing_ok=True)
         trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint)
-        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+        if stage.max_epochs > 0:  # 0: an evaluation that trains nothing (kNN)
+            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
         metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=dm, verbose=False)[0].items()}
         finish_wandb(trainer)  # the next stage gets a run of its own
         done.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -262,9 +264,9 @@ class Pipeline:
                 run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                 run += "" if depth == -1 else f"_stage{index}"
                 metrics = self.run_stage(run, ev, model, warmup, labelled)
-                if depth == -1:
-                    results[f"{ev_name}_top1"] = metrics["val/top1"]
-                    results[f"{ev_name}_top5"] = metrics.get("val/top5")  # absent with 5 classes or fewer
+                if depth == -1:  # every accuracy it logs: top1, top5 (None with 5 classes or fewer), top1_k20, ...
+                    results[f"{ev_name}_top5"] = None
+                    results.update({f"{ev_name}_{key[4:]}": v for key, v in metrics.items() if key.startswith("val/top")})
                 else:
                     results[f"{ev_name}_top1_stage{index}"] = metrics["val/top1"]
         return results

@@ -1,8 +1,9 @@
 """The stages, one LightningModule each."""
 
+from selfsup.methods.knn import KNNEvaluation
 from selfsup.methods.moco import MoCo
 from selfsup.methods.relative_location import RelativeLocation
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.transfer import FineTune, LinearProbe
 
-__all__ = ["FineTune", "LinearProbe", "MoCo", "RelativeLocation", "SimCLR"]
+__all__ = ["FineTune", "KNNEvaluation", "LinearProbe", "MoCo", "RelativeLocation", "SimCLR"]

@@ -39,14 +39,14 @@ def transfer_backbone(backbone: BackboneSpec | dict | None, checkpoint: str | No
 
 def require_labels(module: L.LightningModule, dm: object) -> None:
     """Stop before training when the data have no labels to train on, or the module was built
-    without a class count (one line, the fix)."""
+    without a class count (``hparams.num_classes``; one line, the fix)."""
     if isinstance(dm, ImageDataModule) and not dm.has_labels:
         raise SelfsupError(
             f"{type(module).__name__} trains on labels, but the images of {dm.hparams.root} have none "
             f"(data.labels={dm.hparams.labels}); point --data.root at labelled images (ROOT/<class>/<image>), "
             "or set --data.labels folders if its folders are the classes"
         )
-    if module.classifier is None:
+    if module.hparams.num_classes is None:
         raise SelfsupError(f"{type(module).__name__} was built without num_classes: selfsup fit links it from "
                            "the data; in Python pass num_classes=dm.num_classes")
 
