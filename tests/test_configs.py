@@ -68,7 +68,7 @@ def test_pipeline_config_parses(path: Path) -> None:
     assert cfg.backbone.name in ("small_cnn", "resnet18", "resnet50")
     assert cfg.stages and all(st.max_epochs >= 1 for st in cfg.stages.values())
     pipeline = Pipeline(cfg)
-    assert set(cfg.evaluations) <= {"linear", "knn"} and "linear" in cfg.evaluations and cfg.baseline == "random"
+    assert "linear" in cfg.evaluations and cfg.baseline == "random"
     # Each stage's fit config and overrides build its module, evaluations included.
     for name, stage in [*cfg.stages.items(), *cfg.evaluations.items()]:
         model, warmup = stage_model(name, stage, pipeline.shared, pipeline.config_dirs, num_classes=10)

@@ -14,7 +14,7 @@ from torch.utils.data import DistributedSampler
 from conftest import write_image_folder
 from selfsup import SelfsupError
 from selfsup.data import ImageDataModule
-from selfsup.data.datamodule import TensorImageDataset
+from selfsup.data.datamodule import TensorImageDataset, label_fraction_subset
 
 
 def test_image_folder_with_train_and_val(image_folder: Path) -> None:
@@ -145,3 +145,22 @@ def test_batch_larger_than_dataset_fails_clearly(image_folder: Path) -> None:
     dm = ImageDataModule(root=str(image_folder), batch_size=1000)
     with pytest.raises(SelfsupError, match="larger than"):
         dm.train_dataloader()
+
+
+def test_label_fractions_are_class_balanced_seeded_and_the_same_whoever_asks(image_folder: Path) -> None:
+    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 7)
+    one = label_fraction_subset(labels, 0.01, seed=0)
+    assert [int((labels[one] == c).sum()) for c in range(3)] == [5, 3, 1]  # 1% of each class, at least one
+    ten = label_fraction_subset(labels, 0.1, seed=0)
+    assert [int((labels[ten] == c).sum()) for c in range(3)] == [50, 30, 1]
+    assert torch.equal(one, label_fraction_subset(labels, 0.01, seed=0))  # seeded
+    assert not torch.equal(ten, label_fraction_subset(labels, 0.1, seed=1))
+    assert torch.equal(label_fraction_subset(labels, 1.0, seed=0), torch.arange(len(labels)))
+    with pytest.raises(SelfsupError, match="label_fraction must be in"):
+        label_fraction_subset(labels, 0.0, seed=0)
+    # The data module: the same decoded images, a tenth of the training labels, the same
+    # evaluation split; asked twice, the same images.
+    dm = ImageDataModule(root=str(image_folder), batch_size=16)
+    a, b = dm.derived(label_fraction=0.1, batch_size=4), dm.derived(label_fraction=0.1)
+    assert len(a.train_set) == 12 and a.hparams.batch_size == 4 and torch.equal(a.train_set.images, b.train_set.images)
+    assert a.eval_set is dm.eval_set and a.train_set.labels.bincount().tolist() == [4, 4, 4]

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torchvision.io import read_image
 
 from selfsup import SelfsupError
 from selfsup.data import ImageDataModule
@@ -68,6 +69,10 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     for k, v in pre.backbone.state_dict().items():
         assert torch.equal(probe.backbone.state_dict()[k], v), k
     metrics = t2.validate(probe, datamodule=dm, verbose=False)[0]
+    # The confusion matrix of the last validation, drawn: 3 classes, per-class accuracy beside.
+    (path,) = tmp_path.rglob("val_confusion.png")
+    png = read_image(str(path))
+    assert png.shape[0] == 3 and png.shape[1] > 3 * 28 and png.shape[2] > 3 * 28
     assert 0 <= metrics["val/top1"] <= 1
     assert not any(k.startswith("val/top3") or k.startswith("val/top5") for k in metrics)  # 3 classes: no top-k
     assert probe.hparams.num_classes == 3  # stored with the checkpoint
@@ -144,6 +149,10 @@ def test_named_backbone_pretrains_one_step_and_is_probed(name: str, stage: int, 
     t2 = trainer(tmp_path / "probe", max_epochs=1, limit_train_batches=2)
     t2.fit(probe, datamodule=dm)
     metrics = t2.validate(probe, datamodule=dm, verbose=False)[0]
+    # The confusion matrix of the last validation, drawn: 3 classes, per-class accuracy beside.
+    (path,) = tmp_path.rglob("val_confusion.png")
+    png = read_image(str(path))
+    assert png.shape[0] == 3 and png.shape[1] > 3 * 28 and png.shape[2] > 3 * 28
     assert 0 <= metrics["val/top1"] <= 1
     (linear,) = [m for m in probe.classifier.modules() if isinstance(m, torch.nn.Linear)]
     assert linear.in_features == pre.backbone.stage_features(stage)  # the probed depth feeds the head

@@ -30,7 +30,9 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert set(on_disk) == {"data_root", "eval_root", "labels", "image_size", "num_classes", "pretrain_images",
-                            "train_images", "eval_images", "images", "backbone", "results", "wall_seconds"}
+                            "train_images", "eval_images", "evaluation_train_images", "images", "backbone", "results",
+                            "wall_seconds"}
+    assert on_disk["evaluation_train_images"] == {"linear": 120, "knn": 120}
     assert on_disk["data_root"] == on_disk["eval_root"] == str(image_folder.resolve())
     assert on_disk["images"] == {"used": 150, "skipped": 0, "skipped_list": None}
     assert on_disk["labels"] == "folders" and on_disk["pretrain_images"] == 120
@@ -101,13 +103,21 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
     s = pipeline_main(["--config", str(REPO / "configs/pipeline/all_methods.yaml"), "--data.root", str(image_folder),
                        "--out", str(out), "--backbone.width", "8", "--data.batch_size", "32",
                        "--evaluations.linear.max_epochs", "1",
-                       # An evaluation is a stage from a fit config too: fine-tuning beside the probe.
+                       # An evaluation is a stage from a fit config too: fine-tuning on a tenth of the
+                       # labels beside the probe, the backbone at a tenth of the head's rate.
                        "--evaluations.finetune.config", "configs/finetune/cifar10.yaml",
                        "--evaluations.finetune.max_epochs", "1",
+                       "--evaluations.finetune.data", '{"label_fraction": 0.1, "batch_size": 4}',
+                       "--evaluations.finetune.model", '{"backbone_lr": 0.00005}',
                        "--stages.relative_location.enabled", "false", "--stages.simclr.enabled", "false",
                        "--stages.moco.max_epochs", "1", "--stages.moco.model", '{"proj_hidden": 16, "queue_size": 64}',
+                       "--stages.moco.probe_stages", "[-2]",
                        "--wandb.enabled", "false"])
     assert set(s["results"]) == {"random", "moco"}
+    assert s["evaluation_train_images"]["finetune"] == 12  # 10% of each class's 40 training images
+    # Earlier depths: the probe and kNN look there; fine-tuning trains the whole backbone, so not.
+    assert {"linear_top1_stage1", "knn_top1_stage1"} <= set(s["results"]["moco"])
+    assert not any(k.startswith("finetune_top1_stage") for k in s["results"]["moco"])
     for entry in s["results"].values():
         assert 0 <= entry["linear_top1"] <= 1 and 0 <= entry["finetune_top1"] <= 1
     ckpt = torch.load(out / "moco" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -255,6 +255,7 @@ def describe_results(trainer: Trainer, seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``selfsup`` command; user errors print one line and exit 2."""
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_lightning()  # every subcommand: the pipeline's stages too
     try:
         if not args or args[0] in ("-h", "--help"):
             print(USAGE, end="")

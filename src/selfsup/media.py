@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torchvision.io import write_png
 from torchvision.utils import make_grid
@@ -127,3 +128,73 @@ class ViewsFigure(L.Callback):
             return view_pairs_grid(images, v0, v1)
 
         log_training_figure(trainer, "train/views", draw, "rows: image, view 0, view 1")
+
+
+def confusion_figure(matrix: torch.Tensor, classes: list[str], cell: int = 28) -> torch.Tensor:
+    """A confusion matrix as a picture: row i is true class i, column j the predicted class,
+    cells shaded by the share of the row (white 0 to dark blue 1), the per-class accuracy (the
+    diagonal's share) written at the end of each row. ``matrix``: (C, C) counts. Returns uint8
+    (3, H, W)."""
+    from PIL import Image, ImageDraw
+
+    counts = matrix.double().cpu()
+    share = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    c = len(counts)
+    names = [str(n)[:14] for n in (classes if len(classes) == c else range(c))]
+    left, top, right = 8 + 7 * max(len(n) for n in names), 20, 60
+    img = Image.new("RGB", (left + c * cell + right, top + c * cell + 8), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 4), "predicted ->", fill="black")
+    draw.text((left + c * cell + 6, 4), "acc.", fill="black")
+    for i in range(c):
+        y = top + i * cell
+        draw.text((4, y + cell // 3), names[i], fill="black")
+        for j in range(c):
+            v = float(share[i, j])
+            shade = (int(255 * (1 - 0.85 * v)), int(255 * (1 - 0.6 * v)), 255)  # white to blue
+            draw.rectangle([left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1], fill=shade, outline=(220, 220, 220))
+            if counts[i, j] > 0:
+                draw.text((left + j * cell + 3, y + cell // 3), f"{int(counts[i, j])}",
+                          fill="white" if v > 0.5 else "black")
+        draw.text((left + c * cell + 6, y + cell // 3), f"{100 * float(share[i, i]):.0f}%", fill="black")
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def neighbours_grid(queries: torch.Tensor, neighbours: torch.Tensor, correct: torch.Tensor, scale: int = 2) -> torch.Tensor:
+    """One row per query: the query image, then its nearest training images, most similar first,
+    each framed green when its class is the query's, red when not.
+
+    Args:
+        queries: uint8 (Q, 3, H, W); neighbours: uint8 (Q, K, 3, H, W); correct: bool (Q, K).
+    Returns:
+        uint8 (3, H', W'), upscaled ``scale`` times.
+    """
+    q, k = correct.shape
+    framed = neighbours.clone()
+    colour = torch.where(correct[..., None], torch.tensor([0, 170, 0], dtype=torch.uint8),
+                         torch.tensor([200, 0, 0], dtype=torch.uint8))[..., None, None]  # (Q, K, 3, 1, 1)
+    for edge in (framed[..., :2, :], framed[..., -2:, :]):
+        edge[:] = colour
+    for edge in (framed[..., :, :2], framed[..., :, -2:]):
+        edge[:] = colour
+    rows = torch.cat([queries[:, None], framed], dim=1).flatten(0, 1)
+    grid = make_grid(rows.cpu(), nrow=k + 1, padding=3, pad_value=255)
+    return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+class ConfusionFigure(L.Callback):
+    """After each validation (not the sanity check), the confusion matrix and per-class accuracy
+    of ``pl_module.classifier`` as ``val/confusion`` in W&B and ``val_confusion.png`` in the run
+    folder. A transfer module returns it from ``configure_callbacks``."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        classifier = getattr(pl_module, "classifier", None)
+        if classifier is None or trainer.sanity_checking:
+            return
+        matrix = classifier.confusion.compute()  # synced over ranks
+        classifier.confusion.reset()
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
+        if trainer.is_global_zero:
+            classes = list(getattr(trainer.datamodule, "classes", []) or [])
+            log_image(trainer, log_dir, "val/confusion", confusion_figure(matrix, classes),
+                      "rows: true class, columns: predicted; right: per-class accuracy")

@@ -73,6 +73,8 @@ class Stage:
         probe_stages: of a pretraining stage: earlier backbone stages to evaluate too (e.g. -2:
             ResNet layer3), besides the last.
         enabled: run this stage (and, for pretraining, its evaluations).
+        data: of an evaluation: ``label_fraction`` (train on a class-balanced, seeded share of the
+            labels, the same for every backbone) and ``batch_size``.
     """
 
     config: str | None = None
@@ -82,6 +84,7 @@ class Stage:
     max_time: float | None = None
     probe_stages: list[int] = field(default_factory=list)
     enabled: bool = True
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class PipelineParser(ConfigErrorMixin, ArgumentParser):
@@ -181,6 +184,7 @@ class Pipeline:
         self.shared = {"backbone": BackboneSpec.of(_to_dict(cfg.backbone)).as_dict()}
         # Where a stage's relative config path may be found besides the working directory.
         self.config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
+        self._evaluation_data: dict[str, ImageDataModule] = {}
 
     def trainer(self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None,
                 checkpoint: bool = False) -> L.Trainer:
@@ -254,22 +258,41 @@ class Pipeline:
         for ev_name, ev in self.cfg.evaluations.items():
             if not ev.enabled:
                 continue
+            data = self.evaluation_data(labelled, ev_name, ev)
             for depth in [-1, *depths]:
                 extra: dict[str, Any] = {"backbone_checkpoint": str(checkpoint) if checkpoint else None,
                                          "input_norm": input_norm}
                 if depth != -1:
+                    if "feature_stage" not in model.hparams:  # fine-tuning trains the whole backbone
+                        continue
                     extra["feature_stage"] = depth
                 model, warmup = self.build(ev_name, ev, labelled.num_classes, extra)
                 index = depth % model.backbone.num_stages
                 run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                 run += "" if depth == -1 else f"_stage{index}"
-                metrics = self.run_stage(run, ev, model, warmup, labelled)
+                metrics = self.run_stage(run, ev, model, warmup, data)
                 if depth == -1:  # every accuracy it logs: top1, top5 (None with 5 classes or fewer), top1_k20, ...
                     results[f"{ev_name}_top5"] = None
                     results.update({f"{ev_name}_{key[4:]}": v for key, v in metrics.items() if key.startswith("val/top")})
                 else:
                     results[f"{ev_name}_top1_stage{index}"] = metrics["val/top1"]
         return results
+
+    def evaluation_data(self, labelled: ImageDataModule, name: str, ev: Namespace) -> ImageDataModule:
+        """The labelled data an evaluation trains and measures on: ``labelled``, or (with the
+        stage's ``data``) a share of its labels, made once so every backbone gets the same images."""
+        if not ev.data:
+            return labelled
+        if name not in self._evaluation_data:
+            unknown = set(ev.data) - {"label_fraction", "batch_size"}
+            if unknown:
+                raise SelfsupError(f"evaluations.{name}.data takes label_fraction and batch_size, not {', '.join(sorted(unknown))}")
+            dm = labelled.derived(**ev.data)
+            if dm.hparams.drop_last and len(dm.train_set) < dm.hparams.batch_size:
+                raise SelfsupError(f"evaluations.{name} trains on {len(dm.train_set)} images, fewer than a batch of "
+                                   f"{dm.hparams.batch_size}: set evaluations.{name}.data.batch_size")
+            self._evaluation_data[name] = dm
+        return self._evaluation_data[name]
 
     def run(self) -> dict[str, Any]:
         t_start = time.time()
@@ -288,7 +311,7 @@ class Pipeline:
         stages = [name for name, st in cfg.stages.items() if st.enabled]
         # Every stage's config parses and fits its data before anything trains.
         checks = [(name, cfg.stages[name], dm) for name in stages]
-        checks += [(name, ev, labelled) for name, ev in cfg.evaluations.items() if ev.enabled]
+        checks += [(name, ev, self.evaluation_data(labelled, name, ev)) for name, ev in cfg.evaluations.items() if ev.enabled]
         for name, stage, data in checks:
             model, _ = stage_model(name, stage, self.shared, self.config_dirs, data.num_classes)
             if hasattr(model, "check_data"):
@@ -324,6 +347,9 @@ class Pipeline:
             "pretrain_images": len(dm.train_set),
             "train_images": len(labelled.train_set),
             "eval_images": len(labelled.eval_set),
+            # Training images of each evaluation (fewer where it trains on a share of the labels).
+            "evaluation_train_images": {name: len(self.evaluation_data(labelled, name, ev).train_set)
+                                        for name, ev in cfg.evaluations.items() if ev.enabled},
             "images": {**dm.image_counts, "skipped_list": BAD_FILES_NAME if dm.image_counts["skipped"] else None},
             "backbone": cfg.backbone.name,
             "results": results,

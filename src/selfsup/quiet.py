@@ -7,8 +7,11 @@ import logging
 import os
 import warnings
 
-#: Lightning's info lines that advertise products or name hardware this machine lacks.
-_DROPPED_INFO = ("💡 Tip", "TPU available", "HPU available")
+#: Lightning's info lines that advertise products, name hardware this machine lacks, or report
+#: what selfsup does on purpose.
+_DROPPED_INFO = ("💡 Tip", "TPU available", "HPU available",
+                 # a module's own callbacks (figures, online evaluation) attached again for validate
+                 "will override existing callbacks passed to Trainer")
 
 #: Warnings (regular expressions) that a selfsup run triggers by design or that concern
 #: libraries' internals, not the user's config.

@@ -69,6 +69,22 @@ def _as_list(idx: torch.Tensor | None) -> list[int] | None:
     return None if idx is None else idx.tolist()
 
 
+def label_fraction_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a class-balanced, seeded share of labelled images: per class,
+    ``round(fraction x its images)`` (at least one) drawn at random with ``seed``; the same
+    indices for the same labels, fraction and seed (the semi-supervised protocol: SimCLR's 1% and
+    10% of ImageNet's labels)."""
+    if not 0 < fraction <= 1:
+        raise SelfsupError(f"label_fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique(sorted=True).tolist():
+        members = (labels == c).nonzero().flatten()
+        keep = max(1, round(fraction * len(members)))
+        picked.append(members[torch.randperm(len(members), generator=g)[:keep]])
+    return torch.cat(picked).sort().values
+
+
 def seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
     """Sorted indices of a seeded random subset of ``k`` of ``n`` items (None: keep all)."""
     if k is None or k >= n:
@@ -298,6 +314,23 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = load(scan, choice, part(perm[n_eval:], hp.max_train_images), f"{train_dir} (train part)")
         self.eval_set = load(scan, choice, part(perm[:n_eval], hp.max_eval_images), f"{train_dir} (held out)")
         self.eval_split = f"{train_dir.name} (held out {hp.val_fraction:.0%})"
+
+    def derived(self, label_fraction: float | None = None, batch_size: int | None = None) -> ImageDataModule:
+        """The same decoded data (nothing read again) with only ``label_fraction`` of the training
+        labels (:func:`label_fraction_subset`, seeded by ``data.seed``: the same images whoever
+        asks) and, if given, another batch size; the evaluation split is unchanged."""
+        train, evals = self._require()
+        hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        if batch_size is not None:
+            hp["batch_size"] = batch_size
+        dm = ImageDataModule(**hp)
+        if label_fraction is not None:
+            if not train.labelled:
+                raise SelfsupError("label_fraction needs labelled training images")
+            train = train.subset(label_fraction_subset(train.labels, label_fraction, self.hparams.seed))
+        dm.train_set, dm.eval_set, dm.eval_split, dm.reports = train, evals, self.eval_split, self.reports
+        dm._layout = self._layout
+        return dm
 
     # -- what was found ----------------------------------------------------------------------
     @property

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup.knn import knn_scores_multi
+from selfsup.media import log_image, neighbours_grid, spread
 from selfsup.methods.common import save_plain_hyperparameters
 from selfsup.methods.online import embed_all
 from selfsup.methods.transfer import InputNorm, preprocess, require_labels, transfer_backbone
@@ -82,6 +84,25 @@ class KNNEvaluation(L.LightningModule):
         if self.top5 is not None:
             self.top5(scores[self.ks[0]], y)
             self.log("val/top5", self.top5)
+
+    def on_validation_epoch_end(self) -> None:
+        """Show what kNN looks at: 8 evaluation images with their 8 nearest training images
+        (framed green when of the query's class, red when not), as ``val/neighbours`` in W&B
+        and ``val_neighbours.png`` in the run folder."""
+        if self._bank is None:
+            return
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective call: every rank
+        if not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        pick = spread(len(dm.eval_set), min(8, len(dm.eval_set)))
+        queries = dm.eval_set.images[pick]
+        bank, bank_labels = self._bank
+        sims = F.normalize(self.embed(queries.to(self.device)).float(), dim=1) @ F.normalize(bank, dim=1).T
+        nearest = sims.topk(min(8, len(bank)), dim=1).indices.cpu()
+        correct = dm.train_set.labels[nearest] == dm.eval_set.labels[pick][:, None]
+        log_image(self.trainer, log_dir, "val/neighbours", neighbours_grid(queries, dm.train_set.images[nearest], correct),
+                  "left: evaluation image; right: its nearest training images (green: same class)")
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         """Nothing to train: the bank is built when evaluating."""

@@ -8,13 +8,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from selfsup import SelfsupError
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
 from selfsup.data.views import normalize, random_resized_crop, to_float
-from selfsup.methods.common import OptimizerSpec, load_backbone, save_plain_hyperparameters
+from selfsup.media import ConfusionFigure
+from selfsup.methods.common import (
+    OptimizerSpec,
+    load_backbone,
+    param_groups,
+    save_plain_hyperparameters,
+)
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 
@@ -86,6 +92,8 @@ class Classifier(nn.Module):
             f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
             for split in ("train", "val", "test") for name, k in ks
         })
+        # Of validation, drawn by selfsup.media.ConfusionFigure.
+        self.confusion = MulticlassConfusionMatrix(num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
@@ -101,6 +109,8 @@ class Classifier(nn.Module):
             metric = self.metrics[f"{split}_{name}"]
             metric(logits, labels)
             module.log(f"{split}/{name}", metric, prog_bar=name == "top1", on_step=train, on_epoch=True)
+        if split == "val":
+            self.confusion.update(logits.detach(), labels)
         return loss
 
 
@@ -195,6 +205,9 @@ class LinearProbe(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return OptimizerSpec.of(self.hparams.optimizer).build([self.classifier])
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ConfusionFigure()]
+
 
 class FineTune(L.LightningModule):
     """The whole network trains: backbone (from a checkpoint) and a linear head on its pooled
@@ -203,7 +216,9 @@ class FineTune(L.LightningModule):
     With ``augment``, training images get a random resized crop (scale ``crop_min_scale``..1,
     flipped half the time) on the device; evaluation always uses the plain image.
 
-    Args: as :class:`LinearProbe`, and ``augment`` / ``crop_min_scale``.
+    Args: as :class:`LinearProbe`, and ``augment`` / ``crop_min_scale``; ``backbone_lr``: the
+    backbone's own base rate (None: ``optimizer.lr``, the head's), e.g. a tenth of the head's so
+    that few labels do not wash out what pretraining learnt.
     """
 
     def __init__(
@@ -215,6 +230,7 @@ class FineTune(L.LightningModule):
         augment: bool = True,
         crop_min_scale: float = 0.35,
         optimizer: OptimizerSpec = OptimizerSpec(lr=5e-4, weight_decay=1e-5),
+        backbone_lr: float | None = None,
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
@@ -246,4 +262,11 @@ class FineTune(L.LightningModule):
         self.classifier.step(self, self.features(batch, "test"), batch["label"], "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return OptimizerSpec.of(self.hparams.optimizer).build([self.backbone, self.classifier])
+        spec = OptimizerSpec.of(self.hparams.optimizer)
+        if self.hparams.backbone_lr is None:
+            return spec.build([self.backbone, self.classifier])
+        backbone = [{**g, "lr": self.hparams.backbone_lr} for g in param_groups([self.backbone], spec.weight_decay)]
+        return spec.build([self.classifier], backbone)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ConfusionFigure()]
