@@ -259,14 +259,16 @@ class Pipeline:
             if not ev.enabled:
                 continue
             data = self.evaluation_data(labelled, ev_name, ev)
+            takes_depth = True
             for depth in [-1, *depths]:
+                if depth != -1 and not takes_depth:  # fine-tuning trains the whole backbone: no depths
+                    continue
                 extra: dict[str, Any] = {"backbone_checkpoint": str(checkpoint) if checkpoint else None,
                                          "input_norm": input_norm}
                 if depth != -1:
-                    if "feature_stage" not in model.hparams:  # fine-tuning trains the whole backbone
-                        continue
                     extra["feature_stage"] = depth
                 model, warmup = self.build(ev_name, ev, labelled.num_classes, extra)
+                takes_depth = "feature_stage" in model.hparams
                 index = depth % model.backbone.num_stages
                 run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                 run += "" if depth == -1 else f"_stage{index}"
