@@ -183,13 +183,19 @@ def neighbours_grid(queries: torch.Tensor, neighbours: torch.Tensor, correct: to
 
 
 class ConfusionFigure(L.Callback):
-    """After each validation (not the sanity check), the confusion matrix and per-class accuracy
-    of ``pl_module.classifier`` as ``val/confusion`` in W&B and ``val_confusion.png`` in the run
-    folder. A transfer module returns it from ``configure_callbacks``."""
+    """The confusion matrix and per-class accuracy of ``pl_module.classifier`` as ``val/confusion``
+    in W&B and ``val_confusion.png`` in the run folder: after the last epoch's validation and after
+    ``validate`` (drawing every epoch of a 30-epoch probe would cost more than the probe). A
+    transfer module returns it from ``configure_callbacks``."""
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         classifier = getattr(pl_module, "classifier", None)
-        if classifier is None or trainer.sanity_checking:
+        if classifier is None:
+            return
+        fitting = trainer.state.fn == "fit"
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if trainer.sanity_checking or (fitting and not last):
+            classifier.confusion.reset()
             return
         matrix = classifier.confusion.compute()  # synced over ranks
         classifier.confusion.reset()
