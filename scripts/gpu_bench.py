@@ -24,6 +24,7 @@ from selfsup.data.views import SimCLRViews
 from selfsup.losses import NTXentLoss
 from selfsup.methods import LinearProbe, SimCLR
 from selfsup.methods.common import OptimizerSpec
+from selfsup.methods.transfer import Features
 from selfsup.models import MLP, build_backbone
 
 
@@ -100,7 +101,7 @@ def time_to_accuracy(device: torch.device, epochs: int, probe_epochs: int, batch
         trainer.save_checkpoint(ckpt)
         for name, path in (("random", None), ("simclr", str(ckpt))):
             L.seed_everything(0)
-            probe = LinearProbe(**arch, num_classes=dm.num_classes, backbone_checkpoint=path,
+            probe = LinearProbe(**arch, num_classes=dm.num_classes, features=Features(checkpoint=path),
                                 optimizer=OptimizerSpec(lr=2e-3))
             t = time.perf_counter()
             pt = L.Trainer(max_epochs=probe_epochs, enable_checkpointing=False, default_root_dir=tmp,

@@ -24,6 +24,7 @@ from selfsup.callbacks import Warmup
 from selfsup.data import ImageDataModule
 from selfsup.methods import LinearProbe, RelativeLocation
 from selfsup.methods.common import OptimizerSpec
+from selfsup.methods.transfer import Features
 
 
 def main() -> None:
@@ -74,9 +75,9 @@ def main() -> None:
         for name, path in (("random", None), ("relative_location", str(ckpt))):
             for stage in (-1, -2):
                 L.seed_everything(0)
-                probe = LinearProbe(**arch, num_classes=dm.num_classes, backbone_checkpoint=path, feature_stage=stage,
-                                    optimizer=OptimizerSpec(lr=args.lr),
-                                    input_norm="per_image" if path else "channel")
+                probe = LinearProbe(**arch, num_classes=dm.num_classes, optimizer=OptimizerSpec(lr=args.lr),
+                                    features=Features(checkpoint=path, stage=stage,
+                                                      input_norm="per_image" if path else "channel"))
                 pt = L.Trainer(max_epochs=args.probe_epochs, default_root_dir=tmp, num_sanity_val_steps=0,
                                callbacks=[Warmup()], **kw)
                 pt.fit(probe, datamodule=dm)

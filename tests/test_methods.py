@@ -13,6 +13,7 @@ from selfsup import SelfsupError
 from selfsup.data import ImageDataModule
 from selfsup.methods import FineTune, LinearProbe, RelativeLocation, SimCLR
 from selfsup.methods.online import OnlineSpec
+from selfsup.methods.transfer import Features
 
 TINY = {"backbone": {"name": "small_cnn", "width": 8}}
 
@@ -60,7 +61,7 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     assert hp["views"] == {"size": None, "crop_min_scale": 0.08}
     assert SimCLR.load_from_checkpoint(ckpt, weights_only=True).hparams.optimizer["lr"] == 2e-3
 
-    probe = LinearProbe(num_classes=dm.num_classes, backbone_checkpoint=str(ckpt), **TINY)
+    probe = LinearProbe(num_classes=dm.num_classes, features=Features(checkpoint=str(ckpt)), **TINY)
     for k, v in pre.backbone.state_dict().items():
         assert torch.equal(probe.backbone.state_dict()[k], v), k
     t2 = trainer(tmp_path, max_epochs=2)
@@ -77,7 +78,7 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     assert not any(k.startswith("val/top3") or k.startswith("val/top5") for k in metrics)  # 3 classes: no top-k
     assert probe.hparams.num_classes == 3  # stored with the checkpoint
 
-    ft = FineTune(num_classes=3, backbone_checkpoint=str(ckpt), **TINY)
+    ft = FineTune(num_classes=3, features=Features(checkpoint=str(ckpt)), **TINY)
     trainer(tmp_path, max_steps=2).fit(ft, datamodule=dm)
     assert any(not torch.equal(ft.backbone.state_dict()[k], v) for k, v in pre.backbone.state_dict().items())
 
@@ -92,23 +93,23 @@ def test_relative_location_trains_and_validates(tmp_path: Path, dm: ImageDataMod
 
 def test_handoff_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SelfsupError, match="checkpoint not found"):
-        LinearProbe(backbone_checkpoint=str(tmp_path / "missing.ckpt"), **TINY)
+        LinearProbe(features=Features(checkpoint=str(tmp_path / "missing.ckpt")), **TINY)
     src = SimCLR(backbone={"name": "small_cnn", "width": 16})
     path = tmp_path / "wide.ckpt"
     torch.save({"state_dict": src.state_dict()}, path)
     with pytest.raises(SelfsupError, match="shape mismatches") as e:
-        LinearProbe(backbone_checkpoint=str(path), **TINY)
+        LinearProbe(features=Features(checkpoint=str(path)), **TINY)
     assert "missing keys 0" in str(e.value) and "stages.0.0.weight" in str(e.value)
     other = SimCLR(backbone="resnet18")
     torch.save({"state_dict": other.state_dict()}, path)
     with pytest.raises(SelfsupError, match=r"missing keys \d+ \(.*unexpected keys \d+ \(layer|unexpected keys"):
-        LinearProbe(backbone_checkpoint=str(path), **TINY)
+        LinearProbe(features=Features(checkpoint=str(path)), **TINY)
     torch.save({"state_dict": {"head.weight": torch.zeros(1)}}, path)
     with pytest.raises(SelfsupError, match="no 'backbone"):
-        LinearProbe(backbone_checkpoint=str(path), **TINY)
+        LinearProbe(features=Features(checkpoint=str(path)), **TINY)
     path.write_text("not a checkpoint")
     with pytest.raises(SelfsupError, match="cannot read checkpoint"):
-        LinearProbe(backbone_checkpoint=str(path), **TINY)
+        LinearProbe(features=Features(checkpoint=str(path)), **TINY)
 
 
 def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -> None:
@@ -122,7 +123,7 @@ def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -
 
 
 def test_probe_at_an_earlier_stage(tmp_path: Path, dm: ImageDataModule) -> None:
-    probe = LinearProbe(num_classes=3, feature_stage=-2, **TINY)
+    probe = LinearProbe(num_classes=3, features=Features(stage=-2), **TINY)
     assert probe.classifier.head[1][0].in_features == 16  # small_cnn width 8: stages of 8, 16, 32 channels
     t = trainer(tmp_path, max_epochs=1)
     t.fit(probe, datamodule=dm)
@@ -143,7 +144,7 @@ def test_named_backbone_pretrains_one_step_and_is_probed(name: str, stage: int, 
     assert any(not torch.equal(before[k], v) for k, v in pre.backbone.state_dict().items())
     ckpt = tmp_path / "pre.ckpt"
     t.save_checkpoint(ckpt)
-    probe = LinearProbe(num_classes=3, backbone=name, backbone_checkpoint=str(ckpt), feature_stage=stage)
+    probe = LinearProbe(num_classes=3, backbone=name, features=Features(checkpoint=str(ckpt), stage=stage))
     for k, v in pre.backbone.state_dict().items():
         assert torch.equal(probe.backbone.state_dict()[k], v), k
     t2 = trainer(tmp_path / "probe", max_epochs=1, limit_train_batches=2)

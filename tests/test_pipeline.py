@@ -85,7 +85,7 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
     cases = {
         "no images found": ["pipeline", "--data.root", str(tmp_path / "empty")],
         "checkpoint not found": ["fit", "--config", str(REPO / "configs/linear_probe/cifar10.yaml"),
-                                 "--model.init_args.backbone_checkpoint", "missing.ckpt"],
+                                 "--model.init_args.features.checkpoint", "missing.ckpt"],
         "batch_sise": ["fit", "--config", str(REPO / "configs/simclr/cifar10.yaml"), "--config", str(bad)],
     }
     for expected, args in cases.items():

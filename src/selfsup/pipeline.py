@@ -11,7 +11,7 @@ The pipeline is two ordered lists of stages, each described by a ``selfsup fit``
 The pipeline's shared sections (``data``, ``backbone``, ``trainer``, ``lr_scaling``) apply to
 every stage, and a stage's own entries (``model``, ``warmup``, epochs) override both. The class
 count comes from the data; an evaluation also gets the checkpoint, depth and input
-normalisation of the backbone it evaluates.
+normalisation of the backbone it evaluates (its ``features`` section).
 
 Pretraining reads ``data.root`` (labelled or not); evaluations train and measure on the labelled
 evaluation data: ``data.eval_root`` when given, else ``data.root``'s own labels.
@@ -50,6 +50,7 @@ from selfsup.callbacks.run import (
 from selfsup.config import ConfigErrorMixin
 from selfsup.data import ImageDataModule
 from selfsup.data.datamodule import BAD_FILES_NAME, say
+from selfsup.methods import FineTune
 from selfsup.models.backbones import BackboneSpec
 from selfsup.tracking import WandbLogger, finish_wandb, wandb_run_id
 
@@ -263,12 +264,9 @@ class Pipeline:
             for depth in [-1, *depths]:
                 if depth != -1 and not takes_depth:  # fine-tuning trains the whole backbone: no depths
                     continue
-                extra: dict[str, Any] = {"backbone_checkpoint": str(checkpoint) if checkpoint else None,
-                                         "input_norm": input_norm}
-                if depth != -1:
-                    extra["feature_stage"] = depth
-                model, warmup = self.build(ev_name, ev, labelled.num_classes, extra)
-                takes_depth = "feature_stage" in model.hparams
+                features = {"checkpoint": str(checkpoint) if checkpoint else None, "input_norm": input_norm, "stage": depth}
+                model, warmup = self.build(ev_name, ev, labelled.num_classes, {"features": features})
+                takes_depth = not isinstance(model, FineTune)
                 index = depth % model.backbone.num_stages
                 run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                 run += "" if depth == -1 else f"_stage{index}"

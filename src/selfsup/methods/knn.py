@@ -12,7 +12,7 @@ from selfsup.knn import knn_scores_multi
 from selfsup.media import log_image, neighbours_grid, spread
 from selfsup.methods.common import save_plain_hyperparameters
 from selfsup.methods.online import embed_all
-from selfsup.methods.transfer import InputNorm, preprocess, require_labels, transfer_backbone
+from selfsup.methods.transfer import Features, preprocess, require_labels, transfer_backbone
 from selfsup.models.backbones import BackboneSpec
 
 
@@ -27,7 +27,7 @@ class KNNEvaluation(L.LightningModule):
 
     Args:
         num_classes: classes of the labels; ``selfsup fit`` / ``validate`` link it from the data.
-        backbone / backbone_checkpoint / input_norm / feature_stage: as ``LinearProbe``'s.
+        backbone / features: as ``LinearProbe``'s (``selfsup.methods.transfer.Features``).
         k: neighbour counts, the first one reported as ``top1`` (InstDisc: 200; 20 is also common).
         temperature: of the vote weights (InstDisc: 0.1).
     """
@@ -36,17 +36,16 @@ class KNNEvaluation(L.LightningModule):
         self,
         num_classes: int | None = None,
         backbone: BackboneSpec | None = None,
-        backbone_checkpoint: str | None = None,
-        input_norm: InputNorm = "channel",
-        feature_stage: int = -1,
+        features: Features = Features(),
         k: tuple[int, ...] = (200, 20),
         temperature: float = 0.1,
     ) -> None:
-        super().__init__()
-        save_plain_hyperparameters(self)
         if not k or min(k) < 1:
             raise ValueError(f"k must name one or more neighbour counts of 1 or more, got {k}")
-        self.backbone = transfer_backbone(backbone, backbone_checkpoint).requires_grad_(False)
+        super().__init__()
+        save_plain_hyperparameters(self)
+        self.features_spec = Features.of(features)
+        self.backbone = transfer_backbone(backbone, self.features_spec).requires_grad_(False)
         self.ks = tuple(k)
         self.num_classes = num_classes
         if num_classes is not None:
@@ -64,7 +63,8 @@ class KNNEvaluation(L.LightningModule):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen features of uint8 images (B, 3, H, W): (B, F), normalised as in pretraining."""
         self.backbone.eval()  # frozen: BatchNorm statistics never move
-        return self.backbone(preprocess(images, self.hparams.input_norm), stage=self.hparams.feature_stage)
+        f = self.features_spec
+        return self.backbone(preprocess(images, f.input_norm), stage=f.stage)
 
     def on_validation_epoch_start(self) -> None:
         dm = self.trainer.datamodule

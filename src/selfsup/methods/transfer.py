@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -11,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from selfsup import SelfsupError
+from selfsup.config import PlainData
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
 from selfsup.data.views import normalize, random_resized_crop, to_float
@@ -34,12 +36,32 @@ def preprocess(images: torch.Tensor, input_norm: InputNorm) -> torch.Tensor:
     return normalize_patches(x) if input_norm == "per_image" else normalize(x)
 
 
-def transfer_backbone(backbone: BackboneSpec | dict | None, checkpoint: str | None) -> nn.Module:
-    """The backbone of a transfer stage, with the ``backbone.*`` weights of an earlier stage's
-    checkpoint loaded strictly (None: the random initialisation, the baseline)."""
+@dataclass(frozen=True)
+class Features(PlainData):
+    """Which features a transfer stage reads (one typed argument of LinearProbe, FineTune and
+    KNNEvaluation; a plain dict in the checkpoint).
+
+    Args:
+        checkpoint: a checkpoint of an earlier stage; its ``backbone.*`` weights are loaded
+            strictly. None: the random initialisation (the baseline).
+        input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardisation, as the
+            backbone saw its inputs in pretraining (relative location: ``per_image``).
+        stage: the backbone stage whose pooled output is read (-1: the last; -2: the one before,
+            e.g. ResNet layer3), since pretext tasks over-specialise the last stage (mmselfsup:
+            relative location probes at 40.4% from res5, 51.2% from res4). Fine-tuning reads the last.
+    """
+
+    checkpoint: str | None = None
+    input_norm: InputNorm = "channel"
+    stage: int = -1
+
+
+def transfer_backbone(backbone: BackboneSpec | dict | None, features: Features) -> nn.Module:
+    """The backbone of a transfer stage, with the ``backbone.*`` weights of ``features.checkpoint``
+    loaded strictly (None: the random initialisation, the baseline)."""
     model = BackboneSpec.of(backbone).build()
-    if checkpoint:
-        load_backbone(model, checkpoint)
+    if features.checkpoint:
+        load_backbone(model, features.checkpoint)
     return model
 
 
@@ -124,12 +146,8 @@ class LinearProbe(L.LightningModule):
     Args:
         num_classes: classes of the labels; ``selfsup fit`` links it from the DataModule.
         backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
-        backbone_checkpoint: a checkpoint of an earlier stage; its ``backbone.*`` weights are
-            loaded strictly. None probes the random initialisation (the baseline).
-        input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardisation.
-        feature_stage: probe the pooled output of this backbone stage (-1: the last; -2: the
-            one before, e.g. ResNet layer3), since pretext tasks over-specialise the last stage
-            (mmselfsup: relative location probes at 40.4% from res5, 51.2% from res4).
+        features: :class:`Features`: the checkpoint (None: the random-init baseline), the input
+            normalisation and the backbone stage probed.
         cache_features: compute each image's features once.
         optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
     The typed arguments are stored as plain dicts in the hyperparameters.
@@ -139,18 +157,17 @@ class LinearProbe(L.LightningModule):
         self,
         num_classes: int | None = None,
         backbone: BackboneSpec | None = None,
-        backbone_checkpoint: str | None = None,
-        input_norm: InputNorm = "channel",
-        feature_stage: int = -1,
+        features: Features = Features(),
         cache_features: bool = True,
         optimizer: OptimizerSpec = OptimizerSpec(lr=1e-3),
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
-        self.backbone = transfer_backbone(backbone, backbone_checkpoint).requires_grad_(False)
+        self.features_spec = Features.of(features)
+        self.backbone = transfer_backbone(backbone, self.features_spec).requires_grad_(False)
         # A GroupNorm backbone asks for no batch statistics anywhere: neither does its probe.
         standardise = "layer" if BackboneSpec.of(backbone).norm == "group" else "batch"
-        self.classifier = (Classifier(self.backbone.stage_features(feature_stage), num_classes, standardise)
+        self.classifier = (Classifier(self.backbone.stage_features(self.features_spec.stage), num_classes, standardise)
                            if num_classes is not None else None)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -171,7 +188,8 @@ class LinearProbe(L.LightningModule):
         # bypassing train(); re-assert eval here so BatchNorm statistics never move.
         if self.backbone.training:
             self.backbone.eval()
-        return self.backbone(preprocess(images, self.hparams.input_norm), stage=self.hparams.feature_stage)
+        f = self.features_spec
+        return self.backbone(preprocess(images, f.input_norm), stage=f.stage)
 
     @torch.no_grad()
     def features(self, batch: dict, split: str) -> torch.Tensor:
@@ -184,7 +202,7 @@ class LinearProbe(L.LightningModule):
         idx = batch["index"]
         if split not in self._cache:
             n = len(dm.train_set if split == "train" else dm.eval_set)
-            f = self.backbone.stage_features(self.hparams.feature_stage)
+            f = self.backbone.stage_features(self.features_spec.stage)
             self._cache[split] = (torch.zeros(n, f, device=images.device), torch.zeros(n, dtype=torch.bool, device=images.device))
         store, filled = self._cache[split]
         todo = ~filled[idx]
@@ -216,7 +234,7 @@ class FineTune(L.LightningModule):
     With ``augment``, training images get a random resized crop (scale ``crop_min_scale``..1,
     flipped half the time) on the device; evaluation always uses the plain image.
 
-    Args: as :class:`LinearProbe`, and ``augment`` / ``crop_min_scale``; ``backbone_lr``: the
+    Args: as :class:`LinearProbe` (``features.stage`` stays -1), and ``augment`` / ``crop_min_scale``; ``backbone_lr``: the
     backbone's own base rate (None: ``optimizer.lr``, the head's), e.g. a tenth of the head's so
     that few labels do not wash out what pretraining learnt.
     """
@@ -225,8 +243,7 @@ class FineTune(L.LightningModule):
         self,
         num_classes: int | None = None,
         backbone: BackboneSpec | None = None,
-        backbone_checkpoint: str | None = None,
-        input_norm: InputNorm = "channel",
+        features: Features = Features(),
         augment: bool = True,
         crop_min_scale: float = 0.35,
         optimizer: OptimizerSpec = OptimizerSpec(lr=5e-4, weight_decay=1e-5),
@@ -234,7 +251,11 @@ class FineTune(L.LightningModule):
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
-        self.backbone = transfer_backbone(backbone, backbone_checkpoint)
+        self.features_spec = Features.of(features)
+        if self.features_spec.stage != -1:
+            raise SelfsupError(f"fine-tuning trains the whole backbone and reads its last stage, not stage "
+                               f"{self.features_spec.stage}: leave features.stage at -1")
+        self.backbone = transfer_backbone(backbone, self.features_spec)
         # No standardisation: SGD at the usual fine-tuning rates stays stable (standardised
         # features made lr 0.1 diverge, see Classifier).
         self.classifier = Classifier(self.backbone.num_features, num_classes, None) if num_classes is not None else None
@@ -247,7 +268,7 @@ class FineTune(L.LightningModule):
 
     def features(self, batch: dict, split: str) -> torch.Tensor:
         """Features of the batch's images (B, F): randomly cropped in training with ``augment``."""
-        x = preprocess(batch["image"], self.hparams.input_norm)
+        x = preprocess(batch["image"], self.features_spec.input_norm)
         if split == "train" and self.hparams.augment:
             x = random_resized_crop(x, x.shape[-1], scale=(self.hparams.crop_min_scale, 1.0))
         return self.backbone(x)
