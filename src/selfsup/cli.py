@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from selfsup import SelfsupError
 from selfsup.callbacks import LearningRateScaling, Warmup
+from selfsup.callbacks.lr import global_batch_size
 from selfsup.callbacks.run import (
     CollapseWatch,
     LossGuard,
@@ -233,7 +234,7 @@ def describe_run(model: LightningModule, dm: object, trainer: Trainer) -> str:
         return f"selfsup fit: {method}, run folder {trainer.default_root_dir}"
     where = dm.hparams.root or "the embedded sample"
     labels = f"{dm.num_classes} classes" if dm.has_labels else "unlabeled"
-    batch = dm.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    batch = global_batch_size(trainer, dm.hparams.batch_size)
     devices = trainer.world_size
     return (f"selfsup fit: {method} on {where} ({len(dm.train_set):,} train / {len(dm.eval_set):,} eval images, "
             f"{labels}, {dm.image_size} px), {devices} device{'s' if devices > 1 else ''}, global batch {batch}, "

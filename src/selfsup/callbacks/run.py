@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from selfsup import SelfsupError
+from selfsup.callbacks.lr import per_device_batch_size
 
 LAST = "last.ckpt"
 
@@ -50,7 +51,6 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM (preemption): Lightning stops after the current step; keep that step.
@@ -129,8 +129,10 @@ class LossGuard(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, torch.OutOfMemoryError):
             return
-        dm = trainer.datamodule
-        batch = getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
+        try:
+            batch: int | None = per_device_batch_size(trainer)
+        except SelfsupError:  # no loader to read it from
+            batch = None
         per_device = f"{batch} images per device" if batch else "the batch per device"
         half = f"--data.batch_size {batch // 2} --trainer.accumulate_grad_batches {2 * trainer.accumulate_grad_batches}" \
             if batch and batch > 1 else "a smaller --data.batch_size with a larger --trainer.accumulate_grad_batches"
