@@ -13,6 +13,7 @@ import torch
 
 from selfsup import SelfsupError
 from selfsup.pipeline import pipeline_main
+from conftest import write_image_folder
 from wandb_files import logged_config, logged_metric_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +31,8 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert set(on_disk) == {"data_root", "eval_root", "labels", "image_size", "num_classes", "pretrain_images",
-                            "train_images", "eval_images", "evaluation_train_images", "images", "backbone", "results",
-                            "wall_seconds"}
+                            "train_images", "eval_images", "evaluation_train_images", "in_domain", "images", "backbone",
+                            "results", "wall_seconds"}
     assert on_disk["evaluation_train_images"] == {"linear": 120, "knn": 120}
     assert on_disk["data_root"] == on_disk["eval_root"] == str(image_folder.resolve())
     assert on_disk["images"] == {"used": 150, "skipped": 0, "skipped_list": None}
@@ -42,7 +43,8 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
     r = on_disk["results"]
     assert set(r) == {"random", "relative_location", "simclr"}
     assert set(r["relative_location"]) == {"pretext_top1", "linear_top1", "linear_top5", "linear_top1_stage1",
-                                           "knn_top1", "knn_top5", "knn_top1_k20", "knn_top1_stage1", "seconds"}
+                                           "linear_lr", "knn_top1", "knn_top5", "knn_top1_k20", "knn_top1_stage1",
+                                           "seconds"}
     for stage in r.values():
         assert set(stage) >= {"linear_top1", "linear_top5", "knn_top1", "knn_top1_k20", "seconds"}
         assert 0 <= stage["linear_top1"] <= 1 and 0 <= stage["knn_top1"] <= 1 and stage["seconds"] > 0
@@ -130,6 +132,40 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
     assert "| MoCo |" in table and "| finetune top-1 |" in table
     assert not (out / "moco_finetune" / "checkpoints").exists()  # evaluations keep no checkpoints
     assert "val/top1" in (out / "moco_finetune" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_transfer_and_in_domain_figures_side_by_side(image_folder: Path, tmp_path: Path) -> None:
+    """Pretraining on labelled images, evaluating on another labelled collection: every
+    evaluation runs on both, each with its own classes and its own held-apart split."""
+    other = write_image_folder(tmp_path / "other", {"train": 24, "val": 6}, classes=4, size=28)
+    out = tmp_path / "out"
+    s = pipeline_main(["--config", str(REPO / "configs/pipeline/quickstart.yaml"), "--data.root", str(image_folder),
+                       "--data.eval_root", str(other), "--out", str(out), "--backbone.width", "8",
+                       "--data.batch_size", "16", "--stages.relative_location.enabled", "false",
+                       "--stages.simclr.max_epochs", "1", "--stages.simclr.model", '{"proj_hidden": 16}',
+                       "--evaluations.linear.max_epochs", "1", "--wandb.enabled", "false"])
+    assert s["num_classes"] == 4 and (s["train_images"], s["eval_images"]) == (96, 24)
+    assert s["in_domain"] == {"train_images": 120, "eval_images": 30, "num_classes": 3}
+    for entry in ("random", "simclr"):
+        r = s["results"][entry]
+        for key in ("linear_top1", "linear_indomain_top1", "knn_top1", "knn_indomain_top1"):
+            assert 0 <= r[key] <= 1, key
+        # The probe's rate, chosen on held-out training images of each dataset.
+        assert r["linear_lr"] in (0.001, 0.003, 0.01, 0.03, 0.1) and "linear_indomain_lr" in r
+        # Each probe is built for its own data's classes.
+        for run, classes in ((f"{entry}_probe", 4), (f"{entry}_probe_indomain", 3)):
+            assert json.loads((out / run / "stage.json").read_text())["hparams"]["num_classes"] == classes
+    table = (out / "summary.md").read_text()
+    assert "| linear top-1 in-domain | linear top-1 transfer |" in table and "| knn top-1 in-domain |" in table
+    assert "In-domain: trained and measured on the pretraining images' own labels (120 train" in table
+    assert "rate chosen on held-out training images" in table
+    # --in_domain false: transfer figures only.
+    s = pipeline_main(["--config", str(REPO / "configs/pipeline/quickstart.yaml"), "--data.root", str(image_folder),
+                       "--data.eval_root", str(other), "--out", str(tmp_path / "out2"), "--backbone.width", "8",
+                       "--data.batch_size", "16", "--stages.relative_location.enabled", "false",
+                       "--stages.simclr.enabled", "false", "--evaluations.linear.max_epochs", "1",
+                       "--wandb.enabled", "false", "--in_domain", "false"])
+    assert s["in_domain"] is None and "linear_indomain_top1" not in s["results"]["random"]
 
 
 def test_stage_errors_name_the_stage_before_anything_trains(image_folder: Path, tmp_path: Path) -> None:

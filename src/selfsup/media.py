@@ -204,3 +204,37 @@ class ConfusionFigure(L.Callback):
             classes = list(getattr(trainer.datamodule, "classes", []) or [])
             log_image(trainer, log_dir, "val/confusion", confusion_figure(matrix, classes),
                       "rows: true class, columns: predicted; right: per-class accuracy")
+
+
+def search_figure(table: list[dict[str, float]], chosen: tuple[float, float], cell: tuple[int, int] = (64, 26)) -> torch.Tensor:
+    """A linear probe's search as a table: one column per rate, one row per weight decay, each
+    cell the held-out top-1 of that setting shaded from the worst (white) to the best (dark
+    green), the chosen one framed in black. ``table``: ``{"lr", "weight_decay",
+    "holdout_top1"}`` rows. Returns uint8 (3, H, W)."""
+    from PIL import Image, ImageDraw
+
+    lrs = sorted({r["lr"] for r in table})
+    wds = sorted({r["weight_decay"] for r in table})
+    acc = {(r["lr"], r["weight_decay"]): r["holdout_top1"] for r in table}
+    lo, hi = min(acc.values()), max(acc.values())
+    w, h = cell
+    left, top = 84, 40
+    img = Image.new("RGB", (left + w * len(lrs) + 8, top + h * len(wds) + 8), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), "held-out top-1 (%) by rate (columns) and weight decay (rows)", fill="black")
+    for j, lr in enumerate(lrs):
+        draw.text((left + j * w + 4, top - 14), f"{lr:g}", fill="black")
+    for i, wd in enumerate(wds):
+        y = top + i * h
+        draw.text((4, y + h // 3), f"wd {wd:g}", fill="black")
+        for j, lr in enumerate(lrs):
+            x = left + j * w
+            if (lr, wd) not in acc:
+                continue
+            v = (acc[lr, wd] - lo) / (hi - lo) if hi > lo else 1.0
+            shade = (int(255 * (1 - 0.8 * v)), int(255 * (1 - 0.45 * v)), int(255 * (1 - 0.8 * v)))
+            framed = (lr, wd) == tuple(chosen)
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=shade, outline="black" if framed else (220, 220, 220),
+                           width=3 if framed else 1)
+            draw.text((x + 6, y + h // 3), f"{100 * acc[lr, wd]:.1f}", fill="white" if v > 0.6 else "black")
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()

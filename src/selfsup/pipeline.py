@@ -14,7 +14,10 @@ count comes from the data; an evaluation also gets the checkpoint, depth and inp
 normalisation of the backbone it evaluates (its ``features`` section).
 
 Pretraining reads ``data.root`` (labelled or not); evaluations train and measure on the labelled
-evaluation data: ``data.eval_root`` when given, else ``data.root``'s own labels.
+evaluation data: ``data.eval_root`` when given, else ``data.root``'s own labels. With both (an
+``eval_root`` and a labelled ``root``) every evaluation runs on each, side by side: transfer
+(``linear_top1``: on ``eval_root``) and in-domain (``linear_indomain_top1``: on ``root``'s own
+held-apart split); ``--in_domain false`` leaves the in-domain ones out.
 
 Writes ``OUT/summary.json`` and ``OUT/summary.md`` (also printed), checkpoints under
 ``OUT/<stage>/checkpoints/last.ckpt``, metrics under ``OUT/<stage>/metrics.csv``,
@@ -110,6 +113,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--evaluations", type=dict[str, Stage], default={},
                    help="evaluation stages run on every backbone, by name (linear: the linear probe), "
                         "e.g. --evaluations.linear.max_epochs 30")
+    p.add_argument("--in_domain", type=bool, default=True,
+                   help="with data.eval_root and a labelled data.root, evaluate on data.root's own labels too "
+                        "(in-domain figures beside the transfer ones)")
     p.add_argument("--baseline", type=str | None, default="random",
                    help="the entry of the untrained backbone's evaluations; null: none")
     p.add_class_arguments(RunCheckpoint, "checkpoint")
@@ -185,7 +191,7 @@ class Pipeline:
         self.shared = {"backbone": BackboneSpec.of(_to_dict(cfg.backbone)).as_dict()}
         # Where a stage's relative config path may be found besides the working directory.
         self.config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
-        self._evaluation_data: dict[str, ImageDataModule] = {}
+        self._evaluation_data: dict[tuple[str, str], ImageDataModule] = {}
 
     def trainer(self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None,
                 checkpoint: bool = False) -> L.Trainer:
@@ -250,40 +256,56 @@ class Pipeline:
         done.write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 
-    def evaluate(self, labelled: ImageDataModule, entry: str, checkpoint: Path | None, input_norm: str,
-                 depths: list[int]) -> dict[str, float | None]:
-        """Every evaluation stage on one backbone (``checkpoint``; None: untrained) at each depth:
-        ``{evaluation}_top1``, ``{evaluation}_top5`` (None with 5 classes or fewer) and
-        ``{evaluation}_top1_stage{k}`` for the earlier depths."""
+    def evaluate(self, targets: list[tuple[str, ImageDataModule]], entry: str, checkpoint: Path | None,
+                 input_norm: str, depths: list[int]) -> dict[str, float | None]:
+        """Every evaluation stage on one backbone (``checkpoint``; None: untrained) at each depth,
+        on each labelled dataset of ``targets`` (``(suffix, data)``; :meth:`targets`):
+        ``{evaluation}_top1``, ``{evaluation}_top5`` (None with 5 classes or fewer),
+        ``{evaluation}_top1_stage{k}`` for the earlier depths, with ``_{suffix}`` after the
+        evaluation's name for the other datasets (``linear_indomain_top1``)."""
         results: dict[str, float | None] = {}
-        for ev_name, ev in self.cfg.evaluations.items():
-            if not ev.enabled:
-                continue
-            data = self.evaluation_data(labelled, ev_name, ev)
-            takes_depth = True
-            for depth in [-1, *depths]:
-                if depth != -1 and not takes_depth:  # fine-tuning trains the whole backbone: no depths
+        for suffix, labelled in targets:
+            for ev_name, ev in self.cfg.evaluations.items():
+                if not ev.enabled:
                     continue
-                features = {"checkpoint": str(checkpoint) if checkpoint else None, "input_norm": input_norm, "stage": depth}
-                model, warmup = self.build(ev_name, ev, labelled.num_classes, {"features": features})
-                takes_depth = not isinstance(model, FineTune)
-                index = depth % model.backbone.num_stages
-                run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
-                run += "" if depth == -1 else f"_stage{index}"
-                metrics = self.run_stage(run, ev, model, warmup, data)
-                if depth == -1:  # every accuracy it logs: top1, top5 (None with 5 classes or fewer), top1_k20, ...
-                    results[f"{ev_name}_top5"] = None
-                    results.update({f"{ev_name}_{key[4:]}": v for key, v in metrics.items() if key.startswith("val/top")})
-                else:
-                    results[f"{ev_name}_top1_stage{index}"] = metrics["val/top1"]
+                data = self.evaluation_data(labelled, ev_name, ev, suffix)
+                key = f"{ev_name}_{suffix}" if suffix else ev_name
+                takes_depth = True
+                for depth in [-1, *depths]:
+                    if depth != -1 and not takes_depth:  # fine-tuning trains the whole backbone: no depths
+                        continue
+                    features = {"checkpoint": str(checkpoint) if checkpoint else None, "input_norm": input_norm,
+                                "stage": depth}
+                    model, warmup = self.build(ev_name, ev, data.num_classes, {"features": features})
+                    takes_depth = not isinstance(model, FineTune)
+                    index = depth % model.backbone.num_stages
+                    run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
+                    run += ("" if depth == -1 else f"_stage{index}") + (f"_{suffix}" if suffix else "")
+                    metrics = self.run_stage(run, ev, model, warmup, data)
+                    if depth == -1:  # every accuracy it logs: top1, top5 (None with 5 classes or fewer), top1_k20, ...
+                        results[f"{key}_top5"] = None
+                        results.update({f"{key}_{k[4:]}": v for k, v in metrics.items() if k.startswith("val/top")})
+                        if "search/lr" in metrics:  # the probe's rate, chosen on held-out training images
+                            results[f"{key}_lr"] = float(f"{metrics['search/lr']:.6g}")  # logged as float32
+                    else:
+                        results[f"{key}_top1_stage{index}"] = metrics["val/top1"]
         return results
 
-    def evaluation_data(self, labelled: ImageDataModule, name: str, ev: Namespace) -> ImageDataModule:
+    def targets(self, dm: ImageDataModule) -> list[tuple[str, ImageDataModule]]:
+        """The labelled data the evaluations run on, as ``(suffix, data)``: the evaluation data
+        (``""``), and ``("indomain", dm)`` when those are a separate ``eval_root`` and the
+        pretraining images have labels of their own (``--in_domain``)."""
+        out = [("", dm.evaluation_data)]
+        if self.cfg.data.eval_root and dm.has_labels and self.cfg.in_domain:
+            out.append(("indomain", dm))
+        return out
+
+    def evaluation_data(self, labelled: ImageDataModule, name: str, ev: Namespace, suffix: str = "") -> ImageDataModule:
         """The labelled data an evaluation trains and measures on: ``labelled``, or (with the
         stage's ``data``) a share of its labels, made once so every backbone gets the same images."""
         if not ev.data:
             return labelled
-        if name not in self._evaluation_data:
+        if (name, suffix) not in self._evaluation_data:
             unknown = set(ev.data) - {"label_fraction", "batch_size"}
             if unknown:
                 raise SelfsupError(f"evaluations.{name}.data takes label_fraction and batch_size, not {', '.join(sorted(unknown))}")
@@ -291,8 +313,8 @@ class Pipeline:
             if dm.hparams.drop_last and len(dm.train_set) < dm.hparams.batch_size:
                 raise SelfsupError(f"evaluations.{name} trains on {len(dm.train_set)} images, fewer than a batch of "
                                    f"{dm.hparams.batch_size}: set evaluations.{name}.data.batch_size")
-            self._evaluation_data[name] = dm
-        return self._evaluation_data[name]
+            self._evaluation_data[name, suffix] = dm
+        return self._evaluation_data[name, suffix]
 
     def run(self) -> dict[str, Any]:
         t_start = time.time()
@@ -311,7 +333,9 @@ class Pipeline:
         stages = [name for name, st in cfg.stages.items() if st.enabled]
         # Every stage's config parses and fits its data before anything trains.
         checks = [(name, cfg.stages[name], dm) for name in stages]
-        checks += [(name, ev, self.evaluation_data(labelled, name, ev)) for name, ev in cfg.evaluations.items() if ev.enabled]
+        targets = self.targets(dm)
+        checks += [(name, ev, self.evaluation_data(data, name, ev, suffix)) for suffix, data in targets
+                   for name, ev in cfg.evaluations.items() if ev.enabled]
         for name, stage, data in checks:
             model, _ = stage_model(name, stage, self.shared, self.config_dirs, data.num_classes)
             if hasattr(model, "check_data"):
@@ -320,7 +344,7 @@ class Pipeline:
 
         if cfg.baseline:
             t0 = time.time()
-            results[cfg.baseline] = {**self.evaluate(labelled, cfg.baseline, None, "channel", []),
+            results[cfg.baseline] = {**self.evaluate(targets, cfg.baseline, None, "channel", []),
                                      "seconds": time.time() - t0}
 
         for name in stages:
@@ -332,7 +356,7 @@ class Pipeline:
             # relative location), and at earlier depths too: pretext tasks over-specialise the last one.
             norm = getattr(model, "probe_input_norm", "channel")
             ckpt = self.out / name / "checkpoints" / "last.ckpt"
-            evaluated = self.evaluate(labelled, name, ckpt, norm, list(cfg.stages[name].probe_stages))
+            evaluated = self.evaluate(targets, name, ckpt, norm, list(cfg.stages[name].probe_stages))
             results[name] = {**extra, **evaluated, "seconds": time.time() - t0}
 
         def where(root: str | None) -> str:
@@ -350,6 +374,9 @@ class Pipeline:
             # Training images of each evaluation (fewer where it trains on a share of the labels).
             "evaluation_train_images": {name: len(self.evaluation_data(labelled, name, ev).train_set)
                                         for name, ev in cfg.evaluations.items() if ev.enabled},
+            # With in-domain figures: the pretraining data's own split they come from.
+            "in_domain": ({"train_images": len(dm.train_set), "eval_images": len(dm.eval_set),
+                           "num_classes": dm.num_classes} if len(targets) > 1 else None),
             "images": {**dm.image_counts, "skipped_list": BAD_FILES_NAME if dm.image_counts["skipped"] else None},
             "backbone": cfg.backbone.name,
             "results": results,
@@ -371,12 +398,21 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
     names = DISPLAY_NAMES
     separate = s.get("eval_root", s["data_root"]) != s["data_root"]
     counts = s.get("images", {})
-    columns = [(f"{e}_{k}", f"{e} {k[:3]}-{k[3:]}") for e in evaluations for k in ("top1", "top5")]
+    in_domain = s.get("in_domain")
+    if in_domain:  # in-domain beside transfer: one more column per evaluation
+        columns = [c for e in evaluations for c in ((f"{e}_indomain_top1", f"{e} top-1 in-domain"),
+                                                     (f"{e}_top1", f"{e} top-1 transfer"),
+                                                     (f"{e}_top5", f"{e} top-5 transfer"))]
+    else:
+        columns = [(f"{e}_{k}", f"{e} {k[:3]}-{k[3:]}") for e in evaluations for k in ("top1", "top5")]
     lines = [
         f"# selfsup pipeline: {s['data_root']}",
         "",
         *([f"Pretrained on {s['pretrain_images']} images of {s['data_root']} ({'labelled' if s['labels'] == 'folders' else 'unlabeled'}); "
            f"evaluated on {s['eval_root']}.", ""] if separate else []),
+        *([f"In-domain: trained and measured on the pretraining images' own labels ({in_domain['train_images']} "
+           f"train / {in_domain['eval_images']} held-apart images, {in_domain['num_classes']} classes); transfer: "
+           "on the evaluation data below.", ""] if in_domain else []),
         f"{s['train_images']} train / {s['eval_images']} eval images{f' ({eval_split})' if eval_split else ''}, "
         f"{s['image_size']} px, {s['num_classes']} classes, backbone {s['backbone']}; "
         f"accuracies on the eval split; {s['wall_seconds']:.0f} s in all."
@@ -389,11 +425,16 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
     for key, r in s["results"].items():
         cells = " | ".join(pct(r.get(k)) for k, _ in columns)
         lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {cells} | {r['seconds']:.0f} |")
-        for e in evaluations:
+        for e in [*evaluations, *([f"{x}_indomain" for x in evaluations] if in_domain else [])]:
             by_stage = [f"stage {k.removeprefix(f'{e}_top1_stage')} {pct(v)}" for k, v in r.items()
                         if k.startswith(f"{e}_top1_stage")]
             if by_stage:
-                notes.append(f"{names.get(key, key)}, {e} top-1 from earlier backbone stages: {', '.join(by_stage)}.")
+                what = e.replace("_indomain", " in-domain")
+                notes.append(f"{names.get(key, key)}, {what} top-1 from earlier backbone stages: {', '.join(by_stage)}.")
+    for e in evaluations:
+        rates = [f"{names.get(key, key)} {r[f'{e}_lr']:g}" for key, r in s["results"].items() if r.get(f"{e}_lr")]
+        if rates:
+            notes.append(f"{e}: rate chosen on held-out training images (never the eval split): {', '.join(rates)}.")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

@@ -58,7 +58,7 @@ class OptimizerSpec(PlainData):
     def build(self, modules: Iterable[nn.Module], extra_groups: Iterable[dict] = ()) -> torch.optim.Optimizer:
         """The optimiser over the trainable parameters of ``modules``; ``extra_groups`` (e.g. an
         online probe with its own ``lr``) join it."""
-        groups = param_groups(modules, self.weight_decay) + list(extra_groups)
+        groups = [g for g in param_groups(modules, self.weight_decay) + list(extra_groups) if g["params"]]
         if self.name != "lars":
             # Only LARS knows the exclusion flag.
             groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import lightning as L
@@ -12,19 +13,28 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from selfsup import SelfsupError
+from selfsup.callbacks.lr import (
+    LearningRateScaling,
+    Warmup,
+    global_batch_size,
+    per_device_batch_size,
+)
 from selfsup.config import PlainData
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
 from selfsup.data.views import normalize, random_resized_crop, to_float
-from selfsup.media import ConfusionFigure
+from selfsup.media import ConfusionFigure, log_image, search_figure
 from selfsup.methods.common import (
     OptimizerSpec,
     load_backbone,
     param_groups,
     save_plain_hyperparameters,
 )
+from selfsup.methods.online import embed_all
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
+from selfsup.optim.schedules import lr_factor
+from selfsup.probe_search import ProbeSearch, SearchResult, search_probe
 
 InputNorm = Literal["channel", "per_image"]
 
@@ -79,6 +89,33 @@ def require_labels(module: L.LightningModule, dm: object) -> None:
                            "the data; in Python pass num_classes=dm.num_classes")
 
 
+def linear_head(num_features: int, num_classes: int, standardise: Literal["batch", "layer"] | None) -> nn.Module:
+    """(B, F) features -> (B, C) logits: a linear layer, after a standardisation of the features
+    where ``standardise`` says so (a frozen backbone)."""
+    linear = MLP([num_features, num_classes], init_scale=0.01)
+    if standardise is None:
+        return linear
+    # Standardised features (BN without affine) make one learning rate fit every frozen
+    # backbone; their statistics are fixed, so a cumulative average (momentum=None) gets them
+    # exactly. Where the backbone asks for no batch statistics (GroupNorm: batch size 1 must
+    # work) each feature vector is standardised on its own. Standardised features have squared
+    # norm F, which multiplies the head's step by F under SGD: the probe configs use Adam,
+    # which does not care.
+    norm = (nn.LayerNorm(num_features, elementwise_affine=False) if standardise == "layer"
+            else nn.BatchNorm1d(num_features, affine=False, momentum=None))
+    return nn.Sequential(norm, linear)
+
+
+def training_view(images: torch.Tensor, input_norm: InputNorm, crop_min_scale: float | None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> the float input of a training step: :func:`preprocess`, then with
+    ``crop_min_scale`` a random resized crop (scale ``crop_min_scale``..1, same size) flipped
+    half the time, drawn on the device."""
+    x = preprocess(images, input_norm)
+    if crop_min_scale is not None:
+        x = random_resized_crop(x, x.shape[-1], scale=(crop_min_scale, 1.0))
+    return x
+
+
 class Classifier(nn.Module):
     """A linear head on pooled features (B, F) -> logits (B, C), with its accuracies.
 
@@ -95,19 +132,7 @@ class Classifier(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise SelfsupError(f"a classifier needs at least 2 classes, got {num_classes}")
-        linear = MLP([num_features, num_classes], init_scale=0.01)
-        if standardise is None:
-            self.head: nn.Module = linear
-        else:
-            # Standardised features (BN without affine) make one learning rate fit every frozen
-            # backbone; their statistics are fixed, so a cumulative average (momentum=None)
-            # gets them exactly. Where the backbone asks for no batch statistics (GroupNorm:
-            # batch size 1 must work) each feature vector is standardised on its own.
-            # Standardised features have squared norm F, which multiplies the head's step by F
-            # under SGD: the probe configs use Adam, which does not care.
-            norm = (nn.LayerNorm(num_features, elementwise_affine=False) if standardise == "layer"
-                    else nn.BatchNorm1d(num_features, affine=False, momentum=None))
-            self.head = nn.Sequential(norm, linear)
+        self.head = linear_head(num_features, num_classes, standardise)
         self.top_k: int | None = 5 if num_classes > 5 else None
         ks = [("top1", 1)] + ([(f"top{self.top_k}", self.top_k)] if self.top_k else [])
         self.metrics = nn.ModuleDict({
@@ -141,7 +166,9 @@ class LinearProbe(L.LightningModule):
 
     The backbone stays in eval mode (BatchNorm statistics frozen). With ``cache_features``
     each image's features are computed once and reused in later epochs, so a probe costs
-    one backbone pass over the data plus cheap linear epochs.
+    one backbone pass over the data plus cheap linear epochs. With a ``search``, the rate and
+    weight decay are first chosen on a held-out tenth of the *training* images
+    (:mod:`selfsup.probe_search`), never on the evaluation split.
 
     Args:
         num_classes: classes of the labels; ``selfsup fit`` links it from the DataModule.
@@ -149,6 +176,12 @@ class LinearProbe(L.LightningModule):
         features: :class:`Features`: the checkpoint (None: the random-init baseline), the input
             normalisation and the backbone stage probed.
         cache_features: compute each image's features once.
+        augment: the classic probe instead (``cache_features: false``): every epoch each
+            training image is randomly cropped (scale ``crop_min_scale``..1) and flipped, then
+            passed through the frozen backbone, as solo-learn and lightly probe.
+        crop_min_scale: of ``augment``'s crops.
+        search: :class:`selfsup.probe_search.ProbeSearch`: the rates and weight decays tried
+            (none by default: ``optimizer``'s are used).
         optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
     The typed arguments are stored as plain dicts in the hyperparameters.
     """
@@ -159,17 +192,26 @@ class LinearProbe(L.LightningModule):
         backbone: BackboneSpec | None = None,
         features: Features = Features(),
         cache_features: bool = True,
+        augment: bool = False,
+        crop_min_scale: float = 0.35,
+        search: ProbeSearch = ProbeSearch(),
         optimizer: OptimizerSpec = OptimizerSpec(lr=1e-3),
     ) -> None:
+        if augment and cache_features:
+            raise SelfsupError("a probe with augment: true sees new crops every epoch, which a cache cannot hold: "
+                               "set cache_features: false as well (the classic probe)")
         super().__init__()
         save_plain_hyperparameters(self)
         self.features_spec = Features.of(features)
+        self.search_spec = ProbeSearch.of(search)
         self.backbone = transfer_backbone(backbone, self.features_spec).requires_grad_(False)
         # A GroupNorm backbone asks for no batch statistics anywhere: neither does its probe.
-        standardise = "layer" if BackboneSpec.of(backbone).norm == "group" else "batch"
-        self.classifier = (Classifier(self.backbone.stage_features(self.features_spec.stage), num_classes, standardise)
+        self.standardise: Literal["batch", "layer"] = "layer" if BackboneSpec.of(backbone).norm == "group" else "batch"
+        self.classifier = (Classifier(self.backbone.stage_features(self.features_spec.stage), num_classes, self.standardise)
                            if num_classes is not None else None)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: The setting the search chose (None: no search run).
+        self.chosen: SearchResult | None = None
 
     def check_data(self, dm: L.LightningDataModule) -> None:
         require_labels(self, dm)
@@ -183,18 +225,35 @@ class LinearProbe(L.LightningModule):
         return self
 
     @torch.no_grad()
-    def _compute(self, images: torch.Tensor) -> torch.Tensor:
+    def _compute(self, images: torch.Tensor, crop_min_scale: float | None = None) -> torch.Tensor:
         # Lightning restores each submodule's recorded train/eval flag around validation,
         # bypassing train(); re-assert eval here so BatchNorm statistics never move.
         if self.backbone.training:
             self.backbone.eval()
         f = self.features_spec
-        return self.backbone(preprocess(images, f.input_norm), stage=f.stage)
+        return self.backbone(training_view(images, f.input_norm, crop_min_scale), stage=f.stage)
+
+    @torch.no_grad()
+    def split_features(self, split: str) -> torch.Tensor:
+        """Frozen features (N, F) of every image of the DataModule's ``train`` or ``val`` split, in
+        row order. Under DDP each rank computes an equal share and all ranks get the whole."""
+        dm = self.trainer.datamodule
+        images = (dm.train_set if split == "train" else dm.eval_set).images
+        n, world, rank = len(images), self.trainer.world_size, self.trainer.global_rank
+        share = -(-n // world)
+        mine = embed_all(self._compute, images[rank * share : (rank + 1) * share], self.device)
+        if world == 1:
+            return mine
+        padded = mine.new_zeros(share, mine.shape[1])
+        padded[: len(mine)] = mine
+        return self.all_gather(padded).flatten(0, 1)[:n]
 
     @torch.no_grad()
     def features(self, batch: dict, split: str) -> torch.Tensor:
         """Frozen features of the batch's images (B, F), from the cache when computed before."""
         images = batch["image"]
+        if split == "train" and self.hparams.augment:
+            return self._compute(images, self.hparams.crop_min_scale)
         # The cache is indexed by the image's row in its split, which ImageDataModule provides.
         dm = self.trainer.datamodule if self._trainer is not None else None
         if not self.hparams.cache_features or not isinstance(dm, ImageDataModule):
@@ -217,14 +276,81 @@ class LinearProbe(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.classifier.step(self, self.features(batch, "val"), batch["label"], "val")
 
+    def on_validation_epoch_end(self) -> None:
+        if self.chosen is not None:  # so that trainer.validate returns the chosen setting too
+            for key in ("lr", "weight_decay", "holdout_top1"):
+                self.log(f"search/{key}", float(getattr(self.chosen, key)))
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.classifier.step(self, self.features(batch, "test"), batch["label"], "test")
 
+    def run_search(self) -> SearchResult:
+        """Choose the rate and weight decay (``search``) on held-out training images: every
+        setting's head trains on the cached features of the other training images with the
+        probe's batch, epochs, rate scaling and schedule; the training split's features stay in
+        the cache for the probe itself."""
+        trainer = self.trainer
+        dm = trainer.datamodule
+        feats = self.split_features("train")
+        labels = dm.train_set.labels.to(self.device)
+        if self.hparams.cache_features:
+            self._cache["train"] = (feats, torch.ones(len(feats), dtype=torch.bool, device=feats.device))
+        batch = per_device_batch_size(trainer)
+        result = search_probe(
+            feats, labels, lambda: linear_head(feats.shape[1], self.hparams.num_classes, self.standardise),
+            self.search_spec, OptimizerSpec.of(self.hparams.optimizer), epochs=int(trainer.max_epochs or 1),
+            batch_size=global_batch_size(trainer, batch), lr_at=trainer_schedule(trainer, batch),
+            drop_last=bool(getattr(dm.hparams, "drop_last", True)))
+        # Every rank trains with rank zero's choice (floating-point ties could differ).
+        return trainer.strategy.broadcast(result, src=0)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return OptimizerSpec.of(self.hparams.optimizer).build([self.classifier])
+        spec = OptimizerSpec.of(self.hparams.optimizer)
+        if self.search_spec.enabled and isinstance(getattr(self.trainer, "datamodule", None), ImageDataModule):
+            self.chosen = self.run_search()
+            report_search(self.trainer, self.chosen)
+            spec = replace(spec, lr=self.chosen.lr, weight_decay=self.chosen.weight_decay)
+        return spec.build([self.classifier])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.chosen is not None:  # a checkpoint found later says which setting trained it
+            checkpoint["probe_search"] = asdict(self.chosen)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [ConfusionFigure()]
+
+
+def trainer_schedule(trainer: L.Trainer, batch_per_device: int) -> Callable[[float, int, int], float]:
+    """(base rate, step, total steps) -> the rate the trainer's LearningRateScaling and Warmup
+    callbacks would set at that optimizer step (the base rate alone without them)."""
+    scaling = next((cb for cb in trainer.callbacks if isinstance(cb, LearningRateScaling)), None)
+    warmup = next((cb for cb in trainer.callbacks if isinstance(cb, Warmup)), None)
+
+    def lr_at(base: float, step: int, total: int) -> float:
+        lr = scaling.resolve(trainer, base, batch_per_device)[1] if scaling else base
+        if warmup is None:
+            return lr
+        if warmup.warmup_steps is not None:
+            warm = warmup.warmup_steps
+        else:  # the search's epochs are shorter (a tenth held out): the same share of the run
+            warm = round(warmup.warmup_epochs * total / max(1, trainer.max_epochs or 1))
+        return lr * lr_factor(step, total, warm, warmup.decay, warmup.final_fraction)
+
+    return lr_at
+
+
+def report_search(trainer: L.Trainer, result: SearchResult) -> None:
+    """Say what the search chose: one line on rank zero, the whole table in every logger's run
+    config (``probe_search``), and a picture (``search/holdout`` in W&B,
+    ``search_holdout.png`` in the run folder)."""
+    log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
+    if not trainer.is_global_zero:
+        return
+    print(result.describe(), flush=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"probe_search": asdict(result)})
+    log_image(trainer, log_dir, "search/holdout", search_figure(result.table, (result.lr, result.weight_decay)),
+              "held-out top-1 of every setting tried; framed: the one the probe trains with")
 
 
 class FineTune(L.LightningModule):
@@ -268,10 +394,8 @@ class FineTune(L.LightningModule):
 
     def features(self, batch: dict, split: str) -> torch.Tensor:
         """Features of the batch's images (B, F): randomly cropped in training with ``augment``."""
-        x = preprocess(batch["image"], self.features_spec.input_norm)
-        if split == "train" and self.hparams.augment:
-            x = random_resized_crop(x, x.shape[-1], scale=(self.hparams.crop_min_scale, 1.0))
-        return self.backbone(x)
+        crop = self.hparams.crop_min_scale if split == "train" and self.hparams.augment else None
+        return self.backbone(training_view(batch["image"], self.features_spec.input_norm, crop))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.classifier.step(self, self.features(batch, "train"), batch["label"], "train")
