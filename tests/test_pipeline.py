@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_image_folder
 from selfsup import SelfsupError
 from selfsup.pipeline import pipeline_main
-from conftest import write_image_folder
 from wandb_files import logged_config, logged_metric_keys
 
 REPO = Path(__file__).resolve().parents[1]
