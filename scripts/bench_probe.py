@@ -38,7 +38,7 @@ from selfsup.methods.transfer import Features
 from selfsup.probe_search import ProbeSearch
 
 # The grid of configs/linear_probe/*.yaml.
-SEARCH = ProbeSearch(lrs=(0.001, 0.003, 0.01, 0.03, 0.1), weight_decays=(0.0, 1e-4))
+SEARCH = ProbeSearch(lrs=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3), weight_decays=(0.0, 1e-4))
 
 
 def run_probe(dm: ImageDataModule, epochs: int, folder: Path, **probe: Any) -> dict[str, float]:

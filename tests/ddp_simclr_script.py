@@ -1,6 +1,7 @@
-"""Run by test_ddp.py: SimCLR for a few steps on 2 CPU processes (gloo), recording what each rank saw.
+"""Run by test_ddp.py: SimCLR (or MoCo) for a few steps on 2 CPU processes (gloo), recording what
+each rank saw; or a linear probe with its search (``probe``).
 
-    python tests/ddp_simclr_script.py IMAGE_ROOT OUT_DIR [simclr|moco]
+    python tests/ddp_simclr_script.py IMAGE_ROOT OUT_DIR [simclr|moco|probe]
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.data import ImageDataModule
 from selfsup.distributed import gather_with_grad, world_size
-from selfsup.methods import MoCo, SimCLR
+from selfsup.methods import LinearProbe, MoCo, SimCLR
 from selfsup.methods.online import OnlineSpec
+from selfsup.probe_search import ProbeSearch
 
 
 class Record(L.Callback):
@@ -39,9 +41,31 @@ class Record(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def probe(root: str, out: Path) -> None:
+    """The search on two ranks: each computes half the training features, both get all of them
+    and train with one choice."""
+    L.seed_everything(0)
+    dm = ImageDataModule(root=root, batch_size=10)
+    model = LinearProbe(num_classes=dm.num_classes, backbone={"name": "small_cnn", "width": 8},
+                        search=ProbeSearch(lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-3)))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[LearningRateScaling("sqrt", 256), Warmup()], default_root_dir=str(out),
+                        num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    feats, filled = model._cache["train"]
+    (out / f"probe_rank{trainer.global_rank}.json").write_text(json.dumps({
+        "table": model.chosen.table, "lr": model.chosen.lr, "features": feats.tolist(),
+        "filled": bool(filled.all()), "optimizer_lr": trainer.optimizers[0].param_groups[0]["lr"],
+        "top1": float(trainer.callback_metrics["val/top1"]),
+    }))
+
+
 def main() -> None:
     root, out = sys.argv[1], Path(sys.argv[2])
     method = sys.argv[3] if len(sys.argv) > 3 else "simclr"
+    if method == "probe":
+        return probe(root, out)
     L.seed_everything(0)
     dm = ImageDataModule(root=root, batch_size=10)
     kw = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 8,

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from selfsup.callbacks import LearningRateScaling
 from selfsup.data import ImageDataModule
-from selfsup.methods import SimCLR
-from selfsup.methods.online import OnlineSpec
+from selfsup.methods import LinearProbe, SimCLR
+from selfsup.methods.online import OnlineSpec, embed_all
+from selfsup.probe_search import ProbeSearch
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,3 +72,25 @@ def test_ddp_moco_queue_holds_keys_of_both_ranks(image_folder: Path, tmp_path: P
     # 6 steps x 10 keys x 2 ranks = 120 keys through a queue of 50: identical on both ranks.
     assert ranks[0]["queue_ptr"] == ranks[1]["queue_ptr"] == 120 % 50
     assert ranks[0]["queue"] == ranks[1]["queue"]
+
+
+@pytest.mark.slow
+def test_ddp_probe_search_sees_every_training_image_and_agrees(image_folder: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(27500 + os.getpid() % 1000)}
+    p = subprocess.run([sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(tmp_path), "probe"],
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["table"] == ranks[1]["table"] and len(ranks[0]["table"]) == 4
+    assert ranks[0]["lr"] == ranks[1]["lr"] and ranks[0]["top1"] == ranks[1]["top1"]
+    # Each rank computed half of the training features; both hold all of them, in row order,
+    # the features one process computes with the same backbone.
+    L.seed_everything(0)
+    dm = ImageDataModule(root=str(image_folder), batch_size=10)
+    dm.setup("fit")
+    model = LinearProbe(num_classes=dm.num_classes, backbone={"name": "small_cnn", "width": 8},
+                        search=ProbeSearch(lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-3)))
+    single = embed_all(model._compute, dm.train_set.images, model.device)
+    for r in ranks:
+        assert r["filled"] and len(r["features"]) == len(dm.train_set) == 120
+        assert torch.allclose(torch.tensor(r["features"]), single, atol=1e-4)

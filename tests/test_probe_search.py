@@ -89,6 +89,7 @@ def test_search_picks_the_setting_that_generalises() -> None:
     assert result.lr == 1e-2 and result.holdout_top1 > 0.9
     assert [r["lr"] for r in result.table] == [1e-7, 1e-2] and result.table[0]["holdout_top1"] < 0.6
     assert (result.fit_images, result.holdout_images) == (360, 40)
+    assert "it is the largest rate tried" in result.describe()  # a hint to search further
 
 
 def test_holdout_is_class_balanced_seeded_and_disjoint() -> None:

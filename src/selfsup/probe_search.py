@@ -65,9 +65,15 @@ class SearchResult:
     table: list[dict[str, float]] = field(default_factory=list)
 
     def describe(self) -> str:
-        return (f"probe search: lr={self.lr!r} weight_decay={self.weight_decay!r} chosen on {self.holdout_images} "
+        """One line: the choice, and a hint when it lies at an end of the rates tried."""
+        line = (f"probe search: lr={self.lr!r} weight_decay={self.weight_decay!r} chosen on {self.holdout_images} "
                 f"held-out training images (top-1 {100 * self.holdout_top1:.1f}%; {len(self.table)} settings, "
                 f"heads trained on {self.fit_images})")
+        lrs = sorted({r["lr"] for r in self.table})
+        if len(lrs) > 1 and self.lr in (lrs[0], lrs[-1]):
+            end = "largest" if self.lr == lrs[-1] else "smallest"
+            line += f"; it is the {end} rate tried: search.lrs reaching further may find a better one"
+        return line
 
 
 def holdout_split(labels: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
