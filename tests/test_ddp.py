@@ -34,15 +34,20 @@ def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
     return scaling.target_lrs[0][0]
 
 
+def run_ddp_script(method: str, image_folder: Path, out: Path, port: int) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """tests/ddp_simclr_script.py on 2 processes; its output and what each rank recorded."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(port + os.getpid() % 1000)}
+    p = subprocess.run([sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(out), method],
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, [json.loads((out / f"{method}_rank{r}.json").read_text()) for r in (0, 1)]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    p = subprocess.run([sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(out), "simclr"],
-                       env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ranks = [json.loads((out / f"simclr_rank{r}.json").read_text()) for r in (0, 1)]
+    p, ranks = run_ddp_script("simclr", image_folder, out, 29500)
     for r in ranks:
         assert r["world_size"] == 2 and r["torch_world_size"] == 2
         assert set(r["global_batches"]) == {20}  # 10 per rank, the loss sees both ranks' views
@@ -64,11 +69,7 @@ def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, 
 
 @pytest.mark.slow
 def test_ddp_moco_queue_holds_keys_of_both_ranks(image_folder: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(28500 + os.getpid() % 1000)}
-    p = subprocess.run([sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(tmp_path), "moco"],
-                       env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"moco_rank{r}.json").read_text()) for r in (0, 1)]
+    _, ranks = run_ddp_script("moco", image_folder, tmp_path, 28500)
     # 6 steps x 10 keys x 2 ranks = 120 keys through a queue of 50: identical on both ranks.
     assert ranks[0]["queue_ptr"] == ranks[1]["queue_ptr"] == 120 % 50
     assert ranks[0]["queue"] == ranks[1]["queue"]
@@ -76,11 +77,7 @@ def test_ddp_moco_queue_holds_keys_of_both_ranks(image_folder: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_ddp_probe_search_sees_every_training_image_and_agrees(image_folder: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(27500 + os.getpid() % 1000)}
-    p = subprocess.run([sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(tmp_path), "probe"],
-                       env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    _, ranks = run_ddp_script("probe", image_folder, tmp_path, 27500)
     assert ranks[0]["table"] == ranks[1]["table"] and len(ranks[0]["table"]) == 4
     assert ranks[0]["lr"] == ranks[1]["lr"] and ranks[0]["top1"] == ranks[1]["top1"]
     # Each rank computed half of the training features; both hold all of them, in row order,

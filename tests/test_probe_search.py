@@ -15,7 +15,7 @@ from selfsup.callbacks.lr import LearningRateScaling, Warmup
 from selfsup.data import ImageDataModule
 from selfsup.methods import LinearProbe
 from selfsup.methods.common import OptimizerSpec
-from selfsup.methods.transfer import linear_head, preprocess
+from selfsup.methods.transfer import linear_head, preprocess, search_epochs
 from selfsup.probe_search import ProbeSearch, holdout_split, search_probe
 
 TINY = {"backbone": {"name": "small_cnn", "width": 8}}
@@ -131,3 +131,15 @@ def test_classic_probe_augments_and_cannot_cache(tmp_path: Path, image_folder: P
     # Crops of the training images, not the images themselves.
     train = {fingerprint(x) for x in preprocess(dm.train_set.images, "channel")}
     assert rec and not {fingerprint(x) for x in torch.cat(rec)} & train
+
+
+def test_search_follows_a_step_budget(tmp_path: Path, image_folder: Path) -> None:
+    """max_steps without max_epochs: the search trains its heads for as many epochs as the probe
+    will (14 steps of 16 over 120 images: 2 epochs of 7 batches)."""
+    dm = ImageDataModule(root=str(image_folder), batch_size=16)
+    probe = LinearProbe(num_classes=3, search=ProbeSearch(lrs=(1e-3, 1e-2)), **TINY)
+    t = L.Trainer(accelerator="cpu", devices=1, max_steps=14, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[Warmup(decay="cosine")])
+    assert search_epochs(t, 120, 16) == 2
+    t.fit(probe, datamodule=dm)
+    assert probe.chosen is not None and t.global_step == 14

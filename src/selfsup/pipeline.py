@@ -399,6 +399,8 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
     separate = s.get("eval_root", s["data_root"]) != s["data_root"]
     counts = s.get("images", {})
     in_domain = s.get("in_domain")
+    # The prefixes of each evaluation's figures: linear_..., and linear_indomain_... beside them.
+    keyed = [*evaluations, *([f"{e}_indomain" for e in evaluations] if in_domain else [])]
     if in_domain:  # in-domain beside transfer: one more column per evaluation
         columns = [c for e in evaluations for c in ((f"{e}_indomain_top1", f"{e} top-1 in-domain"),
                                                      (f"{e}_top1", f"{e} top-1 transfer"),
@@ -425,16 +427,17 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
     for key, r in s["results"].items():
         cells = " | ".join(pct(r.get(k)) for k, _ in columns)
         lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {cells} | {r['seconds']:.0f} |")
-        for e in [*evaluations, *([f"{x}_indomain" for x in evaluations] if in_domain else [])]:
+        for e in keyed:
             by_stage = [f"stage {k.removeprefix(f'{e}_top1_stage')} {pct(v)}" for k, v in r.items()
                         if k.startswith(f"{e}_top1_stage")]
             if by_stage:
                 what = e.replace("_indomain", " in-domain")
                 notes.append(f"{names.get(key, key)}, {what} top-1 from earlier backbone stages: {', '.join(by_stage)}.")
-    for e in evaluations:
+    for e in keyed:
         rates = [f"{names.get(key, key)} {r[f'{e}_lr']:g}" for key, r in s["results"].items() if r.get(f"{e}_lr")]
         if rates:
-            notes.append(f"{e}: rate chosen on held-out training images (never the eval split): {', '.join(rates)}.")
+            what = e.replace("_indomain", " in-domain")
+            notes.append(f"{what}: rate chosen on held-out training images (never the eval split): {', '.join(rates)}.")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -9,6 +10,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -291,15 +293,19 @@ class LinearProbe(L.LightningModule):
         the cache for the probe itself."""
         trainer = self.trainer
         dm = trainer.datamodule
+        if trainer.is_global_zero:
+            print(f"probe search: features of {len(dm.train_set)} training images, then "
+                  f"{len(self.search_spec.settings())} heads side by side", flush=True)
         feats = self.split_features("train")
         labels = dm.train_set.labels.to(self.device)
         if self.hparams.cache_features:
             self._cache["train"] = (feats, torch.ones(len(feats), dtype=torch.bool, device=feats.device))
         batch = per_device_batch_size(trainer)
+        epochs = search_epochs(trainer, len(feats), global_batch_size(trainer, batch))
         result = search_probe(
             feats, labels, lambda: linear_head(feats.shape[1], self.hparams.num_classes, self.standardise),
-            self.search_spec, OptimizerSpec.of(self.hparams.optimizer), epochs=int(trainer.max_epochs or 1),
-            batch_size=global_batch_size(trainer, batch), lr_at=trainer_schedule(trainer, batch),
+            self.search_spec, OptimizerSpec.of(self.hparams.optimizer), epochs=epochs,
+            batch_size=global_batch_size(trainer, batch), lr_at=trainer_schedule(trainer, batch, epochs),
             drop_last=bool(getattr(dm.hparams, "drop_last", True)))
         # Every rank trains with rank zero's choice (floating-point ties could differ).
         return trainer.strategy.broadcast(result, src=0)
@@ -310,6 +316,9 @@ class LinearProbe(L.LightningModule):
             self.chosen = self.run_search()
             report_search(self.trainer, self.chosen)
             spec = replace(spec, lr=self.chosen.lr, weight_decay=self.chosen.weight_decay)
+        elif self.search_spec.enabled:
+            rank_zero_warn("the probe's search reads the training split of an ImageDataModule, and this fit has "
+                           f"none: it trains with optimizer.lr={spec.lr!r} instead")
         return spec.build([self.classifier])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -320,11 +329,22 @@ class LinearProbe(L.LightningModule):
         return [ConfusionFigure()]
 
 
-def trainer_schedule(trainer: L.Trainer, batch_per_device: int) -> Callable[[float, int, int], float]:
-    """(base rate, step, total steps) -> the rate the trainer's LearningRateScaling and Warmup
-    callbacks would set at that optimizer step (the base rate alone without them)."""
+def search_epochs(trainer: L.Trainer, n_train: int, global_batch: int) -> int:
+    """The epochs the probe will train: ``max_epochs``, else ``max_steps`` in epochs of
+    ``n_train`` images, else (a time budget only) 30, the configs' probe length."""
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return int(trainer.max_epochs)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return max(1, math.ceil(trainer.max_steps / max(1, n_train // global_batch)))
+    return 30
+
+
+def trainer_schedule(trainer: L.Trainer, batch_per_device: int, epochs: int) -> Callable[[float, int, int], float]:
+    """(base rate, step, total steps of ``epochs``) -> the rate the trainer's LearningRateScaling
+    and Warmup callbacks would set at that optimizer step (the base rate alone without them)."""
     scaling = next((cb for cb in trainer.callbacks if isinstance(cb, LearningRateScaling)), None)
     warmup = next((cb for cb in trainer.callbacks if isinstance(cb, Warmup)), None)
+    bounded = (trainer.max_epochs or 0) > 0 or (trainer.max_steps or 0) > 0
 
     def lr_at(base: float, step: int, total: int) -> float:
         lr = scaling.resolve(trainer, base, batch_per_device)[1] if scaling else base
@@ -333,8 +353,9 @@ def trainer_schedule(trainer: L.Trainer, batch_per_device: int) -> Callable[[flo
         if warmup.warmup_steps is not None:
             warm = warmup.warmup_steps
         else:  # the search's epochs are shorter (a tenth held out): the same share of the run
-            warm = round(warmup.warmup_epochs * total / max(1, trainer.max_epochs or 1))
-        return lr * lr_factor(step, total, warm, warmup.decay, warmup.final_fraction)
+            warm = round(warmup.warmup_epochs * total / epochs)
+        # A run with a time budget only keeps its rate after warmup (Warmup's rule): so does the search.
+        return lr * lr_factor(step, total if bounded else math.inf, warm, warmup.decay, warmup.final_fraction)
 
     return lr_at
 
