@@ -38,7 +38,7 @@ from selfsup.tracking import finish_wandb, wandb_run_id
 #: ``save_dir`` of the default loggers until the run folder is known.
 RUN_DIR_PLACEHOLDER = "<run folder>"
 
-USAGE = """usage: selfsup {fit,validate,test,pipeline,export,patches} [--config FILE ...] [--section.key VALUE ...]
+USAGE = """usage: selfsup {fit,validate,test,pipeline,export,data,patches} [--config FILE ...] [--section.key VALUE ...]
 
   fit | validate | test   one stage through the Lightning CLI; the model is chosen by
                           class_path (selfsup.methods.RelativeLocation, SimCLR, LinearProbe,
@@ -48,6 +48,8 @@ USAGE = """usage: selfsup {fit,validate,test,pipeline,export,patches} [--config 
                           `selfsup pipeline --help`
   export                  a checkpoint's backbone as torchvision / timm / plain weights,
                           with a JSON that says what it is; see `selfsup export --help`
+  data optimize           an image folder's splits as LitData chunks of encoded images
+                          (--src ROOT --out DIR); see `selfsup data optimize --help`
   patches                 draw the relative-location patch grids of a few images to a PNG
 """
 
@@ -269,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from selfsup.export import export_main
 
             export_main(args[1:])
+        elif args[0] == "data":
+            from selfsup.data.stream import data_main
+
+            data_main(args[1:])
         elif args[0] == "patches":
             from selfsup.visualize import patches_main
 

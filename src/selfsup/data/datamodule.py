@@ -21,7 +21,6 @@ from selfsup import SelfsupError
 from selfsup.data.decode import is_image_name
 from selfsup.data.resumable import ResumableLoader, ResumableSampler
 from selfsup.data.sources import (
-    EVAL_SPLITS,
     TORCHVISION_CLASSES,
     FolderScan,
     ImageSet,
@@ -30,6 +29,7 @@ from selfsup.data.sources import (
     SplitReport,
     decode_split,
     default_cache_dir,
+    folder_splits,
     load_sample_split,
     load_torchvision_split,
     resolve_labels,
@@ -258,10 +258,7 @@ class ImageDataModule(L.LightningDataModule):
         root = Path(hp.root).expanduser()
         if not root.is_dir():
             raise SelfsupError(f"data root not found: {root}")
-        # Split folders count only beside a train/ folder: in a plain folder of photos a
-        # subfolder called "test" is just more photos.
-        train_dir = root / "train" if (root / "train").is_dir() else root
-        eval_dir = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), None) if train_dir != root else None
+        train_dir, eval_dir = folder_splits(root)
         scan = scan_folder(train_dir)
         if not scan.files:
             raise SelfsupError(f"no images found under {train_dir}")

@@ -102,6 +102,15 @@ def scan_folder(directory: Path) -> FolderScan:
     return FolderScan(directory, [directory / r for r in found], found, ignored)
 
 
+def folder_splits(root: Path) -> tuple[Path, Path | None]:
+    """The training folder and the evaluation split's folder (None when there is none): split
+    folders count only beside a ``train/`` folder (in a plain folder of photos a subfolder
+    called ``test`` is just more photos)."""
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    eval_dir = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), None) if train_dir != root else None
+    return train_dir, eval_dir
+
+
 @dataclass
 class LabelChoice:
     """Labels of a scanned split: one int per file (-1: unlabeled), the class names, and which
