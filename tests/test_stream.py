@@ -15,7 +15,13 @@ from PIL import Image
 from conftest import write_image_folder
 from selfsup import SelfsupError
 from selfsup.cli import main
-from selfsup.data.stream import decode_sample, optimize_folder, streamed_images
+from selfsup.data.stream import (
+    decode_crop,
+    decode_sample,
+    optimize_folder,
+    random_crops,
+    streamed_images,
+)
 
 pytest.importorskip("litdata")
 
@@ -82,3 +88,46 @@ def test_optimize_an_unlabeled_folder_shrinks_what_is_too_large(tmp_path: Path) 
     assert not (out / "bad_files.txt").exists()
     with pytest.raises(SelfsupError, match="--src not found"):
         optimize_folder(tmp_path / "nowhere", out)
+
+
+def sawtooth_jpeg(width: int = 400, height: int = 300) -> bytes:
+    """An oracle image whose pixels encode their coordinates at full resolution: red rises by 32
+    per pixel along x and wraps every 8 pixels, green the same along y. Any copy at a lower
+    resolution averages the teeth away."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([(x % 8) * 32 + 8, (y % 8) * 32 + 8, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="JPEG", quality=100, subsampling=0)
+    return out.getvalue()
+
+
+def expected_teeth(start: float, length: float, size: int) -> np.ndarray:
+    """The sawtooth value at the centres of ``size`` output pixels covering [start, start + length)."""
+    centres = start + (np.arange(size) + 0.5) * length / size - 0.5
+    return (np.round(centres) % 8) * 32 + 8
+
+
+def test_a_crop_comes_from_the_full_resolution_image() -> None:
+    data = sawtooth_jpeg()
+    # A 24 x 24 box at (101, 53), upsampled to 48: two output pixels per source pixel.
+    crop = decode_crop(data, (101.0, 53.0, 24.0, 24.0), 48).numpy().astype(float)
+    red, green = crop[0].mean(0), crop[1].mean(1)  # along x, along y
+    assert red.std() > 60 and green.std() > 60  # the teeth are there: full resolution
+    assert np.corrcoef(red, expected_teeth(101, 24, 48))[0, 1] > 0.9
+    assert np.corrcoef(green, expected_teeth(53, 24, 48))[0, 1] > 0.9
+    # Flipped: the same columns in reverse order.
+    flipped = decode_crop(data, (101.0, 53.0, 24.0, 24.0), 48, flip=True).numpy()
+    assert np.abs(flipped[0][:, ::-1].astype(int) - crop[0]).mean() < 1
+    # The whole image into 32 pixels decodes at a reduced scale and averages the teeth, as it should.
+    whole = decode_crop(data, (0.0, 0.0, 400.0, 300.0), 32).numpy().astype(float)
+    assert whole[0].std() < 40 and abs(whole[0].mean() - 120) < 12
+
+
+def test_random_crops_are_drawn_against_each_images_own_size() -> None:
+    data = sawtooth_jpeg(400, 300)
+    g = torch.Generator().manual_seed(0)
+    views = random_crops(data, 300, 400, n=6, size=32, scale=(0.02, 0.05), generator=g)
+    assert views.shape == (6, 3, 32, 32) and views.dtype == torch.uint8
+    # Crops of 2-5% of a 400 x 300 image are 50-80 pixels across, so 32 output pixels still show
+    # teeth 8 pixels apart; cut from a 32-pixel copy of the image they would be flat.
+    assert all(float(v[0].float().mean(0).std()) > 25 for v in views)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -37,6 +39,7 @@ from torchvision.transforms.v2 import functional as TF
 from selfsup import SelfsupError
 from selfsup.data.decode import available_cores, to_rgb, why_unreadable
 from selfsup.data.sources import LabelChoice, folder_splits, resolve_labels, scan_folder
+from selfsup.data.views import crop_boxes
 
 META_NAME = "selfsup.json"
 BAD_FILES_NAME = "bad_files.txt"
@@ -181,3 +184,37 @@ def streamed_images(directory: str | Path, image_size: int | None = None, shuffl
             return {**sample, "image": decode_sample(sample["image"], image_size)}
 
     return StreamedImages(str(directory), shuffle=shuffle, seed=seed)
+
+
+def decode_crop(data: bytes, box: tuple[float, float, float, float], size: int, flip: bool = False) -> torch.Tensor:
+    """Decode the region ``box`` = (x0, y0, w, h), in pixels of the full image, resized to
+    ``size`` x ``size`` (bilinear, antialiased), flipped horizontally with ``flip``: RGB uint8
+    (3, size, size). Only what the crop needs is decoded: a JPEG at the smallest of libjpeg's
+    1/1, 1/2, 1/4, 1/8 scales that keeps at least ``size`` pixels across the box (Pillow's
+    ``draft``), so a large crop of a large image costs a fraction of a full decode, and a small
+    crop keeps the full resolution (SimCLR's 8% crops stay sharp)."""
+    x0, y0, bw, bh = box
+    with Image.open(io.BytesIO(data)) as im:
+        full_w, full_h = im.size
+        # The decoded size keeps the box at least `size` pixels wide and high.
+        need = (math.ceil(full_w * size / max(bw, 1e-6)), math.ceil(full_h * size / max(bh, 1e-6)))
+        im.draft("RGB", need)
+        s_x, s_y = im.size[0] / full_w, im.size[1] / full_h
+        im = to_rgb(im)
+        region = (x0 * s_x, y0 * s_y, (x0 + bw) * s_x, (y0 + bh) * s_y)
+        out = im.resize((size, size), Image.BILINEAR, box=region, reducing_gap=None)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def random_crops(data: bytes, height: int, width: int, n: int, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` random resized crops of one encoded image, each box drawn against the image's own
+    ``height`` x ``width`` as torchvision's RandomResizedCrop draws it (:func:`crop_boxes`), then
+    decoded by :func:`decode_crop`: uint8 (n, 3, size, size). The views of SimCLR and MoCo cut
+    from the full image, for the colour and blur steps to follow batched on the device."""
+    boxes = crop_boxes(n, height, width, scale, ratio, generator)
+    flips = torch.rand(n, generator=generator) < flip_p
+    return torch.stack([decode_crop(data, tuple(b.tolist()), size, bool(f)) for b, f in zip(boxes, flips, strict=True)])
