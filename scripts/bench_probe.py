@@ -41,10 +41,11 @@ from selfsup.probe_search import ProbeSearch
 SEARCH = ProbeSearch(lrs=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3), weight_decays=(0.0, 1e-4))
 
 
-def run_probe(dm: ImageDataModule, epochs: int, folder: Path, **probe: Any) -> dict[str, float]:
+def run_probe(dm: ImageDataModule, epochs: int, folder: Path, seed: int = 0, **probe: Any) -> dict[str, float]:
     """Fit one probe and validate it: seconds (fit and validation, the backbone passes included)
-    and the figures ``trainer.validate`` returns."""
-    L.seed_everything(0, verbose=False)
+    and the figures ``trainer.validate`` returns. ``seed``: of the backbone's initialisation and
+    the batch order (the same for both probes)."""
+    L.seed_everything(seed, verbose=False)
     model = LinearProbe(num_classes=dm.num_classes, **probe)
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
@@ -86,6 +87,7 @@ def main() -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--train-images", type=int, default=2000)
     ap.add_argument("--eval-images", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0, help="of the backbone's initialisation and the batch order")
     ap.add_argument("--quick", action="store_true", help="small CNN (width 32), 1,000 training images, 10 epochs")
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--out", default="runs/bench_probe", help="the probes' run folders")
@@ -98,14 +100,14 @@ def main() -> dict[str, Any]:
     dm.setup("fit")
     common = {"backbone": {"name": a.backbone, "cifar_stem": a.cifar_stem, "width": a.width},
               "features": Features(checkpoint=a.checkpoint, input_norm=a.input_norm)}
-    ours = run_probe(dm, a.epochs, Path(a.out) / "cached", search=SEARCH, **common)
+    ours = run_probe(dm, a.epochs, Path(a.out) / "cached", a.seed, search=SEARCH, **common)
     chosen = OptimizerSpec(name="adam", lr=ours["lr"], weight_decay=ours["weight_decay"])
-    classic = run_probe(dm, a.epochs, Path(a.out) / "classic", augment=True, cache_features=False,
+    classic = run_probe(dm, a.epochs, Path(a.out) / "classic", a.seed, augment=True, cache_features=False,
                         optimizer=chosen, **common)
     result = {
         "setup": {"backbone": a.backbone, "checkpoint": a.checkpoint, "root": a.root or "(embedded sample)",
                   "train_images": len(dm.train_set), "eval_images": len(dm.eval_set), "image_size": dm.image_size,
-                  "epochs": a.epochs, "batch_size": a.batch_size, "search": SEARCH.as_dict()},
+                  "epochs": a.epochs, "batch_size": a.batch_size, "seed": a.seed, "search": SEARCH.as_dict()},
         "machine": machine(),
         "ours": ours,
         "classic": classic,
