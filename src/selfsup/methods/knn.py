@@ -11,8 +11,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from selfsup.knn import knn_scores_multi
 from selfsup.media import log_image, neighbours_grid, spread
 from selfsup.methods.common import save_plain_hyperparameters
-from selfsup.methods.online import embed_all
-from selfsup.methods.transfer import Features, preprocess, require_labels, transfer_backbone
+from selfsup.methods.online import embed_all_ranks
+from selfsup.methods.transfer import Features, frozen_features, require_labels, transfer_backbone
 from selfsup.models.backbones import BackboneSpec
 
 
@@ -62,15 +62,14 @@ class KNNEvaluation(L.LightningModule):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen features of uint8 images (B, 3, H, W): (B, F), normalised as in pretraining."""
-        self.backbone.eval()  # frozen: BatchNorm statistics never move
-        f = self.features_spec
-        return self.backbone(preprocess(images, f.input_norm), stage=f.stage)
+        return frozen_features(self.backbone, images, self.features_spec)
 
     def on_validation_epoch_start(self) -> None:
         dm = self.trainer.datamodule
         self._bank = None
         if not self.trainer.sanity_checking:  # every training image, each embedded once
-            self._bank = (embed_all(self.embed, dm.train_set.images, self.device), dm.train_set.labels.to(self.device))
+            self._bank = (embed_all_ranks(self.trainer, self.embed, dm.train_set.images, self.device),
+                          dm.train_set.labels.to(self.device))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self._bank is None:

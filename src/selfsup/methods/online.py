@@ -42,6 +42,25 @@ def embed_all(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     return torch.cat([embed(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)])
 
 
+@torch.no_grad()
+def embed_all_ranks(trainer: L.Trainer, embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                    device: torch.device) -> torch.Tensor:
+    """:func:`embed_all` shared out over the job's ranks: each computes an equal share of the rows
+    and every rank gets all of them, (N, F) in row order: one pass over the images for the whole
+    job, not one per rank. A collective call under DDP: every rank calls it."""
+    world, rank = trainer.world_size, trainer.global_rank
+    if world == 1:
+        return embed_all(embed, images, device)
+    n = len(images)
+    share = -(-n // world)
+    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    # A rank past the end embeds one image only to learn the feature width.
+    mine = embed_all(embed, images[lo:hi] if hi > lo else images[:1], device)[: hi - lo]
+    padded = mine.new_zeros(share, mine.shape[1])
+    padded[: len(mine)] = mine
+    return trainer.strategy.all_gather(padded).flatten(0, 1)[:n]
+
+
 def frozen_evaluation(
     embed: Callable[[torch.Tensor], torch.Tensor],
     train_images: torch.Tensor,
@@ -218,7 +237,7 @@ class OnlineEvaluation(nn.Module):
             if self.knn_bank_size is not None and len(images) > self.knn_bank_size:
                 idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size]
                 images, labels = images[idx], labels[idx]
-            self._bank = (embed_all(embed, images, device), labels.to(device))
+            self._bank = (embed_all_ranks(trainer, embed, images, device), labels.to(device))
 
     def epoch_end(self, module: L.LightningModule) -> None:
         """After validation: log the separate data's figures under the online names."""

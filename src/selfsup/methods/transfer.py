@@ -32,7 +32,7 @@ from selfsup.methods.common import (
     param_groups,
     save_plain_hyperparameters,
 )
-from selfsup.methods.online import embed_all
+from selfsup.methods.online import embed_all_ranks
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.schedules import lr_factor
@@ -116,6 +116,17 @@ def training_view(images: torch.Tensor, input_norm: InputNorm, crop_min_scale: f
     if crop_min_scale is not None:
         x = random_resized_crop(x, x.shape[-1], scale=(crop_min_scale, 1.0))
     return x
+
+
+def frozen_features(backbone: nn.Module, images: torch.Tensor, features: Features,
+                    crop_min_scale: float | None = None) -> torch.Tensor:
+    """Pooled features (B, F) at ``features.stage`` of uint8 images (B, 3, H, W) through a frozen
+    backbone, normalised as it saw its inputs in pretraining (:func:`training_view`)."""
+    # Lightning restores each submodule's recorded train/eval flag around validation, bypassing
+    # a module's train(); re-assert eval here so BatchNorm statistics never move.
+    if backbone.training:
+        backbone.eval()
+    return backbone(training_view(images, features.input_norm, crop_min_scale), stage=features.stage)
 
 
 class Classifier(nn.Module):
@@ -228,27 +239,7 @@ class LinearProbe(L.LightningModule):
 
     @torch.no_grad()
     def _compute(self, images: torch.Tensor, crop_min_scale: float | None = None) -> torch.Tensor:
-        # Lightning restores each submodule's recorded train/eval flag around validation,
-        # bypassing train(); re-assert eval here so BatchNorm statistics never move.
-        if self.backbone.training:
-            self.backbone.eval()
-        f = self.features_spec
-        return self.backbone(training_view(images, f.input_norm, crop_min_scale), stage=f.stage)
-
-    @torch.no_grad()
-    def split_features(self, split: str) -> torch.Tensor:
-        """Frozen features (N, F) of every image of the DataModule's ``train`` or ``val`` split, in
-        row order. Under DDP each rank computes an equal share and all ranks get the whole."""
-        dm = self.trainer.datamodule
-        images = (dm.train_set if split == "train" else dm.eval_set).images
-        n, world, rank = len(images), self.trainer.world_size, self.trainer.global_rank
-        share = -(-n // world)
-        mine = embed_all(self._compute, images[rank * share : (rank + 1) * share], self.device)
-        if world == 1:
-            return mine
-        padded = mine.new_zeros(share, mine.shape[1])
-        padded[: len(mine)] = mine
-        return self.all_gather(padded).flatten(0, 1)[:n]
+        return frozen_features(self.backbone, images, self.features_spec, crop_min_scale)
 
     @torch.no_grad()
     def features(self, batch: dict, split: str) -> torch.Tensor:
@@ -296,16 +287,18 @@ class LinearProbe(L.LightningModule):
         if trainer.is_global_zero:
             print(f"probe search: features of {len(dm.train_set)} training images, then "
                   f"{len(self.search_spec.settings())} heads side by side", flush=True)
-        feats = self.split_features("train")
+        # Under DDP each rank computes an equal share and every rank gets all of them.
+        feats = embed_all_ranks(trainer, self._compute, dm.train_set.images, self.device)
         labels = dm.train_set.labels.to(self.device)
         if self.hparams.cache_features:
             self._cache["train"] = (feats, torch.ones(len(feats), dtype=torch.bool, device=feats.device))
         batch = per_device_batch_size(trainer)
-        epochs = search_epochs(trainer, len(feats), global_batch_size(trainer, batch))
+        global_batch = global_batch_size(trainer, batch)
+        epochs = search_epochs(trainer, len(feats), global_batch)
         result = search_probe(
             feats, labels, lambda: linear_head(feats.shape[1], self.hparams.num_classes, self.standardise),
             self.search_spec, OptimizerSpec.of(self.hparams.optimizer), epochs=epochs,
-            batch_size=global_batch_size(trainer, batch), lr_at=trainer_schedule(trainer, batch, epochs),
+            batch_size=global_batch, lr_at=trainer_schedule(trainer, batch, epochs),
             drop_last=bool(getattr(dm.hparams, "drop_last", True)))
         # Every rank trains with rank zero's choice (floating-point ties could differ).
         return trainer.strategy.broadcast(result, src=0)
