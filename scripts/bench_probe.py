@@ -74,6 +74,13 @@ def machine() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    """The figures as JSON (``--json``), when a path is given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=None, help="labelled images (default: the embedded CIFAR-10 sample)")
@@ -122,9 +129,7 @@ def main() -> dict[str, Any]:
           f"{result['comparisons'][0]['ratio']:.1f}x faster, {result['top1_difference_points']:+.1f} points "
           f"(lr={ours['lr']!r}, weight_decay={ours['weight_decay']!r} chosen; {a.backbone}, {len(dm.train_set)} train / "
           f"{len(dm.eval_set)} eval images, {a.epochs} epochs; {result['machine']['cpu']}, {result['machine']['cores']} cores)")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.json, result)
     return result
 
 

@@ -1,7 +1,9 @@
 """Run by test_ddp.py: SimCLR (or MoCo) for a few steps on 2 CPU processes (gloo), recording what
 each rank saw; or a linear probe with its search (``probe``).
 
-    python tests/ddp_simclr_script.py IMAGE_ROOT OUT_DIR [simclr|moco|probe]
+    python tests/ddp_simclr_script.py IMAGE_ROOT OUT_DIR [simclr|moco|probe|stream]
+
+``stream``: SimCLR for 2 epochs on IMAGE_ROOT as written by ``selfsup data optimize``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from selfsup.probe_search import ProbeSearch
 class Record(L.Callback):
     def __init__(self) -> None:
         self.indices: list[int] = []
+        self.by_epoch: dict[int, list[int]] = {}
+        self.keys: set[str] = set()
         self.global_batches: list[int] = []
         self.losses: list[float] = []
         self.step_lrs: list[float] = []
@@ -31,6 +35,8 @@ class Record(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == 0:
             self.indices += batch["index"].tolist()
+        self.by_epoch.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
+        self.keys |= set(batch)
         # The gather NT-Xent uses, inside the Trainer's process group.
         self.global_batches.append(int(gather_with_grad(torch.zeros(len(batch["index"]), 1)).shape[0]))
 
@@ -67,13 +73,15 @@ def main() -> None:
     if method == "probe":
         return probe(root, out)
     L.seed_everything(0)
-    dm = ImageDataModule(root=root, batch_size=10)
+    stream = method == "stream"
+    dm = (ImageDataModule(root=root, source="stream", image_size=32, batch_size=10, num_workers=1) if stream
+          else ImageDataModule(root=root, batch_size=10))
     kw = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 8,
           "online": OnlineSpec(knn_every=1), "num_classes": dm.num_classes}
-    model = SimCLR(**kw) if method == "simclr" else MoCo(**kw, queue_size=50)
+    model = MoCo(**kw, queue_size=50) if method == "moco" else SimCLR(**kw)
     rec = Record()
     scaling = LearningRateScaling("linear", reference_batch=256)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2 if stream else 1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[rec, scaling, Warmup(decay="constant")], default_root_dir=str(out), num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
@@ -84,6 +92,7 @@ def main() -> None:
         "queue": model.queue.tolist() if method == "moco" else None,
         "queue_ptr": int(model.queue_ptr) if method == "moco" else None,
         "knn_top1": float(trainer.callback_metrics["val/knn_top1"]),
+        "by_epoch": rec.by_epoch, "batch_keys": sorted(rec.keys),
     }))
 
 

@@ -7,7 +7,7 @@ KIND: ``none``; ``batch`` (SIGKILL at the start of training step STEP: mid-epoch
 once the checkpoint of step STEP is being written: its contents assembled, the file not yet
 there); ``write`` (SIGKILL half-way through writing that checkpoint's bytes); ``usr1`` /
 ``term`` (SIGUSR1 / SIGTERM to itself at step STEP); ``oom`` (a CUDA out-of-memory error at step STEP). RECORD gets one line per training step
-trained by this process: ``<pid> <global step>``. For ``pipeline``, ``KIND:STEP@STAGE`` stops
+trained by this process: ``<pid> <global step> <the batch's image rows, comma-separated>``. For ``pipeline``, ``KIND:STEP@STAGE`` stops
 in that stage only.
 """
 
@@ -43,8 +43,9 @@ class Stopper(L.Callback):
             os.kill(os.getpid(), signal.SIGUSR1 if self.kind == "usr1" else signal.SIGTERM)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        rows = ",".join(map(str, batch["index"].tolist())) if "index" in batch else ""
         with self.record.open("a") as f:
-            f.write(f"{os.getpid()} {trainer.global_step}\n")
+            f.write(f"{os.getpid()} {trainer.global_step} {rows}\n")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.global_step != self.step:

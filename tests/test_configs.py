@@ -16,7 +16,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 PIPELINES = [p for p in ALL if p.parent.name == "pipeline"]
 TRAINERS = [p for p in ALL if p.parent.name == "trainer"]
-STAGES = [p for p in ALL if p not in PIPELINES and p not in TRAINERS]
+DATA = [p for p in ALL if p.parent.name == "data"]
+STAGES = [p for p in ALL if p not in PIPELINES and p not in TRAINERS and p not in DATA]
 
 
 def test_there_are_configs_for_every_stage_and_preset() -> None:
@@ -60,6 +61,13 @@ def test_trainer_preset_parses(path: Path, capsys: pytest.CaptureFixture) -> Non
     cfg = print_config(capsys, path, CONFIGS / "simclr" / "cifar10.yaml")
     for key, value in yaml.safe_load(path.read_text())["trainer"].items():
         assert cfg["trainer"][key] == value, key
+
+
+@pytest.mark.parametrize("path", DATA, ids=lambda p: p.name)
+def test_data_preset_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = print_config(capsys, CONFIGS / "simclr" / "imagenette.yaml", path)
+    for key, value in yaml.safe_load(path.read_text())["data"].items():
+        assert cfg["data"][key] == value, key
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)

@@ -91,3 +91,27 @@ def test_ddp_probe_search_sees_every_training_image_and_agrees(image_folder: Pat
     for r in ranks:
         assert r["filled"] and len(r["features"]) == len(dm.train_set) == 120
         assert torch.allclose(torch.tensor(r["features"]), single, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_streamed_dataset_disjoint_shards_cover_each_epoch(image_folder: Path, tmp_path: Path) -> None:
+    """Two processes streaming a LitData dataset: each epoch, the ranks read disjoint shares
+    that together are every training image once, in a new order each epoch; the crops are cut
+    in the loader's workers; the kNN monitor's bank (read by row) agrees on both ranks."""
+    pytest.importorskip("litdata")
+    from selfsup.data.stream import optimize_folder
+
+    optimize_folder(image_folder, tmp_path / "optimized", workers=2)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    _, ranks = run_ddp_script("stream", tmp_path / "optimized", out, 27500)
+    n = ranks[0]["num_train"]
+    assert n == 120
+    for epoch in ("0", "1"):
+        a, b = (r["by_epoch"][epoch] for r in ranks)
+        assert len(a) == len(b) == n // 2 and set(a).isdisjoint(b)
+        assert sorted(a + b) == list(range(n))
+    assert ranks[0]["by_epoch"]["0"] != ranks[0]["by_epoch"]["1"]  # shuffled again
+    assert all("views" in r["batch_keys"] and "image" not in r["batch_keys"] for r in ranks)
+    assert ranks[0]["knn_top1"] == ranks[1]["knn_top1"]
+

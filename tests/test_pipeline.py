@@ -178,3 +178,29 @@ def test_stage_errors_name_the_stage_before_anything_trains(image_folder: Path, 
         pipeline_main([*base, "--stages.extra.config", str(REPO / "configs/simclr/cifar10.yaml"),
                        "--stages.extra.model", '{"tempreature": 0.1}'])
     assert not (tmp_path / "out" / "random_probe").exists()  # no stage started
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_on_a_streamed_dataset(image_folder: Path, tmp_path: Path) -> None:
+    """Pretraining, evaluations and the label-fraction fine-tuning read a LitData dataset:
+    nothing decoded ahead, the same summary as from the folder."""
+    pytest.importorskip("litdata")
+    from selfsup.data.stream import optimize_folder
+
+    optimize_folder(image_folder, tmp_path / "optimized", workers=2)
+    out = tmp_path / "out"
+    s = pipeline_main(["--config", str(REPO / "configs/pipeline/quickstart.yaml"), "--data.source", "stream",
+                       "--data.root", str(tmp_path / "optimized"), "--data.num_workers", "1", "--out", str(out),
+                       *TINY, "--evaluations.finetune", json.dumps({"config": str(REPO / "configs/finetune/cifar10.yaml"),
+                                                                     "max_epochs": 1, "data": {"label_fraction": 0.5, "batch_size": 16}}),
+                       "--wandb.enabled", "false"])
+    assert (s["pretrain_images"], s["train_images"], s["eval_images"], s["num_classes"]) == (120, 120, 30, 3)
+    assert s["data_root"] == str(tmp_path / "optimized")
+    assert s["evaluation_train_images"]["finetune"] == 60
+    for entry in ("random", "relative_location", "simclr"):
+        r = s["results"][entry]
+        for key in ("linear_top1", "knn_top1", "finetune_top1"):
+            assert 0 <= r[key] <= 1, (entry, key)
+    assert 0 <= s["results"]["relative_location"]["pretext_top1"] <= 1
+    assert "| SimCLR |" in (out / "summary.md").read_text()
+

@@ -96,6 +96,36 @@ def test_killed_run_rerun_ends_with_the_uninterrupted_weights(stop: str, uninter
     assert not different, different[:5]  # online head, MoCo-style buffers and BN statistics included
 
 
+def rows_trained(record: Path) -> list[list[int]]:
+    """The image rows of every trained step, in order, over all processes."""
+    return [[int(x) for x in line.split()[2].split(",")] for line in record.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_streamed_run_killed_mid_epoch_resumes_at_the_same_place_of_the_stream(uninterrupted, tmp_path: Path) -> None:
+    """A LitData dataset read by 2 workers (batches alternate between them), killed in the
+    middle of its first epoch: the re-run trains the batches the uninterrupted run trained next,
+    in the same order, and no batch twice."""
+    pytest.importorskip("litdata")
+    from selfsup.data.stream import optimize_folder
+
+    images, _ = uninterrupted
+    optimize_folder(images, tmp_path / "optimized", workers=2)
+    stream = ("--data.source", "stream", "--data.root", str(tmp_path / "optimized"), "--data.image_size", "32",
+              "--data.num_workers", "2")
+    reference = run("none:0", tmp_path / "reference", [*fit_args(images, tmp_path / "ref"), *stream])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    expected = rows_trained(tmp_path / "reference")
+    assert len(expected) == STEPS and sorted(sum(expected[:7], [])) != sum(expected[:7], [])  # shuffled
+    args = [*fit_args(images, tmp_path / "run"), *stream]
+    assert run("batch:5", tmp_path / "record", args).returncode == -signal.SIGKILL
+    again = run("none:0", tmp_path / "record", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert steps_by_process(tmp_path / "record") == [5, STEPS - 4]  # steps 0-4, then from the step-4 checkpoint
+    trained = rows_trained(tmp_path / "record")
+    assert trained[:4] + trained[5:] == expected  # step 4 trained twice (after the checkpoint); nothing else
+
+
 @pytest.mark.slow
 def test_fresh_start_and_another_config_in_the_same_folder(uninterrupted, tmp_path: Path) -> None:
     images, _ = uninterrupted

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,14 @@ from PIL import Image
 from conftest import write_image_folder
 from selfsup import SelfsupError
 from selfsup.cli import main
+from selfsup.data import ImageDataModule
 from selfsup.data.stream import (
+    CropViews,
+    Undecoded,
+    collate_undecoded,
+    decode_batch_on_device,
     decode_crop,
+    decode_crops,
     decode_sample,
     optimize_folder,
     random_crops,
@@ -24,6 +31,9 @@ from selfsup.data.stream import (
 )
 
 pytest.importorskip("litdata")
+
+from selfsup.methods import FineTune, LinearProbe, RelativeLocation, SimCLR  # noqa: E402
+from selfsup.methods.online import OnlineSpec  # noqa: E402
 
 
 def read_split(directory: Path) -> list[dict]:
@@ -79,7 +89,7 @@ def test_optimize_an_unlabeled_folder_shrinks_what_is_too_large(tmp_path: Path) 
     small = np.full((20, 20, 3), 200, dtype=np.uint8)
     Image.fromarray(small).save(photos / "small.jpg")
     out = tmp_path / "optimized"
-    meta = optimize_folder(tmp_path / "photos", out, max_side=45, workers=1)
+    meta = optimize_folder(tmp_path / "photos", out, max_side=45, workers=1, val_fraction=0)
     assert meta["labels"] == "none" and meta["classes"] == [] and set(meta["splits"]) == {"train"}
     samples = read_split(out / "train")
     assert len(samples) == 6 and {s["label"] for s in samples} == {-1}
@@ -131,3 +141,116 @@ def test_random_crops_are_drawn_against_each_images_own_size() -> None:
     # Crops of 2-5% of a 400 x 300 image are 50-80 pixels across, so 32 output pixels still show
     # teeth 8 pixels apart; cut from a 32-pixel copy of the image they would be flat.
     assert all(float(v[0].float().mean(0).std()) > 25 for v in views)
+
+
+# -- training on a streamed dataset ---------------------------------------------------------
+class Batches(L.Callback):
+    """What every training batch held: its keys, shapes and image rows."""
+
+    def __init__(self) -> None:
+        self.shapes: list[dict[str, tuple[int, ...]]] = []
+        self.rows: list[int] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        self.shapes.append({k: tuple(v.shape) for k, v in batch.items()})
+        self.rows += batch["index"].tolist()
+
+
+def fit_streamed(model: L.LightningModule, dm: ImageDataModule, tmp_path: Path, **kw) -> Batches:
+    seen = Batches()
+    kw = {"max_epochs": 1, **kw}
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[seen], **kw).fit(model, datamodule=dm)
+    return seen
+
+
+@pytest.fixture
+def streamed(image_folder: Path, tmp_path: Path) -> Path:
+    """The 3-class folder (120 train / 30 val images) written as a LitData dataset."""
+    optimize_folder(image_folder, tmp_path / "optimized", workers=2)
+    return tmp_path / "optimized"
+
+
+TINY = {"backbone": {"name": "small_cnn", "width": 8}}
+
+
+@pytest.mark.slow
+def test_every_stage_trains_on_a_streamed_labelled_dataset(streamed: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    dm = ImageDataModule(root=str(streamed), source="stream", image_size=32, batch_size=20, num_workers=1)
+    assert dm.num_classes == 3  # from selfsup.json, before anything is read
+    dm.setup()
+    assert "streaming" in capsys.readouterr().out and (len(dm.train_set), len(dm.eval_set)) == (120, 30)
+    labels = json.loads((streamed / "train_labels.json").read_text())
+    assert dm.train_set.labels.tolist() == labels and Counter(labels) == {0: 40, 1: 40, 2: 40}
+    # SimCLR: the crops come from the workers, cut from the full images at the view size.
+    simclr = SimCLR(**TINY, proj_hidden=16, views={"size": 16}, online=OnlineSpec(knn_every=1), num_classes=3)
+    seen = fit_streamed(simclr, dm, tmp_path)
+    assert seen.shapes[0] == {"views": (20, 2, 3, 16, 16), "label": (20,), "index": (20,)}
+    assert sorted(seen.rows) == list(range(120)) and seen.rows != sorted(seen.rows)  # each image once, shuffled
+    # Relative location: a square of each full image, the grid drawn on the device.
+    seen = fit_streamed(RelativeLocation(**TINY, head_hidden=16), dm, tmp_path)
+    assert seen.shapes[0]["image"] == (20, 3, 32, 32)
+    # The probe's search computes every training feature first: its training batches carry no images.
+    probe = LinearProbe(**TINY, num_classes=3, search={"lrs": [0.01, 0.1], "weight_decays": [0.0]})
+    seen = fit_streamed(probe, dm, tmp_path, max_epochs=2)
+    assert set(seen.shapes[0]) == {"label", "index"} and probe.chosen.lr in (0.01, 0.1)
+    finetune = FineTune(**TINY, num_classes=3)
+    seen = fit_streamed(finetune, dm, tmp_path)
+    assert seen.shapes[0]["image"] == (20, 3, 32, 32)
+    # A label fraction is a subset of the split: read by row, in a seeded order.
+    part = dm.derived(label_fraction=0.25)
+    assert len(part.train_set) == 30 and not part.train_set.images.streams_whole_split
+    seen = fit_streamed(FineTune(**TINY, num_classes=3), part, tmp_path)
+    assert len(seen.rows) == 20 and set(seen.rows) <= set(range(30))
+
+
+@pytest.mark.slow
+def test_an_unlabeled_folder_streams_into_simclr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k, p in enumerate(sorted(write_image_folder(tmp_path / "images", {"train": 12}).rglob("*.jpg"))):
+        p.rename(flat / f"{k:03d}.jpg")  # no class folders: unlabeled
+    meta = optimize_folder(flat, tmp_path / "optimized", workers=1, val_fraction=0.25)
+    assert meta["labels"] == "none" and meta["splits"]["val"]["written"] == 9
+    assert not (tmp_path / "optimized" / "train_labels.json").exists()
+    dm = ImageDataModule(root=str(tmp_path / "optimized"), source="stream", image_size=32, batch_size=9)
+    assert dm.num_classes is None
+    dm.setup()
+    assert dm.train_set.labels.tolist() == [-1] * 27 and not dm.has_labels
+    seen = fit_streamed(SimCLR(**TINY, proj_hidden=16), dm, tmp_path)
+    assert seen.shapes[0]["views"] == (9, 2, 3, 32, 32) and len(seen.rows) == 27
+    assert "online evaluation off: the pretraining images have no labels" in capsys.readouterr().out
+
+
+def test_stream_needs_an_optimized_folder_and_a_size(image_folder: Path, streamed: Path) -> None:
+    with pytest.raises(SelfsupError, match="needs data.image_size"):
+        ImageDataModule(root=str(streamed), source="stream")
+    with pytest.raises(SelfsupError, match="selfsup.json not found: is .* a folder written by selfsup data optimize"):
+        ImageDataModule(root=str(image_folder), source="stream", image_size=32)
+
+
+
+def test_decoding_on_the_device_matches_decoding_in_the_workers(streamed: Path, tmp_path: Path) -> None:
+    """decode_on=device: the workers draw the boxes and keep the bytes; torchvision's batched
+    decode_jpeg and a resized crop on the device (here the CPU: the same calls as on a GPU)
+    give the crops the workers would have cut from the full image."""
+    data = sawtooth_jpeg(400, 300)
+    sample = {"image": data, "height": 300, "width": 400, "label": 2}
+    views = CropViews(2, 48, scale=(0.02, 0.05))
+    torch.manual_seed(0)
+    batch = collate_undecoded([Undecoded(views)(sample), Undecoded(views)(sample)])
+    assert isinstance(batch["jpeg"], list) and batch["boxes"].shape == (2, 2, 4) and batch["label"].tolist() == [2, 2]
+    boxes, flips = batch["boxes"].clone(), batch["flips"].clone()
+    out = decode_batch_on_device(batch, views, torch.device("cpu"))
+    assert out["views"].shape == (2, 2, 3, 48, 48) and out["views"].dtype == torch.uint8
+    for i in range(2):
+        ref = decode_crops(data, [tuple(b) for b in boxes[i].tolist()], 48, flips[i].tolist())
+        assert (out["views"][i].float() - ref.float()).abs().mean() < 6  # two decoders, two resamplers
+        assert float(out["views"][i, 0, 0].float().mean(0).std()) > 25  # the teeth: full resolution
+    # Through a Trainer: the DataModule decodes each streamed batch before it reaches the step.
+    dm = ImageDataModule(root=str(streamed), source="stream", image_size=32, batch_size=20, decode_on="device")
+    seen = fit_streamed(SimCLR(**TINY, proj_hidden=16, views={"size": 16}, online=OnlineSpec(enabled=False)), dm, tmp_path)
+    assert seen.shapes[0] == {"views": (20, 2, 3, 16, 16), "label": (20,), "index": (20,)} and len(seen.rows) == 120
+    with pytest.raises(SelfsupError, match="decode_on=device needs data.source=stream"):
+        ImageDataModule(decode_on="device")

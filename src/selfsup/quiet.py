@@ -21,6 +21,8 @@ _IGNORED_WARNINGS = (
     r"Experiment logs directory .* exists and is not empty.*",  # a resumed run appends its metrics
     r"Checkpoint directory .* exists and is not empty.*",  # a resumed run replaces last.ckpt
     r".*`weights_only` was not set.*",
+    # LitData shards a streamed split over ranks and workers itself, so its length is right
+    r"Your `IterableDataset` has `__len__` defined.*",
 )
 
 

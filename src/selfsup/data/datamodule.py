@@ -36,9 +36,19 @@ from selfsup.data.sources import (
     sample_classes,
     scan_folder,
 )
+from selfsup.data.stream import (
+    CentreImage,
+    Undecoded,
+    collate_undecoded,
+    decode_batch_on_device,
+    join_uri,
+    read_stream_labels,
+    read_stream_meta,
+)
 
-Source = Literal["auto", "folder", "sample", "cifar10", "cifar100", "stl10"]
+Source = Literal["auto", "folder", "stream", "sample", "cifar10", "cifar100", "stl10"]
 BadFiles = Literal["skip", "stop"]
+DecodeOn = Literal["workers", "device"]
 BAD_FILES_NAME = "bad_files.txt"
 
 
@@ -127,9 +137,11 @@ class ImageDataModule(L.LightningDataModule):
         root: a folder of images, at any depth, with or without class folders
             (``ROOT/<image>``, ``ROOT/<class>/<image>``), optionally split as ``ROOT/train/...``
             and ``ROOT/val/...`` or ``ROOT/test/...``; or torchvision's files for
-            cifar10/cifar100/stl10.
+            cifar10/cifar100/stl10; or, with ``source: stream``, what ``selfsup data optimize``
+            wrote (a local folder or a URI LitData reads: s3://, gs://, ...).
         source: ``auto`` reads ``root`` as an image folder, or the embedded sample when
-            ``root`` is unset.
+            ``root`` is unset. ``stream``: nothing is decoded ahead; images are decoded in the
+            loader's workers as they are read (collections larger than memory).
         labels: ``folders`` (the first folder level below the split is the class), ``none``
             (unlabeled), or ``auto``: class folders when every image sits in one and there are
             two or more, else unlabeled. The choice is printed.
@@ -150,6 +162,10 @@ class ImageDataModule(L.LightningDataModule):
             or ``~/.cache/selfsup``.
         decode_workers: processes decoding images; None: every available core.
         drop_last: drop the last incomplete training batch (keeps per-rank batches equal).
+        decode_on: with ``source: stream``, where training images are decoded: in the loader's
+            ``workers`` (Pillow, reduced-size JPEG decoding where the crops allow), or on the
+            training ``device`` (torchvision's batched ``decode_jpeg``: nvJPEG on a GPU; the
+            workers then only read and draw the crop boxes).
     """
 
     def __init__(
@@ -172,6 +188,7 @@ class ImageDataModule(L.LightningDataModule):
         cache_min_images: int = 5000,
         decode_workers: int | None = None,
         drop_last: bool = True,
+        decode_on: DecodeOn = "workers",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -186,8 +203,15 @@ class ImageDataModule(L.LightningDataModule):
         self.defer_bad_files = False
         self._evaluation: ImageDataModule | None = None
         self._layout: tuple[Path, Path | None, FolderScan, LabelChoice] | None = None
+        self._device_sample: Any = None  # what decode_on=device makes of a streamed batch
+        if decode_on == "device" and self.source != "stream":
+            raise SelfsupError("data.decode_on=device needs data.source=stream (encoded images to decode)")
         if self.source == "folder":
             check_image_root(root)
+        elif self.source == "stream":
+            if image_size is None:
+                raise SelfsupError("data.source=stream needs data.image_size (the side images are decoded to)")
+            read_stream_meta(root)
         if eval_root is not None:
             check_image_root(eval_root, "data.eval_root")
 
@@ -233,6 +257,8 @@ class ImageDataModule(L.LightningDataModule):
         elif src == "folder":
             self._load_folder()
             return
+        elif src == "stream":
+            self._load_stream()
         else:
             if hp.root is None:
                 raise SelfsupError(f"data.source={src} needs data.root (the folder with torchvision's files)")
@@ -246,6 +272,29 @@ class ImageDataModule(L.LightningDataModule):
             idx = seeded_subset(len(getattr(self, name)), k, hp.seed)
             if idx is not None:
                 setattr(self, name, getattr(self, name).subset(idx))
+
+    def _load_stream(self) -> None:
+        """A dataset of ``selfsup data optimize``: its training and evaluation splits as
+        :class:`~selfsup.data.streaming.LazyImages` (nothing decoded) with their labels."""
+        from selfsup.data.streaming import LazyImages
+
+        hp = self.hparams
+        meta = read_stream_meta(hp.root)
+        evals = [k for k in meta["splits"] if k != "train"]
+        if not evals:
+            raise SelfsupError(f"{hp.root} has no evaluation split; write one with selfsup data optimize "
+                               "--val-fraction 0.1 (or give the folder a val/ or test/ split)")
+        classes = meta["classes"] if meta["labels"] == "folders" else []
+
+        def split(name: str) -> ImageSet:
+            n = meta["splits"][name]["written"]
+            labels = torch.as_tensor(read_stream_labels(hp.root, name), dtype=torch.long) if classes else torch.full((n,), -1)
+            images = LazyImages(join_uri(hp.root, name), hp.image_size, workers=hp.num_workers, length=n)
+            return ImageSet(images, labels, classes)
+
+        self.train_set, self.eval_set, self.eval_split = split("train"), split(evals[0]), evals[0]
+        say(f"data: streaming {hp.root}: {len(self.train_set):,} train / {len(self.eval_set):,} {evals[0]} images, "
+            + (f"{len(classes)} classes" if classes else "unlabeled") + f", decoded to {hp.image_size} px as they are read")
 
     def _folder_layout(self) -> tuple[Path, Path | None, FolderScan, LabelChoice]:
         """The training folder, the evaluation split's folder (or None), the training files and
@@ -415,6 +464,9 @@ class ImageDataModule(L.LightningDataModule):
         if src == "folder":
             choice = self._folder_layout()[3]
             return len(choice.classes) if choice.mode == "folders" else None
+        if src == "stream":
+            meta = read_stream_meta(self.hparams.root)
+            return len(meta["classes"]) if meta["labels"] == "folders" else None
         return len(sample_classes()) if src == "sample" else TORCHVISION_CLASSES[src]
 
     @property
@@ -435,12 +487,41 @@ class ImageDataModule(L.LightningDataModule):
                   "pin_memory": torch.cuda.is_available(), "persistent_workers": hp.num_workers > 0}
         if not train:  # in order; under DDP Lightning shards it with a DistributedSampler
             return DataLoader(TensorImageDataset(s), **common)
+        if getattr(s.images, "streams_whole_split", False):
+            return self._stream_loader(s, bs)
         # Every image once per epoch, this rank's disjoint share, in an order that a restart in
         # the middle of the epoch continues (Lightning keeps a DistributedSampler as it is).
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return ResumableLoader(TensorImageDataset(s), sampler=ResumableSampler(s, world, rank, seed=hp.seed),
                                drop_last=hp.drop_last, trained_batches=self._trained_batches, **common)
+
+    def _stream_loader(self, s: ImageSet, batch_size: int) -> DataLoader:
+        """LitData's loader over a whole streamed split: shuffled per epoch (chunks, then images
+        within them), this rank's disjoint share, each image made in the workers as the stage
+        asks (its ``stream_sample(image_size)``: e.g. SimCLR's crops cut from the full image),
+        the trained position saved with each checkpoint."""
+        from selfsup.data.streaming import StreamedDataset, TrainedPositionLoader
+
+        hp = self.hparams
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        make = getattr(module, "stream_sample", None)
+        sample = make(hp.image_size) if make is not None else CentreImage(hp.image_size)
+        extra: dict[str, Any] = {}
+        if hp.decode_on == "device" and hasattr(sample, "boxes"):
+            # The workers draw the boxes; on_before_batch_transfer decodes and cuts on the device.
+            self._device_sample, sample = sample, Undecoded(sample)
+            extra["collate_fn"] = collate_undecoded
+        ds = StreamedDataset(s.images.directory, sample, shuffle=True, seed=hp.seed, drop_last=hp.drop_last)
+        return TrainedPositionLoader(ds, batch_size=batch_size, num_workers=hp.num_workers, drop_last=hp.drop_last,
+                                     pin_memory=torch.cuda.is_available(), trained_batches=self._trained_batches,
+                                     **extra)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode_on: device``: decode a streamed training batch on the training device."""
+        if isinstance(batch, dict) and "jpeg" in batch:
+            return decode_batch_on_device(batch, self._device_sample, self.trainer.strategy.root_device)
+        return batch
 
     def _trained_batches(self) -> int:
         """Batches of the current epoch the trainer has trained (see selfsup.data.resumable)."""

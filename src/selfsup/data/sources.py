@@ -37,8 +37,9 @@ Labels = Literal["auto", "folders", "none"]
 
 @dataclass
 class ImageSet:
-    """Decoded images of one split. images: uint8 (N, 3, H, W); labels: int64 (N,), -1 when
-    the images have no labels; classes: the class names (empty without labels)."""
+    """Decoded images of one split. images: uint8 (N, 3, H, W), or a streamed split's
+    ``LazyImages`` that decode when read; labels: int64 (N,), -1 when the images have no
+    labels; classes: the class names (empty without labels)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -52,7 +53,9 @@ class ImageSet:
         return len(self.classes) > 0
 
     def subset(self, idx: torch.Tensor) -> ImageSet:
-        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+        # Streamed images (selfsup.data.streaming.LazyImages) stay undecoded.
+        images = self.images.subset(idx) if hasattr(self.images, "subset") else self.images[idx]
+        return ImageSet(images, self.labels[idx], self.classes)
 
 
 def default_cache_dir() -> Path:

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +43,44 @@ from selfsup.data.views import crop_boxes
 
 META_NAME = "selfsup.json"
 BAD_FILES_NAME = "bad_files.txt"
+
+
+def labels_name(split: str) -> str:
+    """The file beside ``selfsup.json`` with a split's labels in stored order (JSON list)."""
+    return f"{split}_labels.json"
+
+
+def join_uri(root: str | Path, *parts: str) -> str:
+    """``root/part/...`` for a local folder or a URI (s3://bucket/dir)."""
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+def _read_text(root: str | Path, name: str) -> str:
+    """A small file of a dataset folder, local or in a bucket LitData reads."""
+    uri = join_uri(root, name)
+    if "://" not in str(root):
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise SelfsupError(f"{path} not found: is {root} a folder written by selfsup data optimize?")
+        return path.read_text()
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, name)
+        _get_fs_provider(uri).download_file(uri, local)
+        return Path(local).read_text()
+
+
+def read_stream_meta(root: str | Path | None) -> dict[str, Any]:
+    """``ROOT/selfsup.json`` of a dataset that ``selfsup data optimize`` wrote."""
+    if root is None:
+        raise SelfsupError("data.source=stream needs data.root: a folder written by selfsup data optimize")
+    return json.loads(_read_text(root, META_NAME))
+
+
+def read_stream_labels(root: str | Path, split: str) -> list[int]:
+    """A split's labels in the order LitData stores its samples."""
+    return json.loads(_read_text(root, labels_name(split)))
 
 
 def _litdata() -> Any:
@@ -104,10 +142,18 @@ def optimize_split(files: Sequence[Path], labels: Sequence[int], out: Path, max_
     return len(litdata.StreamingDataset(str(out)))
 
 
+def stored_labels(directory: Path) -> list[int]:
+    """The labels of a written split in stored order (LitData's writers interleave their
+    inputs), read once so that training can look a row's label up without reading the row."""
+    ds = _litdata().StreamingDataset(str(directory))
+    return [int(ds[i]["label"]) for i in range(len(ds))]
+
+
 def optimize_folder(src: str | Path, out: str | Path, max_side: int | None = None, workers: int | None = None,
-                    labels: str = "auto") -> dict[str, Any]:
+                    labels: str = "auto", val_fraction: float = 0.1, seed: int = 0) -> dict[str, Any]:
     """Every split of the folder ``src`` as a LitData dataset under ``out`` (see the module
-    docstring); returns what ``OUT/selfsup.json`` records."""
+    docstring); without a val/test split, a seeded ``val_fraction`` of the images is written as
+    ``val`` instead of ``train`` (0: none). Returns what ``OUT/selfsup.json`` records."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
         raise SelfsupError(f"--src not found: {src}")
@@ -120,6 +166,18 @@ def optimize_folder(src: str | Path, out: str | Path, max_side: int | None = Non
         raise SelfsupError(f"no images found under {train_dir}")
     choice: LabelChoice = resolve_labels(scan, labels)  # type: ignore[arg-type]
     splits = [("train", scan.files, choice.labels)]
+    if not 0 <= val_fraction < 1:
+        raise SelfsupError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if eval_dir is None and val_fraction > 0:
+        # Held apart once, here: every stage that streams this dataset evaluates on the same images.
+        n = len(scan.files)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        held = perm[: max(1, round(val_fraction * n))].sort().values.tolist()
+        kept = perm[len(held):].sort().values.tolist()
+        if not kept:
+            raise SelfsupError(f"{train_dir} holds {n} image(s): too few to hold out {val_fraction:.0%}")
+        splits = [("train", [scan.files[i] for i in kept], [choice.labels[i] for i in kept]),
+                  ("val", [scan.files[i] for i in held], [choice.labels[i] for i in held])]
     if eval_dir is not None:
         ev = scan_folder(eval_dir)
         ev_choice = resolve_labels(ev, "folders" if choice.mode == "folders" else "none",
@@ -129,11 +187,14 @@ def optimize_folder(src: str | Path, out: str | Path, max_side: int | None = Non
     bad: list[tuple[str, str]] = []
     counts = {}
     for name, files, ys in splits:
-        print(f"selfsup data optimize: {name}: {len(files):,} files of {train_dir if name == 'train' else eval_dir}",
-              flush=True)
+        where = eval_dir if eval_dir is not None and name != "train" else train_dir
+        held = f" (held out: {val_fraction:.0%})" if eval_dir is None and name == "val" else ""
+        print(f"selfsup data optimize: {name}: {len(files):,} files of {where}{held}", flush=True)
         counts[name] = {"found": len(files), "written": optimize_split(files, ys, out / name, max_side, workers, bad)}
+        if choice.mode == "folders":
+            (out / labels_name(name)).write_text(json.dumps(stored_labels(out / name)) + "\n")
     meta = {"source": str(src.resolve()), "labels": choice.mode, "classes": choice.classes, "splits": counts,
-            "max_side": max_side, "skipped": len(bad)}
+            "max_side": max_side, "skipped": len(bad), "held_out": val_fraction if eval_dir is None else None}
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     bad_path = out / BAD_FILES_NAME
     if bad:
@@ -154,8 +215,11 @@ def data_main(argv: Sequence[str]) -> dict[str, Any]:
     op.add_argument("--max-side", type=int, default=None, help="re-encode images with a longer side, shrunk to it")
     op.add_argument("--workers", type=int, default=None, help="processes (default: the usable cores)")
     op.add_argument("--labels", default="auto", choices=["auto", "folders", "none"], help="as data.labels")
+    op.add_argument("--val-fraction", type=float, default=0.1,
+                    help="without a val/ or test/ split: the share of images written as 'val' (0: none)")
+    op.add_argument("--seed", type=int, default=0, help="of that split")
     a = ap.parse_args(list(argv))
-    meta = optimize_folder(a.src, a.out, a.max_side, a.workers, a.labels)
+    meta = optimize_folder(a.src, a.out, a.max_side, a.workers, a.labels, a.val_fraction, a.seed)
     written = ", ".join(f"{k} {v['written']:,}" for k, v in meta["splits"].items())
     print(f"selfsup data optimize: wrote {written} images to {a.out} ({meta['labels']} labels)", flush=True)
     return meta
@@ -174,38 +238,46 @@ def decode_sample(data: bytes, image_size: int | None) -> torch.Tensor:
 def streamed_images(directory: str | Path, image_size: int | None = None, shuffle: bool = False, seed: int = 0) -> Any:
     """A LitData ``StreamingDataset`` over a split that :func:`optimize_folder` wrote (a local
     folder or a URI LitData reads), giving ``{"image": uint8 (3, S, S), "label": int,
-    "height": int, "width": int}`` per sample; shuffled per epoch with ``shuffle``, sharded across
-    ranks and workers by LitData."""
-    litdata = _litdata()
+    "index": int}`` per sample; shuffled per epoch with ``shuffle``, sharded across ranks and
+    workers by LitData."""
+    from selfsup.data.streaming import StreamedDataset
 
-    class StreamedImages(litdata.StreamingDataset):
-        def __getitem__(self, index: Any) -> dict[str, Any]:
-            sample = super().__getitem__(index)
-            return {**sample, "image": decode_sample(sample["image"], image_size)}
-
-    return StreamedImages(str(directory), shuffle=shuffle, seed=seed)
+    return StreamedDataset(str(directory), CentreImage(image_size), shuffle=shuffle, seed=seed)
 
 
 def decode_crop(data: bytes, box: tuple[float, float, float, float], size: int, flip: bool = False) -> torch.Tensor:
     """Decode the region ``box`` = (x0, y0, w, h), in pixels of the full image, resized to
     ``size`` x ``size`` (bilinear, antialiased), flipped horizontally with ``flip``: RGB uint8
-    (3, size, size). Only what the crop needs is decoded: a JPEG at the smallest of libjpeg's
-    1/1, 1/2, 1/4, 1/8 scales that keeps at least ``size`` pixels across the box (Pillow's
-    ``draft``), so a large crop of a large image costs a fraction of a full decode, and a small
-    crop keeps the full resolution (SimCLR's 8% crops stay sharp)."""
-    x0, y0, bw, bh = box
+    (3, size, size). See :func:`decode_crops`."""
+    return decode_crops(data, [box], size, [flip])[0]
+
+
+def decode_crops(data: bytes, boxes: Sequence[tuple[float, float, float, float]], size: int,
+                 flips: Sequence[bool]) -> torch.Tensor:
+    """Several crops of one image from one decode: each ``box`` = (x0, y0, w, h), in pixels of
+    the full image, resized to ``size`` x ``size`` (bilinear, antialiased) and flipped
+    horizontally where ``flips`` says: RGB uint8 (n, 3, size, size).
+
+    Only what the crops need is decoded: a JPEG at the smallest of libjpeg's 1/1, 1/2, 1/4, 1/8
+    scales that keeps at least ``size`` pixels across every box (Pillow's ``draft``), so large
+    crops of a large image cost a fraction of a full decode, and a small crop keeps the full
+    resolution (SimCLR's 8% crops stay sharp)."""
     with Image.open(io.BytesIO(data)) as im:
         full_w, full_h = im.size
-        # The decoded size keeps the box at least `size` pixels wide and high.
-        need = (math.ceil(full_w * size / max(bw, 1e-6)), math.ceil(full_h * size / max(bh, 1e-6)))
-        im.draft("RGB", need)
+        # The decoded size keeps each box at least `size` pixels wide and high.
+        need_w = max(math.ceil(full_w * size / max(b[2], 1e-6)) for b in boxes)
+        need_h = max(math.ceil(full_h * size / max(b[3], 1e-6)) for b in boxes)
+        im.draft("RGB", (need_w, need_h))
         s_x, s_y = im.size[0] / full_w, im.size[1] / full_h
         im = to_rgb(im)
-        region = (x0 * s_x, y0 * s_y, (x0 + bw) * s_x, (y0 + bh) * s_y)
-        out = im.resize((size, size), Image.BILINEAR, box=region, reducing_gap=None)
-    if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        out = []
+        for (x0, y0, bw, bh), flip in zip(boxes, flips, strict=True):
+            region = (x0 * s_x, y0 * s_y, (x0 + bw) * s_x, (y0 + bh) * s_y)
+            crop = im.resize((size, size), Image.BILINEAR, box=region, reducing_gap=None)
+            if flip:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            out.append(np.asarray(crop, dtype=np.uint8))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 def random_crops(data: bytes, height: int, width: int, n: int, size: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -213,8 +285,130 @@ def random_crops(data: bytes, height: int, width: int, n: int, size: int, scale:
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` random resized crops of one encoded image, each box drawn against the image's own
     ``height`` x ``width`` as torchvision's RandomResizedCrop draws it (:func:`crop_boxes`), then
-    decoded by :func:`decode_crop`: uint8 (n, 3, size, size). The views of SimCLR and MoCo cut
+    decoded together by :func:`decode_crops`: uint8 (n, 3, size, size). The views of SimCLR and MoCo cut
     from the full image, for the colour and blur steps to follow batched on the device."""
     boxes = crop_boxes(n, height, width, scale, ratio, generator)
     flips = torch.rand(n, generator=generator) < flip_p
-    return torch.stack([decode_crop(data, tuple(b.tolist()), size, bool(f)) for b, f in zip(boxes, flips, strict=True)])
+    return decode_crops(data, [tuple(b) for b in boxes.tolist()], size, flips.tolist())
+
+
+# -- what a worker makes of one stored sample ----------------------------------------------
+def centre_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """The centred square of side min(H, W): (x0, y0, side, side)."""
+    side = min(height, width)
+    return ((width - side) // 2, (height - side) // 2, side, side)
+
+
+@dataclass(frozen=True)
+class CentreImage:
+    """The image's shorter side resized to ``size`` and a centre square cut: ``image`` uint8
+    (3, S, S), as the in-memory path stores images (``size`` None: the whole image)."""
+
+    size: int | None
+    key = "image"
+
+    def boxes(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([centre_box(height, width)], dtype=torch.float), torch.zeros(1, dtype=torch.bool)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {"image": decode_sample(sample["image"], self.size), "label": sample["label"]}
+
+
+@dataclass(frozen=True)
+class CropViews:
+    """``n`` random resized crops, each drawn against the image's own size and decoded from the
+    full image (:func:`random_crops`), flipped with ``flip_p``: ``views`` uint8 (n, 3, S, S).
+    SimCLR's and MoCo's crop step, moved into the workers; colour and blur follow batched on
+    the device."""
+
+    n: int
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    key = "views"
+
+    def boxes(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4) boxes (x0, y0, w, h) as torchvision's RandomResizedCrop draws them, and flips."""
+        return crop_boxes(self.n, height, width, self.scale, self.ratio), torch.rand(self.n) < self.flip_p
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        boxes, flips = self.boxes(int(sample["height"]), int(sample["width"]))
+        views = decode_crops(sample["image"], [tuple(b) for b in boxes.tolist()], self.size, flips.tolist())
+        return {"views": views, "label": sample["label"]}
+
+
+@dataclass(frozen=True)
+class RandomSquare:
+    """A square of side min(H, W) at a random place in the full image, decoded at ``size``:
+    ``image`` uint8 (3, S, S). Relative location's grid is then drawn inside it on the device,
+    so that across epochs every part of a non-square image gets a grid."""
+
+    size: int
+    key = "image"
+
+    def boxes(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        side = min(height, width)
+        x0, y0 = torch.randint(0, width - side + 1, ()).item(), torch.randint(0, height - side + 1, ()).item()
+        return torch.tensor([[x0, y0, side, side]], dtype=torch.float), torch.zeros(1, dtype=torch.bool)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        boxes, _ = self.boxes(int(sample["height"]), int(sample["width"]))
+        return {"image": decode_crops(sample["image"], [tuple(boxes[0].tolist())], self.size, [False])[0],
+                "label": sample["label"]}
+
+
+@dataclass(frozen=True)
+class LabelOnly:
+    """Only the label (no decoding): for a probe that trains on features cached by row."""
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {"label": sample["label"]}
+
+
+@dataclass(frozen=True)
+class Undecoded:
+    """The workers' half of decoding on the training device: ``inner``'s boxes drawn against the
+    image's own size, the JPEG left encoded (``jpeg``: its bytes as uint8 (L,); ``boxes`` (n, 4);
+    ``flips`` (n,)). :func:`decode_batch_on_device` makes ``inner``'s output from them."""
+
+    inner: CentreImage | CropViews | RandomSquare
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        boxes, flips = self.inner.boxes(int(sample["height"]), int(sample["width"]))
+        return {"jpeg": torch.frombuffer(bytearray(sample["image"]), dtype=torch.uint8), "boxes": boxes,
+                "flips": flips, "label": sample["label"]}
+
+
+def collate_undecoded(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch samples, keeping the encoded images (different lengths) a list."""
+    from torch.utils.data import default_collate
+
+    if not samples or "jpeg" not in samples[0]:
+        return default_collate(samples)
+    jpegs = [s.pop("jpeg") for s in samples]
+    return {**default_collate(samples), "jpeg": jpegs}
+
+
+def decode_batch_on_device(batch: dict[str, Any], sample_fn: CentreImage | CropViews | RandomSquare,
+                           device: torch.device) -> dict[str, Any]:
+    """Decode a batch of :class:`Undecoded` samples on ``device`` (torchvision's batched
+    ``decode_jpeg``: nvJPEG on a GPU) and cut their boxes there, resized to ``sample_fn.size``
+    (bilinear, antialiased) and flipped: the batch ``sample_fn`` would have made in the workers,
+    ``views`` uint8 (B, n, 3, S, S) or ``image`` (B, 3, S, S), on ``device``."""
+    images = decode_jpeg(batch.pop("jpeg"), mode=ImageReadMode.RGB, device=device)
+    boxes, flips = batch.pop("boxes").round().long().tolist(), batch.pop("flips").tolist()
+    size = sample_fn.size
+    out = []
+    for img, img_boxes, img_flips in zip(images, boxes, flips, strict=True):
+        crops = []
+        for (x0, y0, w, h), flip in zip(img_boxes, img_flips, strict=True):
+            crop = TF.resized_crop(img, y0, x0, h, w, [size, size], antialias=True)
+            crops.append(crop.flip(-1) if flip else crop)
+        out.append(torch.stack(crops))
+    stacked = torch.stack(out)
+    batch[sample_fn.key] = stacked if sample_fn.key == "views" else stacked[:, 0]
+    return batch
+
+
+SampleFn = Callable[[dict[str, Any]], dict[str, Any]]

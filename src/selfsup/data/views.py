@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup.config import PlainData
+
+if TYPE_CHECKING:
+    from selfsup.data.stream import CropViews
 
 #: ImageNet channel statistics, the usual choice for natural images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -278,8 +282,15 @@ class SimCLRViews(nn.Module):
     def view(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalised."""
         size = self.image_size or images.shape[-1]
-        x = to_float(images)
-        x = random_resized_crop(x, size, self.scale, self.ratio, generator=generator)
+        x = random_resized_crop(to_float(images), size, self.scale, self.ratio, generator=generator)
+        return self.finish(x, generator)
+
+    def finish(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The steps after the crop (colour jitter, grayscale, blur, normalisation), for crops
+        already cut and flipped, e.g. from the full image in the loader's workers
+        (``selfsup.data.streaming.CropViews``): (B, 3, S, S) uint8 or float -> float."""
+        x = to_float(crops)
+        size = x.shape[-1]
         b, c, s, h = self.jitter
         x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator)
         x = random_grayscale(x, self.gray_p, generator=generator)
@@ -290,6 +301,22 @@ class SimCLRViews(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(images, generator), self.view(images, generator)
+
+    @torch.no_grad()
+    def of_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of a training batch: cut here from ``image`` uint8 (B, 3, H, W), or
+        finished from the crops the workers cut from the full images, ``views`` (B, 2, 3, S, S)."""
+        if "views" in batch:
+            v = batch["views"]
+            return self.finish(v[:, 0]), self.finish(v[:, 1])
+        return self(batch["image"])
+
+    def stream_crops(self, image_size: int) -> CropViews:
+        """The crop step for a streamed dataset's workers: two crops of the full image at the
+        view size (``image_size`` when the views keep the input size)."""
+        from selfsup.data.stream import CropViews
+
+        return CropViews(2, self.image_size or image_size, tuple(self.scale), tuple(self.ratio))
 
 
 @dataclass(frozen=True)

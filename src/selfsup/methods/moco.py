@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.callbacks.run import embedding_spread
+from selfsup.data.stream import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.distributed import gather_no_grad
 from selfsup.media import ViewsFigure
@@ -111,8 +112,12 @@ class MoCo(L.LightningModule):
         b = v0.shape[0]
         return self.info_nce(q, k), h[:b], k[:b]
 
+    def stream_sample(self, image_size: int) -> CropViews:
+        """On a streamed dataset the workers cut the two crops from the full images."""
+        return self.views.stream_crops(image_size)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        v0, v1 = self.views(batch["image"])
+        v0, v1 = self.views.of_batch(batch)
         self.momentum_update()  # the key encoder moves before it encodes this batch's keys (MoCo, Alg. 1)
         loss, features, keys = self.loss(v0, v1)
         self.enqueue(keys)  # after the loss: this batch's keys are its positives, not yet negatives

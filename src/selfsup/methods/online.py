@@ -38,8 +38,16 @@ def evaluation_due(epoch: int, max_epochs: int | None, every: int) -> bool:
 @torch.no_grad()
 def embed_all(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
               batch_size: int = 512) -> torch.Tensor:
-    """Features of uint8 images (N, 3, H, W) in batches on ``device``: float (N, F)."""
+    """Features of uint8 images (N, 3, H, W) in batches on ``device``: float (N, F). Streamed
+    images (``LazyImages``) are decoded batch by batch in their loader's workers."""
+    if hasattr(images, "batches"):
+        return torch.cat([embed(b.to(device)).float() for b in images.batches(batch_size)])
     return torch.cat([embed(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)])
+
+
+def _rows(images: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo..hi of a tensor, or of streamed images without decoding them."""
+    return images.rows(lo, hi) if hasattr(images, "rows") else images[lo:hi]
 
 
 @torch.no_grad()
@@ -55,7 +63,7 @@ def embed_all_ranks(trainer: L.Trainer, embed: Callable[[torch.Tensor], torch.Te
     share = -(-n // world)
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
     # A rank past the end embeds one image only to learn the feature width.
-    mine = embed_all(embed, images[lo:hi] if hi > lo else images[:1], device)[: hi - lo]
+    mine = embed_all(embed, _rows(images, lo, hi) if hi > lo else _rows(images, 0, 1), device)[: hi - lo]
     padded = mine.new_zeros(share, mine.shape[1])
     padded[: len(mine)] = mine
     return trainer.strategy.all_gather(padded).flatten(0, 1)[:n]
@@ -233,11 +241,10 @@ class OnlineEvaluation(nn.Module):
             return
         dm = getattr(trainer, "datamodule", None)
         if self.trains_head and hasattr(dm, "train_set"):
-            images, labels = dm.train_set.images, dm.train_set.labels
-            if self.knn_bank_size is not None and len(images) > self.knn_bank_size:
-                idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size]
-                images, labels = images[idx], labels[idx]
-            self._bank = (embed_all_ranks(trainer, embed, images, device), labels.to(device))
+            bank = dm.train_set
+            if self.knn_bank_size is not None and len(bank) > self.knn_bank_size:
+                bank = bank.subset(torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size])
+            self._bank = (embed_all_ranks(trainer, embed, bank.images, device), bank.labels.to(device))
 
     def epoch_end(self, module: L.LightningModule) -> None:
         """After validation: log the separate data's figures under the online names."""

@@ -22,6 +22,7 @@ from selfsup.data.patches import (
     random_grayscale_images,
     sample_patches,
 )
+from selfsup.data.stream import RandomSquare
 from selfsup.data.views import normalize, to_float
 from selfsup.methods.common import OptimizerSpec, save_plain_hyperparameters
 from selfsup.models.backbones import BackboneSpec
@@ -123,6 +124,11 @@ class RelativeLocation(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
             self.check_data(dm)
+
+    def stream_sample(self, image_size: int) -> RandomSquare:
+        """On a streamed dataset each image gives a square of its full height (or width) at a
+        random place, decoded at ``image_size`` in the workers; the grid is drawn inside it."""
+        return RandomSquare(image_size)
 
     def patches(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample and preprocess the 9 patches of each image: uint8 (B, 3, H, W) ->

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from selfsup.callbacks.run import embedding_spread
+from selfsup.data.stream import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.losses.ntxent import NTXentLoss
 from selfsup.media import ViewsFigure
@@ -69,8 +70,12 @@ class SimCLR(L.LightningModule):
         z0, z1 = self.projector(h).chunk(2)
         return self.criterion(z0, z1), h[: v0.shape[0]], z0
 
+    def stream_sample(self, image_size: int) -> CropViews:
+        """On a streamed dataset the workers cut the two crops from the full images."""
+        return self.views.stream_crops(image_size)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, features, z = self.loss(*self.views(batch["image"]))
+        loss, features, z = self.loss(*self.views.of_batch(batch))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         # About 1 while images embed apart, 0 once all embed alike (collapse; CollapseWatch warns).
         self.log("train/embedding_spread", embedding_spread(z), on_step=True, on_epoch=True)

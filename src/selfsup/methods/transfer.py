@@ -24,6 +24,7 @@ from selfsup.callbacks.lr import (
 from selfsup.config import PlainData
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
+from selfsup.data.stream import CentreImage, LabelOnly
 from selfsup.data.views import normalize, random_resized_crop, to_float
 from selfsup.media import ConfusionFigure, log_image, search_figure
 from selfsup.methods.common import (
@@ -243,8 +244,9 @@ class LinearProbe(L.LightningModule):
 
     @torch.no_grad()
     def features(self, batch: dict, split: str) -> torch.Tensor:
-        """Frozen features of the batch's images (B, F), from the cache when computed before."""
-        images = batch["image"]
+        """Frozen features of the batch's images (B, F), from the cache when computed before
+        (a streamed batch then carries no images: :meth:`stream_sample`)."""
+        images = batch.get("image")
         if split == "train" and self.hparams.augment:
             return self._compute(images, self.hparams.crop_min_scale)
         # The cache is indexed by the image's row in its split, which ImageDataModule provides.
@@ -255,13 +257,22 @@ class LinearProbe(L.LightningModule):
         if split not in self._cache:
             n = len(dm.train_set if split == "train" else dm.eval_set)
             f = self.backbone.stage_features(self.features_spec.stage)
-            self._cache[split] = (torch.zeros(n, f, device=images.device), torch.zeros(n, dtype=torch.bool, device=images.device))
+            self._cache[split] = (torch.zeros(n, f, device=idx.device), torch.zeros(n, dtype=torch.bool, device=idx.device))
         store, filled = self._cache[split]
         todo = ~filled[idx]
         if todo.any():
             store[idx[todo]] = self._compute(images[todo]).to(store.dtype)  # bf16 under autocast
             filled[idx[todo]] = True
         return store[idx]
+
+    def stream_sample(self, image_size: int) -> CentreImage | LabelOnly:
+        """What a streamed dataset's workers make of each training image: only its label when
+        the features of every training image are cached already (the search computed them),
+        else the centre square."""
+        cached = self._cache.get("train")
+        if not self.hparams.augment and cached is not None and bool(cached[1].all()):
+            return LabelOnly()
+        return CentreImage(image_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.classifier.step(self, self.features(batch, "train"), batch["label"], "train")
