@@ -19,6 +19,7 @@ from selfsup.cli import main
 from selfsup.data import ImageDataModule
 from selfsup.data.stream import (
     CropViews,
+    RandomSquare,
     Undecoded,
     collate_undecoded,
     decode_batch_on_device,
@@ -254,3 +255,26 @@ def test_decoding_on_the_device_matches_decoding_in_the_workers(streamed: Path, 
     assert seen.shapes[0] == {"views": (20, 2, 3, 16, 16), "label": (20,), "index": (20,)} and len(seen.rows) == 120
     with pytest.raises(SelfsupError, match="decode_on=device needs data.source=stream"):
         ImageDataModule(decode_on="device")
+
+
+def test_relative_locations_square_is_cut_from_the_full_image() -> None:
+    """Relative location on a streamed dataset gets a square of the image's full height at a
+    random place along its width, decoded at the grid's size: at full size the teeth of the
+    oracle image are all there, and the squares' offsets cover the width."""
+    data = sawtooth_jpeg(400, 300)
+    sample = {"image": data, "height": 300, "width": 400, "label": -1}
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(12):
+        boxes, _ = RandomSquare(300).boxes(300, 400)
+        x0, y0, w, h = boxes[0].tolist()
+        assert (y0, w, h) == (0, 300, 300) and 0 <= x0 <= 100
+        offsets.add(x0)
+    assert len(offsets) > 6  # anywhere along the width, not the centre only
+    torch.manual_seed(1)
+    x0 = RandomSquare(300).boxes(300, 400)[0][0, 0].item()
+    torch.manual_seed(1)
+    square = RandomSquare(300)(sample)["image"].numpy().astype(float)
+    assert square.shape == (3, 300, 300)
+    assert np.corrcoef(square[0].mean(0), expected_teeth(x0, 300, 300))[0, 1] > 0.9  # columns from x0 on
+    assert np.corrcoef(square[1].mean(1), expected_teeth(0, 300, 300))[0, 1] > 0.9
