@@ -121,12 +121,12 @@ def random_resized_crop(
     x0, y0, bw, bh = crop_boxes(b, h, w, scale, ratio, generator, dev).unbind(1)
     flip = torch.where(_rand(b, generator, dev) < flip_p, -1.0, 1.0)
     # The box in grid_sample's [-1, 1] coordinates (align_corners=False: pixel edges at +-1).
-    theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = bw / w * flip
-    theta[:, 0, 2] = (2 * x0 + bw) / w - 1
-    theta[:, 1, 1] = bh / h
-    theta[:, 1, 2] = (2 * y0 + bh) / h - 1
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    # The grid is separable (x depends on the column only, y on the row), so it is built by
+    # broadcasting instead of affine_grid's batched matrix product.
+    base = (torch.arange(size, device=dev, dtype=x.dtype) * 2 + 1) / size - 1  # output pixel centres
+    gx = (bw / w * flip)[:, None] * base[None] + ((2 * x0 + bw) / w - 1)[:, None]  # (B, S)
+    gy = (bh / h)[:, None] * base[None] + ((2 * y0 + bh) / h - 1)[:, None]
+    grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -161,18 +161,13 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rgb_to_hsv`."""
-    h, s, v = x.unbind(1)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.long() % 6
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * f)).clamp(0, 1)
-    t = (v * (1 - s * (1 - f))).clamp(0, 1)
-    # The six sectors of the hue circle, (R, G, B) in each.
-    sectors = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)
-    return sectors.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+    """Inverse of :func:`rgb_to_hsv`. Each channel from one closed form, c = v - v s clamp(min(k,
+    4 - k), 0, 1) with k = (n + 6 h) mod 6 and n = 5, 3, 1 for R, G, B: the six sectors of the
+    hue circle without building all six (which made this the slowest step of the views)."""
+    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h, 6.0)
+    return (v - v * s * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
