@@ -1,0 +1,322 @@
+"""selfsup against lightly, side by side in one process on one machine: the same backbone, image
+size and batch, repetitions interleaved (the best of each counts), figures as JSON and a table.
+
+    pip install -e ".[bench]"          # lightly: only for this script, never a runtime dependency
+    python scripts/bench.py [--quick] [--json FILE] [--markdown FILE]
+
+Comparisons (``ratio`` above 1: selfsup is better):
+
+- ``data_pipeline``: images/s per core of SimCLR's two views (crop, flip, colour jitter,
+  grayscale, normalisation; no blur at 32 px): ``SimCLRViews`` on uint8 batches on one thread,
+  against lightly's ``SimCLRTransform`` (the same parameters) on PIL images on one core;
+- ``simclr_step``: images/s of whole training steps (data, views, forward, backward, optimiser)
+  through a Lightning Trainer: selfsup's ``SimCLR`` against a plain LightningModule built from
+  lightly's parts (its transform in DataLoader workers, one per core; its ``NTXentLoss`` and
+  ``SimCLRProjectionHead``);
+- ``simclr_step_vs_compute``: selfsup's whole steps against the bare step of the same network on
+  ready-made tensors of the same shape (the compute bound);
+- ``linear_probe``: seconds to result of the linear probe (``scripts/bench_probe.py``): cached
+  features with the search, against the classic augmented probe.
+
+Each entry also has the peak memory of either side (resident memory of the process and its
+workers above what it was before the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_probe import SEARCH, machine, run_probe, write_json  # noqa: E402
+
+from selfsup.data import ImageDataModule  # noqa: E402
+from selfsup.data.views import SimCLRViews  # noqa: E402
+from selfsup.losses import NTXentLoss  # noqa: E402
+from selfsup.methods import SimCLR  # noqa: E402
+from selfsup.methods.common import OptimizerSpec  # noqa: E402
+from selfsup.methods.online import OnlineSpec  # noqa: E402
+from selfsup.models import MLP  # noqa: E402
+from selfsup.models.backbones import BackboneSpec  # noqa: E402
+
+#: CPU targets of the issue ("The fastest SimCLR on one machine").
+TARGETS = {"data_pipeline": 10.0, "simclr_step": 1.5, "simclr_step_vs_compute": 0.9, "linear_probe": 20.0}
+PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# -- memory ----------------------------------------------------------------------------------
+def rss_tree_mb(pid: int | None = None) -> float:
+    """Resident memory of a process and all its descendants (DataLoader workers), in MB."""
+    pid = pid or os.getpid()
+    total = 0.0
+    try:
+        total = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_MB
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += rss_tree_mb(int(child))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+class PeakMemory:
+    """Samples :func:`rss_tree_mb` every 20 ms while the block runs; ``.mb`` is the peak above
+    the start."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start, self.peak, self._stop = rss_tree_mb(), 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_tree_mb())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.mb = max(0.0, max(self.peak, rss_tree_mb()) - self.start)
+
+
+# -- data_pipeline ---------------------------------------------------------------------------
+def lightly_transform(size: int) -> Any:
+    from lightly.transforms import SimCLRTransform
+
+    # cj_strength 0.5 x lightly's (0.8, 0.8, 0.8, 0.2) = SimCLR's (0.4, 0.4, 0.4, 0.1), as ours.
+    return SimCLRTransform(input_size=size, cj_strength=0.5, gaussian_blur=0.0)
+
+
+def ours_views_per_core(images: torch.Tensor, batch: int) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        views = SimCLRViews(images.shape[-1], blur=False)
+        views(images[:batch])
+        t0 = time.perf_counter()
+        for i in range(0, len(images) - batch + 1, batch):
+            views(images[i : i + batch])
+        return (len(images) // batch * batch) / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def lightly_views_per_core(pils: list[Image.Image]) -> float:
+    t = lightly_transform(pils[0].size[0])
+    t0 = time.perf_counter()
+    for p in pils:
+        t(p)
+    return len(pils) / (time.perf_counter() - t0)
+
+
+# -- simclr_step -----------------------------------------------------------------------------
+class StepTimer(L.Callback):
+    """Images/s over the training steps after the first ``skip`` (workers started, caches warm)."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip, self.t0, self.images = skip, None, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.skip:
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, idx: int) -> None:
+        if self.t0 is not None:
+            self.images += len(batch["index"]) if isinstance(batch, dict) else len(batch[1])
+            self.t1 = time.perf_counter()
+
+    @property
+    def rate(self) -> float:
+        return self.images / (self.t1 - self.t0)
+
+
+class LightlySimCLR(L.LightningModule):
+    """SimCLR the way lightly's examples build it: its projection head and NT-Xent loss, each
+    view through the backbone in its own pass."""
+
+    def __init__(self, backbone: torch.nn.Module, hidden: int, dim: int) -> None:
+        super().__init__()
+        from lightly.loss import NTXentLoss as LightlyNTXent
+        from lightly.models.modules import SimCLRProjectionHead
+
+        self.backbone = backbone
+        self.head = SimCLRProjectionHead(backbone.num_features, hidden, dim)
+        self.criterion = LightlyNTXent(temperature=0.5)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x0, x1), _ = batch
+        return self.criterion(self.head(self.backbone(x0)), self.head(self.backbone(x1)))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class PilViews(torch.utils.data.Dataset):
+    def __init__(self, pils: list[Image.Image], transform: Any) -> None:
+        self.pils, self.transform = pils, transform
+
+    def __len__(self) -> int:
+        return len(self.pils)
+
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int]:
+        return self.transform(self.pils[i]), 0
+
+
+def trainer_for(steps: int, timer: StepTimer, folder: str) -> L.Trainer:
+    return L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, callbacks=[timer], default_root_dir=folder)
+
+
+def ours_steps(args: argparse.Namespace, folder: str) -> float:
+    L.seed_everything(0, verbose=False)
+    dm = ImageDataModule(batch_size=args.batch_size, image_size=32)
+    model = SimCLR(backbone=BackboneSpec("small_cnn", width=args.width), proj_hidden=args.hidden, proj_dim=128,
+                   optimizer={"name": "adam", "lr": 1e-3}, online=OnlineSpec(enabled=False))
+    timer = StepTimer(skip=3)
+    trainer_for(args.steps, timer, folder).fit(model, datamodule=dm)
+    return timer.rate
+
+
+def lightly_steps(args: argparse.Namespace, pils: list[Image.Image], folder: str) -> float:
+    L.seed_everything(0, verbose=False)
+    loader = torch.utils.data.DataLoader(PilViews(pils, lightly_transform(32)), batch_size=args.batch_size,
+                                         shuffle=True, drop_last=True, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0)
+    model = LightlySimCLR(BackboneSpec("small_cnn", width=args.width).build(), args.hidden, 128)
+    timer = StepTimer(skip=3)
+    trainer_for(args.steps, timer, folder).fit(model, train_dataloaders=loader)
+    return timer.rate
+
+
+def bare_steps(args: argparse.Namespace) -> float:
+    """The same network as ``ours_steps`` (backbone, projector, NT-Xent, Adam) on two ready-made
+    normalised views: forward, backward and optimiser only."""
+    torch.manual_seed(0)
+    backbone = BackboneSpec("small_cnn", width=args.width).build()
+    head = MLP([backbone.num_features, args.hidden, 128], batch_norm=True)
+    opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=1e-3)
+    loss_fn = NTXentLoss(0.5)
+    b = args.batch_size
+    v = torch.randn(2 * b, 3, 32, 32)
+    for k in range(args.steps):
+        if k == 3:
+            t0 = time.perf_counter()
+        z0, z1 = head(backbone(v)).chunk(2)
+        loss = loss_fn(z0, z1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return b * (args.steps - 3) / (time.perf_counter() - t0)
+
+
+# -- the run ---------------------------------------------------------------------------------
+def measure(fn: Any) -> tuple[float, float]:
+    with PeakMemory() as m:
+        value = fn()
+    return value, m.mb
+
+
+def best(results: list[tuple[float, float]], higher: bool = True) -> tuple[float, float]:
+    pick = max if higher else min
+    value = pick(r[0] for r in results)
+    return value, max(r[1] for r in results)
+
+
+def comparison(name: str, ours: tuple[float, float], theirs: tuple[float, float], unit: str,
+               higher_is_better: bool = True) -> dict[str, Any]:
+    ratio = ours[0] / theirs[0] if higher_is_better else theirs[0] / ours[0]
+    return {"name": name, "ours": ours[0], "theirs": theirs[0], "unit": unit, "ratio": ratio,
+            "ours_peak_mb": ours[1], "theirs_peak_mb": theirs[1], "target": TARGETS.get(name),
+            "met": ratio >= TARGETS[name] if name in TARGETS else None}
+
+
+def table(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else "") + ".", "",
+             "| comparison | selfsup | theirs | unit | ratio | target | peak MB selfsup / theirs |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for c in result["comparisons"]:
+        target = f">= {c['target']}" + (" met" if c["met"] else " not met") if c["target"] else "-"
+        lines.append(f"| {c['name']} | {c['ours']:,.1f} | {c['theirs']:,.1f} | {c['unit']} | {c['ratio']:.2f}x | "
+                     f"{target} | {c['ours_peak_mb']:,.0f} / {c['theirs_peak_mb']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images and steps: under 5 minutes on 2 cores")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of each measurement")
+    ap.add_argument("--images", type=int, default=4096, help="images of the data_pipeline comparison")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=40, help="training steps of each simclr_step run")
+    ap.add_argument("--width", type=int, default=32, help="of the small CNN")
+    ap.add_argument("--hidden", type=int, default=512, help="of the projection head")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="lightly's DataLoader workers")
+    ap.add_argument("--probe-images", type=int, default=2000, help="training images of the probe comparison")
+    ap.add_argument("--probe-epochs", type=int, default=30)
+    ap.add_argument("--probe-backbone", default="resnet18")
+    ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--json", default="runs/bench/bench.json")
+    ap.add_argument("--markdown", default="runs/bench/bench.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.steps, args.rounds = 2048, 20, 1
+        args.probe_images, args.probe_epochs = 500, 10
+    from selfsup.data.sources import load_sample_split
+
+    train = load_sample_split("train", 32)
+    images = train.images[: args.images]
+    pils = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in train.images]
+    rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in ("views", "lviews", "steps", "lsteps", "bare")}
+    with tempfile.TemporaryDirectory() as folder:
+        for r in range(args.rounds):
+            rounds["views"].append(measure(lambda: ours_views_per_core(images, 512)))
+            rounds["lviews"].append(measure(lambda: lightly_views_per_core(pils[: max(256, args.images // 4)])))
+            rounds["steps"].append(measure(lambda: ours_steps(args, folder)))
+            rounds["lsteps"].append(measure(lambda: lightly_steps(args, pils, folder)))
+            rounds["bare"].append(measure(lambda: bare_steps(args)))
+            print(f"round {r + 1}: views {rounds['views'][-1][0]:,.0f} vs lightly {rounds['lviews'][-1][0]:,.0f} images/s "
+                  f"per core; steps {rounds['steps'][-1][0]:,.0f} vs lightly {rounds['lsteps'][-1][0]:,.0f} vs bare "
+                  f"{rounds['bare'][-1][0]:,.0f} images/s", flush=True)
+        comparisons = [
+            comparison("data_pipeline", best(rounds["views"]), best(rounds["lviews"]), "images/s per core"),
+            comparison("simclr_step", best(rounds["steps"]), best(rounds["lsteps"]), "images/s"),
+            comparison("simclr_step_vs_compute", best(rounds["steps"]), best(rounds["bare"]), "images/s"),
+        ]
+        if not args.skip_probe:
+            dm = ImageDataModule(batch_size=256, image_size=32, max_train_images=args.probe_images,
+                                 max_eval_images=min(1000, args.probe_images // 2))
+            dm.setup()
+            spec = {"backbone": {"name": args.probe_backbone, "cifar_stem": True, "width": args.width}}
+            ours = measure(lambda: run_probe(dm, args.probe_epochs, Path(folder), search=SEARCH, **spec))
+            chosen = OptimizerSpec(name="adam", lr=ours[0]["lr"], weight_decay=ours[0]["weight_decay"])
+            classic = measure(lambda: run_probe(dm, args.probe_epochs, Path(folder), augment=True, cache_features=False,
+                                                optimizer=chosen, **spec))
+            c = comparison("linear_probe", (ours[0]["seconds"], ours[1]), (classic[0]["seconds"], classic[1]), "s",
+                           higher_is_better=False)
+            c["top1"] = {"ours": ours[0]["top1"], "theirs": classic[0]["top1"]}
+            comparisons.append(c)
+    result = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+              "comparisons": comparisons}
+    write_json(args.json, result)
+    md = table(result)
+    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.markdown).write_text(md)
+    print(md, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

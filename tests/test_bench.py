@@ -1,0 +1,34 @@
+"""scripts/bench.py end to end at toy size: selfsup and lightly side by side, JSON and table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_writes_the_comparisons_against_lightly(tmp_path: Path) -> None:
+    pytest.importorskip("lightly")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--images", "512", "--steps", "6",
+                        "--rounds", "1", "--width", "8", "--hidden", "32", "--workers", "1", "--skip-probe",
+                        "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    names = [c["name"] for c in result["comparisons"]]
+    assert names == ["data_pipeline", "simclr_step", "simclr_step_vs_compute"]
+    for c in result["comparisons"]:
+        assert c["ours"] > 0 and c["theirs"] > 0 and c["ratio"] == pytest.approx(c["ours"] / c["theirs"])
+        assert c["target"] is not None and c["met"] == (c["ratio"] >= c["target"])
+        assert c["ours_peak_mb"] >= 0 and c["theirs_peak_mb"] >= 0
+    assert result["machine"]["cores"] >= 1
+    table = (tmp_path / "bench.md").read_text()
+    assert "| data_pipeline |" in table and table in p.stdout
