@@ -273,7 +273,7 @@ def main() -> dict[str, Any]:
     args = ap.parse_args()
     if args.quick:
         args.images, args.steps, args.rounds = 2048, 20, 1
-        args.probe_images, args.probe_epochs = 500, 10
+        args.probe_images, args.probe_epochs = 500, 30
     from selfsup.data.sources import load_sample_split
 
     train = load_sample_split("train", 32)

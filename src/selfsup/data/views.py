@@ -42,9 +42,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
     """Per-channel standardisation of (B, 3, H, W) floats in [0, 1]."""
-    m = x.new_tensor(mean).view(1, -1, 1, 1)
-    s = x.new_tensor(std).view(1, -1, 1, 1)
-    return (x - m) / s
+    scale = 1 / x.new_tensor(std).view(1, -1, 1, 1)
+    # (x - mean) / std in one pass: x * (1 / std) - mean / std.
+    return torch.addcmul(-x.new_tensor(mean).view(1, -1, 1, 1) * scale, x, scale)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -132,18 +132,19 @@ def random_resized_crop(
 
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """torchvision's brightness: ``clamp(f * x)``. x: (B, 3, H, W) in [0, 1]; f: (B,)."""
-    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """torchvision's contrast: blend with the image's mean luma by ``f`` (B,)."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * mean).clamp(0, 1)
+    # The mean of the luma is the luma of the channel means: one pass over the image, not three.
+    mean = (x.mean(dim=(2, 3)) * x.new_tensor(_LUMA)).sum(1).view(-1, 1, 1, 1)
+    return torch.lerp(mean.expand_as(x), x, f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """torchvision's saturation: blend with the per-pixel luma by ``f`` (B,)."""
-    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * grayscale(x)).clamp(0, 1)
+    return torch.lerp(grayscale(x).expand_as(x), x, f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -171,10 +172,24 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """torchvision's hue: shift the HSV hue by ``f`` (B,) of a full turn, f in [-0.5, 0.5]."""
-    hsv = rgb_to_hsv(x)
-    hsv[:, 0] = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
-    return hsv_to_rgb(hsv)
+    """torchvision's hue: shift the HSV hue by ``f`` (B,) of a full turn, f in [-0.5, 0.5].
+
+    Computed without the HSV round trip: the value (max) and the chroma (max - min) stay, so each
+    channel is ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with k = (n + 6 h') mod 6, n = 5, 3,
+    1 for R, G, B and h' the shifted hue (the closed form of :func:`hsv_to_rgb`, as v s is the
+    chroma); a gray pixel (chroma 0) stays as it is, as in torchvision."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    chroma = maxc - minc
+    # Hue in sixths of a turn, by the largest channel (the first of equals: R, then G):
+    # R: (G - B) / chroma, G: 2 + (B - R) / chroma, B: 4 + (R - G) / chroma.
+    is_r, is_g = maxc == r, maxc == g
+    num = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    offset = (~is_r) * (4.0 - 2.0 * is_g)  # 0, 2 or 4 without where's scalar broadcasts
+    # A gray pixel has num = 0: any divisor keeps its hue at the offset, and chroma 0 keeps it gray.
+    h6 = (num / chroma.clamp_min(1e-12)).add_(offset).add_(6.0 * f.view(-1, 1, 1))
+    k = torch.remainder(h6[:, None] + x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1), 6.0)
+    return torch.addcmul(maxc[:, None], chroma[:, None], torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
 
 
 def color_jitter(
