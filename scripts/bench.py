@@ -273,7 +273,7 @@ def main() -> dict[str, Any]:
     args = ap.parse_args()
     if args.quick:
         args.images, args.steps, args.rounds = 2048, 20, 1
-        args.probe_images, args.probe_epochs = 500, 30
+        args.probe_images, args.probe_epochs = 512, 30  # full batches of 256: each epoch sees every image
     from selfsup.data.sources import load_sample_split
 
     train = load_sample_split("train", 32)
