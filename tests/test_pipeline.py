@@ -197,6 +197,7 @@ def test_the_whole_pipeline_runs_on_a_streamed_dataset(image_folder: Path, tmp_p
     assert (s["pretrain_images"], s["train_images"], s["eval_images"], s["num_classes"]) == (120, 120, 30, 3)
     assert s["data_root"] == str(tmp_path / "optimized")
     assert s["evaluation_train_images"]["finetune"] == 60
+    assert s["images"] == {"used": 150, "skipped": 0, "skipped_list": None}
     for entry in ("random", "relative_location", "simclr"):
         r = s["results"][entry]
         for key in ("linear_top1", "knn_top1", "finetune_top1"):

@@ -386,9 +386,15 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def image_counts(self) -> dict[str, int]:
-        """``used`` images (decoded) and ``skipped`` files (unreadable) over every split."""
+        """``used`` images (decoded) and ``skipped`` files (unreadable) over every split; for a
+        streamed dataset, its images and the files ``selfsup data optimize`` skipped."""
         reports = self.all_reports
-        return {"used": sum(r.used for r in reports), "skipped": sum(len(r.skipped) for r in reports)}
+        used, skipped = sum(r.used for r in reports), sum(len(r.skipped) for r in reports)
+        if self.source == "stream":
+            train, evals = self._require()
+            used += len(train) + len(evals)
+            skipped += int(read_stream_meta(self.hparams.root).get("skipped", 0))
+        return {"used": used, "skipped": skipped}
 
     def bad_files(self) -> list[tuple[str, str]]:
         """(path, reason) of every file that could not be decoded."""

@@ -10,10 +10,14 @@ images with a side above ``max_side``, are decoded as the in-memory path decodes
 re-encoded (quality 95). Files that cannot be decoded are skipped and named with the reason in
 ``OUT/bad_files.txt``, as the in-memory path does.
 
-    selfsup data optimize --src ROOT --out DIR [--max-side 512] [--workers N]
+    selfsup data optimize --src ROOT --out DIR [--max-side 512] [--workers N] [--val-fraction 0.1]
 
-``OUT/<split>/`` holds each split's chunks (``train``, and ``val`` where ROOT has an evaluation
-split) and ``OUT/selfsup.json`` the classes and counts.
+``OUT/<split>/`` holds each split's chunks (``train``, and ROOT's own evaluation split or, without
+one, a seeded ``--val-fraction`` held out as ``val``), ``OUT/<split>_labels.json`` the labels in
+stored order and ``OUT/selfsup.json`` the classes and counts. The second half of this module is
+what a loader worker makes of a stored sample for training (``data.source stream``, see
+``selfsup.data.streaming``): crops cut from the full image, decoded at reduced size where the
+crops allow, or left encoded for decoding on the device.
 """
 
 from __future__ import annotations
