@@ -8,8 +8,9 @@ torchvision loader: peak memory as the collection grows, and loader throughput.
 1. **Peak memory, 1x against 4x the images.** ``--images`` and 4 x ``--images`` JPEGs of
    ``--src`` are written with ``selfsup data optimize``; SimCLR (small CNN, views of 96 px)
    trains the same ``--steps`` steps on each, once streaming (``data.source stream``) and once
-   from memory (``data.source folder``, decoded at 160 px), each in its own process, whose peak
-   resident memory (``ru_maxrss``, loader workers included) is reported.
+   from memory (``data.source folder``, decoded at 160 px), each in its own process: its peak
+   resident memory (``ru_maxrss`` of the training process) and, apart, the largest peak of its
+   child processes (loader workers, decoding processes).
 2. **Loader throughput.** Training batches of two 224-px views per image from the same JPEGs, in
    DataLoaders with ``--workers`` processes, timed side by side in this process (rounds
    alternate, the best round of each counts):

@@ -7,8 +7,9 @@ SimCLR (ResNet-18 with the CIFAR stem, 2-layer projection head, NT-Xent over the
 training images, with selfsup's own parts (``SimCLR``'s backbone, projector, loss and batched
 views) in a lean loop built for one GPU: the whole uint8 training set resident on the device
 (CIFAR-10 is 150 MB), views made there, bf16 autocast, channels_last, optional
-``torch.compile``, a foreach/fused optimiser step, and no host synchronisation inside the step
-(the loss is read only at evaluation). Every ``--eval-every`` seconds the kNN classifier
+``torch.compile``, a foreach optimiser step, and no logging inside the step (the loss is read
+only at evaluation; the colour jitter's per-image operation order still finds its groups with
+``nonzero``, a synchronisation per operation). Every ``--eval-every`` seconds the kNN classifier
 (k = 200, t = 0.1, the whole training split as the bank, every test image) is measured; the run
 stops at ``--target``, at ``--minutes`` or after ``--max-epochs``. Writes the curve as JSON and
 PNG and where the time went (views, forward and loss, backward, optimiser step, evaluation;

@@ -184,6 +184,7 @@ def test_every_stage_trains_on_a_streamed_labelled_dataset(streamed: Path, tmp_p
     assert "streaming" in capsys.readouterr().out and (len(dm.train_set), len(dm.eval_set)) == (120, 30)
     labels = json.loads((streamed / "train_labels.json").read_text())
     assert dm.train_set.labels.tolist() == labels and Counter(labels) == {0: 40, 1: 40, 2: 40}
+    assert labels != sorted(labels)  # stored in a seeded random order, not class after class
     # SimCLR: the crops come from the workers, cut from the full images at the view size.
     simclr = SimCLR(**TINY, proj_hidden=16, views={"size": 16}, online=OnlineSpec(knn_every=1), num_classes=3)
     seen = fit_streamed(simclr, dm, tmp_path)
@@ -278,3 +279,48 @@ def test_relative_locations_square_is_cut_from_the_full_image() -> None:
     assert square.shape == (3, 300, 300)
     assert np.corrcoef(square[0].mean(0), expected_teeth(x0, 300, 300))[0, 1] > 0.9  # columns from x0 on
     assert np.corrcoef(square[1].mean(1), expected_teeth(0, 300, 300))[0, 1] > 0.9
+
+
+def test_a_stream_resumed_twice_in_one_epoch_and_a_position_from_an_ended_epoch(streamed: Path) -> None:
+    """The loader's saved position, restored twice within its second epoch (2 workers, whose
+    batches alternate), gives the uninterrupted epoch's batches in order; a position saved in an
+    epoch that ended early (limit_train_batches) is not resumed in the next epoch, which starts
+    whole with its own order."""
+    from selfsup.data.stream import LabelOnly
+    from selfsup.data.streaming import StreamedDataset, TrainedPositionLoader
+
+    trained, fit_epoch = [0], [0]
+
+    def loader() -> TrainedPositionLoader:
+        ds = StreamedDataset(str(streamed / "train"), LabelOnly(), shuffle=True, seed=3, drop_last=True)
+        return TrainedPositionLoader(ds, batch_size=10, num_workers=2, drop_last=True,
+                                     trained_batches=lambda: trained[0], fit_epoch=lambda: fit_epoch[0])
+
+    def rows(batches) -> list[list[int]]:
+        return [b["index"].tolist() for b in batches]
+
+    reference = loader()
+    epochs = [rows(reference) for _ in range(3)]  # uninterrupted
+    assert len(epochs[0]) == 12 and sorted(sum(epochs[1], [])) == list(range(120)) and epochs[0] != epochs[1]
+    a = loader()
+    rows(a)  # the first epoch, whole
+    fit_epoch[0] = 1
+    it = iter(a)
+    got = rows(next(it) for _ in range(4))
+    trained[0] = 4
+    state = a.state_dict()
+    b = loader()
+    b.load_state_dict(state)
+    it = iter(b)
+    got += rows(next(it) for _ in range(3))
+    trained[0] = 7
+    again = b.state_dict()
+    c = loader()
+    c.load_state_dict(again)
+    got += rows(c)
+    assert got == epochs[1]  # resumed twice: the same batches, in order, none twice
+    # Saved 4 batches into an epoch that Lightning then ended: the next epoch is whole.
+    fit_epoch[0] = 2
+    d = loader()
+    d.load_state_dict(state)
+    assert rows(d) == epochs[2]

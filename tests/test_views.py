@@ -154,3 +154,16 @@ def test_color_jitter_shifts_images_as_torchvision_does() -> None:
     for key in a:
         assert ks_distance(a[key], b[key]) < ks_limit(n, n), key
     assert a["brightness"].std() > 0.02 and a["hue"].std() > 0.05  # the test image does move
+
+
+def test_hue_equals_torchvision_where_channels_tie() -> None:
+    """8-bit images have many pixels whose largest channels are equal (and the primaries,
+    secondaries, white and black): the hue shift there, of either sign, equals torchvision's."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 4, (10, 3, 12, 12), generator=g).float() / 3  # few levels: ties everywhere
+    corners = torch.tensor([[r, gr, b] for r in (0.0, 1.0) for gr in (0.0, 1.0) for b in (0.0, 1.0)])
+    x[0, :, :2, :4] = corners.T.reshape(3, 2, 4)
+    f = torch.linspace(-0.5, 0.5, 10)
+    ours = adjust_hue(x, f)
+    reference = torch.stack([TF.adjust_hue(x[i], float(f[i])) for i in range(10)])
+    assert torch.allclose(ours, reference, atol=2e-5), (ours - reference).abs().max()

@@ -230,7 +230,7 @@ class ImageDataModule(L.LightningDataModule):
         self._load()
         if self.hparams.eval_root is not None:
             hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # not the CLI's _instantiator
-            hp.update(root=self.hparams.eval_root, source="folder", labels="folders", eval_root=None)
+            hp.update(root=self.hparams.eval_root, source="folder", labels="folders", eval_root=None, decode_on="workers")
             ev = ImageDataModule(**hp)
             ev.trainer = self.trainer
             ev._load()
@@ -518,10 +518,17 @@ class ImageDataModule(L.LightningDataModule):
             # The workers draw the boxes; on_before_batch_transfer decodes and cuts on the device.
             self._device_sample, sample = sample, Undecoded(sample)
             extra["collate_fn"] = collate_undecoded
-        ds = StreamedDataset(s.images.directory, sample, shuffle=True, seed=hp.seed, drop_last=hp.drop_last)
-        return TrainedPositionLoader(ds, batch_size=batch_size, num_workers=hp.num_workers, drop_last=hp.drop_last,
+        # Under DDP every rank needs as many batches: LitData gives the remainder to the last
+        # rank unless it drops it.
+        drop_last = hp.drop_last or self._world_size() > 1
+        ds = StreamedDataset(s.images.directory, sample, shuffle=True, seed=hp.seed, drop_last=drop_last)
+        return TrainedPositionLoader(ds, batch_size=batch_size, num_workers=hp.num_workers, drop_last=drop_last,
                                      pin_memory=torch.cuda.is_available(), trained_batches=self._trained_batches,
-                                     **extra)
+                                     fit_epoch=self._fit_epoch, **extra)
+
+    def _fit_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``decode_on: device``: decode a streamed training batch on the training device."""

@@ -136,9 +136,13 @@ def optimize_split(files: Sequence[Path], labels: Sequence[int], out: Path, max_
     """Write ``files`` (with ``labels``) as a LitData dataset in ``out``; append the files that
     could not be decoded to ``bad``; return how many samples were written."""
     litdata = _litdata()
+    # Stored in a seeded random order: LitData fills each chunk from consecutive inputs and a
+    # folder lists one class after another, so chunks (and the batches read from them) would
+    # each hold one class. The labels files record the stored order.
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
     with tempfile.TemporaryDirectory() as bad_dir:
         litdata.optimize(fn=partial(encode_sample, max_side=max_side, bad_dir=bad_dir),
-                         inputs=[(str(f), int(y)) for f, y in zip(files, labels, strict=True)],
+                         inputs=[(str(files[i]), int(labels[i])) for i in order],
                          output_dir=str(out), chunk_bytes="64MB", num_workers=max(1, min(workers, len(files))),
                          mode="overwrite", start_method="fork" if os.name == "posix" else None)
         for part in sorted(Path(bad_dir).glob("*.txt")):

@@ -43,7 +43,10 @@ class StreamedDataset(litdata.StreamingDataset):
 
     def __init__(self, directory: str, sample_fn: SampleFn, shuffle: bool = False, seed: int = 0,
                  drop_last: bool | None = None) -> None:
-        super().__init__(directory, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        # A full permutation within each chunk: LitData's default shuffles fixed blocks of 256
+        # neighbouring samples, so a batch would hold the same neighbours every epoch.
+        super().__init__(directory, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                         item_shuffle_window="full" if shuffle else None)
         self.sample_fn = sample_fn
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
@@ -58,23 +61,30 @@ class TrainedPositionLoader(litdata.StreamingDataLoader):
 
     Args:
         trained_batches: reads that count from the trainer; None: LitData's own count.
+        fit_epoch: the trainer's current epoch; a saved position is resumed only in the epoch it
+            was saved in (a run that ends epochs early, e.g. with ``limit_train_batches``,
+            saves a position short of the end, and must start the next epoch afresh).
         Other arguments as ``StreamingDataLoader``'s.
     """
 
-    def __init__(self, *args: Any, trained_batches: Callable[[], int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trained_batches: Callable[[], int] | None = None,
+                 fit_epoch: Callable[[], int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.trained_batches = trained_batches
+        self.trained_batches, self.fit_epoch = trained_batches, fit_epoch
         self._resuming = False
+        self._saved_fit_epoch: int | None = None
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         super().load_state_dict(obj)
-        self._resuming = True
+        self._resuming, self._saved_fit_epoch = True, obj.get("fit_epoch")
 
     def __iter__(self) -> Any:
         # LitData leaves its resume flag set until a pass runs to its end, which Lightning does
         # not always ask for (it stops at len(loader)): the epoch after a resumed one would then
-        # resume again and yield nothing. Only the first pass after load_state_dict resumes.
-        if not self._resuming:
+        # resume again and yield nothing. Only the first pass after load_state_dict resumes,
+        # and only in the epoch the position was saved in.
+        same_epoch = self._saved_fit_epoch is None or self.fit_epoch is None or self.fit_epoch() == self._saved_fit_epoch
+        if not (self._resuming and same_epoch):
             self.restore = False
         self._resuming = False
         return super().__iter__()
@@ -84,10 +94,15 @@ class TrainedPositionLoader(litdata.StreamingDataLoader):
             return super().state_dict()
         trained = self.trained_batches()
         n = trained * self.batch_size
+        dataset = self.dataset.state_dict(n, self.num_workers, self.batch_size)
+        # The epoch whose order the workers rebuild on resume: the loader's. The dataset's own
+        # copy stays at the epoch it was restored in (set_epoch is ignored while a restored
+        # state is pending), which would replay the wrong order after a second restart.
+        dataset["current_epoch"] = self.current_epoch
         # Batches come from the workers in turn: the last trained one came from this worker.
-        return {"dataset": self.dataset.state_dict(n, self.num_workers, self.batch_size),
-                "current_epoch": self.current_epoch, "num_samples_yielded": n,
-                "latest_worker_idx": (trained - 1) % max(1, self.num_workers)}
+        return {"dataset": dataset, "current_epoch": self.current_epoch, "num_samples_yielded": n,
+                "latest_worker_idx": (trained - 1) % max(1, self.num_workers),
+                "fit_epoch": self.fit_epoch() if self.fit_epoch is not None else None}
 
 
 class LazyImages:
@@ -144,9 +159,7 @@ class LazyImages:
             return self[torch.tensor([idx])][0]
         if isinstance(idx, slice):
             idx = torch.arange(len(self))[idx]
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
+        idx = _as_rows(idx)
         ds = self._dataset()
         rows = self._stored(idx.flatten())
         out = torch.empty(len(rows), 3, self.size, self.size, dtype=torch.uint8)
@@ -156,7 +169,7 @@ class LazyImages:
 
     def subset(self, idx: torch.Tensor) -> LazyImages:
         """The rows ``idx`` of these images, still not decoded."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = _as_rows(idx)
         return LazyImages(self.directory, self.size, torch.as_tensor(self._stored(idx)), self.workers)
 
     def rows(self, lo: int, hi: int) -> LazyImages:
@@ -165,6 +178,12 @@ class LazyImages:
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The images in order, ``batch_size`` at a time (decoded in ``workers`` processes)."""
         yield from DataLoader(_Rows(self), batch_size=batch_size, num_workers=self.workers, collate_fn=_as_is)
+
+
+def _as_rows(idx: torch.Tensor | list[int]) -> torch.Tensor:
+    """Row indices as int64; a boolean mask becomes the rows it selects."""
+    idx = torch.as_tensor(idx)
+    return idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long()
 
 
 def _as_is(batch: torch.Tensor) -> torch.Tensor:
