@@ -324,3 +324,16 @@ def test_a_stream_resumed_twice_in_one_epoch_and_a_position_from_an_ended_epoch(
     d = loader()
     d.load_state_dict(state)
     assert rows(d) == epochs[2]
+
+
+def test_lazy_rows_by_mask_and_device_decoding_beside_separate_evaluation_data(streamed: Path, image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(streamed), source="stream", image_size=32, batch_size=20, decode_on="device",
+                         eval_root=str(image_folder))
+    dm.setup()  # the separate evaluation data decodes into memory as usual
+    assert dm.evaluation_data is not dm and dm.evaluation_data.num_classes == 3
+    images = dm.train_set.images
+    mask = torch.zeros(len(images), dtype=torch.bool)
+    mask[[5, 17, 99]] = True
+    assert torch.equal(images[mask], images[torch.tensor([5, 17, 99])])
+    assert torch.equal(images.subset(mask)[:], images[[5, 17, 99]])
+    assert images[[5, 17, 99]].shape == (3, 3, 32, 32) and not torch.equal(images[5], images[17])
