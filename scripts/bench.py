@@ -39,10 +39,10 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_augment import batched  # noqa: E402
 from bench_probe import SEARCH, machine, run_probe, write_json  # noqa: E402
 
 from selfsup.data import ImageDataModule  # noqa: E402
-from selfsup.data.views import SimCLRViews  # noqa: E402
 from selfsup.losses import NTXentLoss  # noqa: E402
 from selfsup.methods import SimCLR  # noqa: E402
 from selfsup.methods.common import OptimizerSpec  # noqa: E402
@@ -96,20 +96,6 @@ def lightly_transform(size: int) -> Any:
 
     # cj_strength 0.5 x lightly's (0.8, 0.8, 0.8, 0.2) = SimCLR's (0.4, 0.4, 0.4, 0.1), as ours.
     return SimCLRTransform(input_size=size, cj_strength=0.5, gaussian_blur=0.0)
-
-
-def ours_views_per_core(images: torch.Tensor, batch: int) -> float:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        views = SimCLRViews(images.shape[-1], blur=False)
-        views(images[:batch])
-        t0 = time.perf_counter()
-        for i in range(0, len(images) - batch + 1, batch):
-            views(images[i : i + batch])
-        return (len(images) // batch * batch) / (time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def lightly_views_per_core(pils: list[Image.Image]) -> float:
@@ -282,7 +268,8 @@ def main() -> dict[str, Any]:
     rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in ("views", "lviews", "steps", "lsteps", "bare")}
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
-            rounds["views"].append(measure(lambda: ours_views_per_core(images, 512)))
+            # Without blur, as lightly's transform is set up (gaussian_blur=0).
+            rounds["views"].append(measure(lambda: batched(images, images.shape[-1], 512, repeats=1, blur=False)))
             rounds["lviews"].append(measure(lambda: lightly_views_per_core(pils[: max(256, args.images // 4)])))
             rounds["steps"].append(measure(lambda: ours_steps(args, folder)))
             rounds["lsteps"].append(measure(lambda: lightly_steps(args, pils, folder)))

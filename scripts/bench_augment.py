@@ -61,17 +61,22 @@ def per_sample(pil: list[Image.Image], size: int, workers: int, batch: int) -> f
     return n / (time.perf_counter() - t)
 
 
-def batched(images: torch.Tensor, size: int, batch: int, repeats: int) -> float:
-    """Images per second of SimCLRViews on one thread."""
+def batched(images: torch.Tensor, size: int, batch: int, repeats: int, blur: bool | None = None) -> float:
+    """Images per second of SimCLRViews on one thread (``blur`` as SimCLRViews takes it); the
+    thread count is restored afterwards."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    views = SimCLRViews(size)
-    views(images[:batch])  # warm-up
-    t, n = time.perf_counter(), 0
-    for _ in range(repeats):
-        for i in range(0, len(images) - batch + 1, batch):
-            views(images[i : i + batch])
-            n += batch
-    return n / (time.perf_counter() - t)
+    try:
+        views = SimCLRViews(size, blur=blur)
+        views(images[:batch])  # warm-up
+        t, n = time.perf_counter(), 0
+        for _ in range(repeats):
+            for i in range(0, len(images) - batch + 1, batch):
+                views(images[i : i + batch])
+                n += batch
+        return n / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_probe import machine  # noqa: E402
+from gpu_bench import sync  # noqa: E402
 
 from selfsup.data import ImageDataModule  # noqa: E402
 from selfsup.knn import knn_scores  # noqa: E402
@@ -39,11 +40,6 @@ from selfsup.methods.common import OptimizerSpec  # noqa: E402
 from selfsup.methods.online import OnlineSpec  # noqa: E402
 from selfsup.models.backbones import BackboneSpec  # noqa: E402
 from selfsup.optim.schedules import lr_factor, scale_lr  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()

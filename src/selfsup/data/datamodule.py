@@ -204,6 +204,7 @@ class ImageDataModule(L.LightningDataModule):
         self._evaluation: ImageDataModule | None = None
         self._layout: tuple[Path, Path | None, FolderScan, LabelChoice] | None = None
         self._device_sample: Any = None  # what decode_on=device makes of a streamed batch
+        self._meta: dict[str, Any] | None = None  # a streamed dataset's selfsup.json, read once
         if decode_on == "device" and self.source != "stream":
             raise SelfsupError("data.decode_on=device needs data.source=stream (encoded images to decode)")
         if self.source == "folder":
@@ -211,7 +212,7 @@ class ImageDataModule(L.LightningDataModule):
         elif self.source == "stream":
             if image_size is None:
                 raise SelfsupError("data.source=stream needs data.image_size (the side images are decoded to)")
-            read_stream_meta(root)
+            self._stream_meta()
         if eval_root is not None:
             check_image_root(eval_root, "data.eval_root")
 
@@ -273,13 +274,20 @@ class ImageDataModule(L.LightningDataModule):
             if idx is not None:
                 setattr(self, name, getattr(self, name).subset(idx))
 
+    def _stream_meta(self) -> dict[str, Any]:
+        """``ROOT/selfsup.json`` of a streamed dataset (a download when ROOT is a bucket): read
+        once, at construction, and kept."""
+        if self._meta is None:
+            self._meta = read_stream_meta(self.hparams.root)
+        return self._meta
+
     def _load_stream(self) -> None:
         """A dataset of ``selfsup data optimize``: its training and evaluation splits as
         :class:`~selfsup.data.streaming.LazyImages` (nothing decoded) with their labels."""
         from selfsup.data.streaming import LazyImages
 
         hp = self.hparams
-        meta = read_stream_meta(hp.root)
+        meta = self._stream_meta()
         evals = [k for k in meta["splits"] if k != "train"]
         if not evals:
             raise SelfsupError(f"{hp.root} has no evaluation split; write one with selfsup data optimize "
@@ -393,7 +401,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.source == "stream":
             train, evals = self._require()
             used += len(train) + len(evals)
-            skipped += int(read_stream_meta(self.hparams.root).get("skipped", 0))
+            skipped += int(self._stream_meta().get("skipped", 0))
         return {"used": used, "skipped": skipped}
 
     def bad_files(self) -> list[tuple[str, str]]:
@@ -471,7 +479,7 @@ class ImageDataModule(L.LightningDataModule):
             choice = self._folder_layout()[3]
             return len(choice.classes) if choice.mode == "folders" else None
         if src == "stream":
-            meta = read_stream_meta(self.hparams.root)
+            meta = self._stream_meta()
             return len(meta["classes"]) if meta["labels"] == "folders" else None
         return len(sample_classes()) if src == "sample" else TORCHVISION_CLASSES[src]
 

@@ -295,9 +295,7 @@ def random_crops(data: bytes, height: int, width: int, n: int, size: int, scale:
     ``height`` x ``width`` as torchvision's RandomResizedCrop draws it (:func:`crop_boxes`), then
     decoded together by :func:`decode_crops`: uint8 (n, 3, size, size). The views of SimCLR and MoCo cut
     from the full image, for the colour and blur steps to follow batched on the device."""
-    boxes = crop_boxes(n, height, width, scale, ratio, generator)
-    flips = torch.rand(n, generator=generator) < flip_p
-    return decode_crops(data, [tuple(b) for b in boxes.tolist()], size, flips.tolist())
+    return CropViews(n, size, tuple(scale), tuple(ratio), flip_p).cut(data, height, width, generator)
 
 
 # -- what a worker makes of one stored sample ----------------------------------------------
@@ -336,14 +334,18 @@ class CropViews:
     flip_p: float = 0.5
     key = "views"
 
-    def boxes(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def boxes(self, height: int, width: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 4) boxes (x0, y0, w, h) as torchvision's RandomResizedCrop draws them, and flips."""
-        return crop_boxes(self.n, height, width, self.scale, self.ratio), torch.rand(self.n) < self.flip_p
+        boxes = crop_boxes(self.n, height, width, self.scale, self.ratio, generator)
+        return boxes, torch.rand(self.n, generator=generator) < self.flip_p
+
+    def cut(self, data: bytes, height: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The ``n`` crops of one encoded image of ``height`` x ``width``: uint8 (n, 3, S, S)."""
+        boxes, flips = self.boxes(height, width, generator)
+        return decode_crops(data, [tuple(b) for b in boxes.tolist()], self.size, flips.tolist())
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        boxes, flips = self.boxes(int(sample["height"]), int(sample["width"]))
-        views = decode_crops(sample["image"], [tuple(b) for b in boxes.tolist()], self.size, flips.tolist())
-        return {"views": views, "label": sample["label"]}
+        return {"views": self.cut(sample["image"], int(sample["height"]), int(sample["width"])), "label": sample["label"]}
 
 
 @dataclass(frozen=True)
