@@ -49,6 +49,7 @@ from selfsup.methods.common import OptimizerSpec  # noqa: E402
 from selfsup.methods.online import OnlineSpec  # noqa: E402
 from selfsup.models import MLP  # noqa: E402
 from selfsup.models.backbones import BackboneSpec  # noqa: E402
+from selfsup.runtime import keep_freed_memory  # noqa: E402
 
 #: CPU targets of the issue ("The fastest SimCLR on one machine").
 TARGETS = {"data_pipeline": 10.0, "simclr_step": 1.5, "simclr_step_vs_compute": 0.9, "linear_probe": 20.0}
@@ -257,6 +258,8 @@ def main() -> dict[str, Any]:
     ap.add_argument("--json", default="runs/bench/bench.json")
     ap.add_argument("--markdown", default="runs/bench/bench.md")
     args = ap.parse_args()
+    # As the selfsup command does; one process, so lightly's side (and its forked workers) too.
+    allocator = "glibc, freed blocks kept" if keep_freed_memory() else "as the system has it"
     if args.quick:
         args.images, args.steps, args.rounds = 2048, 20, 1
         args.probe_images, args.probe_epochs = 512, 30  # full batches of 256: each epoch sees every image
@@ -295,7 +298,7 @@ def main() -> dict[str, Any]:
                            higher_is_better=False)
             c["top1"] = {"ours": ours[0]["top1"], "theirs": classic[0]["top1"]}
             comparisons.append(c)
-    result = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+    result = {"machine": {**machine(), "allocator": allocator}, "args": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
               "comparisons": comparisons}
     write_json(args.json, result)
     md = table(result)

@@ -167,3 +167,23 @@ def test_hue_equals_torchvision_where_channels_tie() -> None:
     ours = adjust_hue(x, f)
     reference = torch.stack([TF.adjust_hue(x[i], float(f[i])) for i in range(10)])
     assert torch.allclose(ours, reference, atol=2e-5), (ours - reference).abs().max()
+
+
+def test_color_jitter_applies_each_images_operations_in_its_drawn_order() -> None:
+    """Image by image, the batched jitter equals torchvision's four functions applied in the
+    order and with the factors drawn for that image (the draws repeated from the same seed)."""
+    b = 40
+    x = torch.rand(b, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    ours = color_jitter(x, p=0.8, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # color_jitter's draws, in its order
+    factors = [1 - 0.4 + 0.8 * torch.rand(b, generator=g) for _ in range(3)]
+    factors.append((2 * torch.rand(b, generator=g) - 1) * 0.1)
+    order = torch.rand(4 * b, generator=g).view(b, 4).argsort(dim=1)
+    apply = torch.rand(b, generator=g) < 0.8
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(b):
+        y = x[i]
+        for k in order[i].tolist() if apply[i] else []:
+            y = ops[k](y, float(factors[k][i]))
+        assert torch.allclose(ours[i], y, atol=5e-5), (i, (ours[i] - y).abs().max())
+    assert 0 < int(apply.sum()) < b  # both kinds of image were in the batch

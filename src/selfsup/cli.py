@@ -33,6 +33,7 @@ from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.data import ImageDataModule
 from selfsup.data.datamodule import say
 from selfsup.quiet import quiet_lightning
+from selfsup.runtime import keep_freed_memory
 from selfsup.tracking import finish_wandb, wandb_run_id
 
 #: ``save_dir`` of the default loggers until the run folder is known.
@@ -259,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``selfsup`` command; user errors print one line and exit 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_lightning()  # every subcommand: the pipeline's stages too
+    keep_freed_memory()  # before the first large tensor (see selfsup.runtime)
     try:
         if not args or args[0] in ("-h", "--help"):
             print(USAGE, end="")

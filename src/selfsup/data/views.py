@@ -43,14 +43,17 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
     """Per-channel standardisation of (B, 3, H, W) floats in [0, 1]."""
     scale = 1 / x.new_tensor(std).view(1, -1, 1, 1)
-    # (x - mean) / std in one pass: x * (1 / std) - mean / std.
-    return torch.addcmul(-x.new_tensor(mean).view(1, -1, 1, 1) * scale, x, scale)
+    # (x - mean) / std as x * (1 / std) - mean / std: a multiply and an in-place add, three times
+    # faster on the CPU than addcmul with its two broadcast operands.
+    return (x * scale).add_(-x.new_tensor(mean).view(1, -1, 1, 1) * scale)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    w = x.new_tensor(_LUMA).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    """(B, 3, H, W) -> (B, 1, H, W) luma, summed as torchvision sums it."""
+    # Three planes added, not a sum over the channel dimension: a strided reduction is several
+    # times slower on the CPU.
+    r, g, b = x.unbind(1)
+    return (r * _LUMA[0]).add_(g * _LUMA[1]).add_(b * _LUMA[2]).unsqueeze(1)
 
 
 def crop_boxes(
@@ -127,7 +130,9 @@ def random_resized_crop(
     gx = (bw / w * flip)[:, None] * base[None] + ((2 * x0 + bw) / w - 1)[:, None]  # (B, S)
     gy = (bh / h)[:, None] * base[None] + ((2 * y0 + bh) / h - 1)[:, None]
     grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # Every sample point lies inside its box, so inside the image: "border" gives what
+    # "reflection" gives there, about 10% faster.
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -138,7 +143,8 @@ def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """torchvision's contrast: blend with the image's mean luma by ``f`` (B,)."""
     # The mean of the luma is the luma of the channel means: one pass over the image, not three.
-    mean = (x.mean(dim=(2, 3)) * x.new_tensor(_LUMA)).sum(1).view(-1, 1, 1, 1)
+    m = x.mean(dim=(2, 3))
+    mean = (m[:, 0] * _LUMA[0] + m[:, 1] * _LUMA[1] + m[:, 2] * _LUMA[2]).view(-1, 1, 1, 1)
     return torch.lerp(mean.expand_as(x), x, f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
@@ -177,19 +183,25 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     Computed without the HSV round trip: the value (max) and the chroma (max - min) stay, so each
     channel is ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with k = (n + 6 h') mod 6, n = 5, 3,
     1 for R, G, B and h' the shifted hue (the closed form of :func:`hsv_to_rgb`, as v s is the
-    chroma); a gray pixel (chroma 0) stays as it is, as in torchvision."""
+    chroma); a gray pixel (chroma 0) stays as it is, as in torchvision. Branch-free: the largest
+    channel is picked by 0/1 float masks and the turn wrapped with ``floor``, as ``where`` and
+    ``remainder`` are several times slower than arithmetic on the CPU."""
     r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    chroma = maxc - minc
-    # Hue in sixths of a turn, by the largest channel (the first of equals: R, then G):
-    # R: (G - B) / chroma, G: 2 + (B - R) / chroma, B: 4 + (R - G) / chroma.
-    is_r, is_g = maxc == r, maxc == g
-    num = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
-    offset = (~is_r) * (4.0 - 2.0 * is_g)  # 0, 2 or 4 without where's scalar broadcasts
-    # A gray pixel has num = 0: any divisor keeps its hue at the offset, and chroma 0 keeps it gray.
-    h6 = (num / chroma.clamp_min(1e-12)).add_(offset).add_(6.0 * f.view(-1, 1, 1))
-    k = torch.remainder(h6[:, None] + x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1), 6.0)
-    return torch.addcmul(maxc[:, None], chroma[:, None], torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    # 1.0 where the channel is the largest (maxc - c >= 0, so its sign is 0 or 1), the first of
+    # equals as in torchvision: R, then G, then B.
+    is_r = torch.sign(maxc - r).neg_().add_(1.0)
+    is_g = torch.sign(maxc - g).neg_().add_(1.0).mul_(1.0 - is_r)
+    is_b = (1.0 - is_r).sub_(is_g)
+    # Hue in sixths of a turn: R: (G - B) / chroma, G: 2 + (B - R) / chroma, B: 4 + (R - G) / chroma.
+    # A gray pixel has a zero numerator: any divisor keeps its hue finite, and chroma 0 keeps it gray.
+    num = (g - b).mul_(is_r).addcmul_(b - r, is_g).addcmul_(r - g, is_b)
+    h6 = num.div_(chroma.clamp_min(1e-12)).add_(is_g, alpha=2.0).add_(is_b, alpha=4.0).add_(6.0 * f.view(-1, 1, 1))
+    k = torch.stack([h6 + 5.0, h6 + 3.0, h6 + 1.0], dim=1)  # (B, 3, H, W): n = 5, 3, 1 for R, G, B
+    k.sub_(torch.floor(k * (1 / 6)), alpha=6.0)  # mod 6
+    tri = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return tri.mul_(chroma[:, None]).neg_().add_(maxc[:, None])
 
 
 def color_jitter(
@@ -215,19 +227,29 @@ def color_jitter(
     apply = _rand(b, generator, dev) < p
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    # Which operation each image gets at each position, 4 for none (not jittered); one stable
+    # sort per position lines the images up by it, and one read of the 4 x 5 group sizes is the
+    # only host synchronisation (a nonzero per position and operation made sixteen).
+    key = torch.where(apply[:, None], order, 4)
+    groups = key.argsort(dim=0, stable=True)  # (B, 4): image indices grouped by operation
+    sizes = F.one_hot(key, 5).sum(0).tolist()  # [position][operation]
     y = x.clone()
     for position in range(4):
+        start = 0
         for k, (op, on) in enumerate(zip(ops, active, strict=True)):
-            idx = torch.nonzero(apply & (order[:, position] == k)).flatten()
-            if on and idx.numel():
-                y[idx] = op(y[idx], factors[k][idx])
+            n = sizes[position][k]
+            if on and n:
+                idx = groups[start : start + n, position]
+                y.index_copy_(0, idx, op(y.index_select(0, idx), factors[k].index_select(0, idx)))
+            start += n
     return y
 
 
 def random_grayscale(x: torch.Tensor, p: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace an image by its luma (in all 3 channels) with probability ``p``."""
-    apply = (_rand(x.shape[0], generator, x.device) < p).view(-1, 1, 1, 1)
-    return torch.where(apply, grayscale(x).expand_as(x), x)
+    apply = (_rand(x.shape[0], generator, x.device) < p).to(x.dtype).view(-1, 1, 1, 1)
+    # lerp with weights 0 and 1 gives either end exactly, many times faster than where on the CPU.
+    return torch.lerp(x, grayscale(x).expand_as(x), apply)
 
 
 def random_gaussian_blur(

@@ -1,0 +1,50 @@
+"""Process-wide settings that make CPU work faster, applied once at the start of a command.
+
+glibc's ``malloc`` hands blocks above its mmap threshold (128 kB at first, raised as blocks are
+freed, up to 32 MB) straight to and from the kernel, and trims the top of the heap once more than
+twice that is free. A batch of images or activations is several MB, so each operation's output
+came as fresh pages: every one a page fault, which in a virtual machine costs far more than the
+arithmetic (measured here: SimCLR's two views of 512 CIFAR images, 75 ms -> 58 ms; the small
+CNN's SimCLR step, 290 -> 350 images/s). Keeping freed blocks in the heap is what jemalloc and
+tcmalloc, which PyTorch's CPU tuning guide suggests preloading, do by default.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+#: glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks up to this size come from the heap (glibc's ceiling for the threshold on 64 bits).
+MMAP_THRESHOLD = 32 * 2**20
+#: Free memory the heap keeps at its top before giving it back to the kernel.
+TRIM_THRESHOLD = 256 * 2**20
+
+_done: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed blocks of up to 32 MB for reuse (see the module's docstring).
+
+    Once per process, inherited by forked DataLoader workers; ``SELFSUP_MALLOC=system`` leaves
+    the allocator as it is. Returns whether the settings were applied (False off Linux/glibc,
+    with another allocator preloaded, or when switched off)."""
+    global _done
+    if _done is not None:
+        return _done
+    _done = False
+    if os.environ.get("SELFSUP_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False  # the user chose an allocator: leave it alone
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # musl and others have no mallopt
+        return False
+    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _done
