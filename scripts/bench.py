@@ -9,17 +9,23 @@ Comparisons (``ratio`` above 1: selfsup is better):
 - ``data_pipeline``: images/s per core of SimCLR's two views (crop, flip, colour jitter,
   grayscale, normalisation; no blur at 32 px): ``SimCLRViews`` on uint8 batches on one thread,
   against lightly's ``SimCLRTransform`` (the same parameters) on PIL images on one core;
+  ``data_pipeline_compiled`` the same with ``views.compile`` (the colour steps through
+  ``torch.compile``);
 - ``simclr_step``: images/s of whole training steps (data, views, forward, backward, optimiser)
   through a Lightning Trainer: selfsup's ``SimCLR`` against a plain LightningModule built from
   lightly's parts (its transform in DataLoader workers, one per core; its ``NTXentLoss`` and
-  ``SimCLRProjectionHead``);
+  ``SimCLRProjectionHead``), both at ``--precision`` (by default bf16 autocast where the CPU has
+  bf16 instructions, as a user of either would run it there, else fp32);
 - ``simclr_step_vs_compute``: selfsup's whole steps against the bare step of the same network on
-  ready-made tensors of the same shape (the compute bound);
+  ready-made tensors of the same shape, same precision (the compute bound);
+- ``simclr_step_fp32`` and ``simclr_step_vs_compute_fp32``: the same two in fp32, when
+  ``--precision`` is another (not in ``--quick``);
 - ``linear_probe``: seconds to result of the linear probe (``scripts/bench_probe.py``): cached
   features with the search, against the classic augmented probe.
 
 Each entry also has the peak memory of either side (resident memory of the process and its
-workers above what it was before the run).
+workers above what it was before the run). The process keeps freed memory as the ``selfsup``
+command does (``selfsup.runtime.keep_freed_memory``), for both sides.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from selfsup.methods.common import OptimizerSpec  # noqa: E402
 from selfsup.methods.online import OnlineSpec  # noqa: E402
 from selfsup.models import MLP  # noqa: E402
 from selfsup.models.backbones import BackboneSpec  # noqa: E402
-from selfsup.runtime import keep_freed_memory  # noqa: E402
+from selfsup.runtime import fast_precision, keep_freed_memory  # noqa: E402
 
 #: CPU targets of the issue ("The fastest SimCLR on one machine").
 TARGETS = {"data_pipeline": 10.0, "simclr_step": 1.5, "simclr_step_vs_compute": 0.9, "linear_probe": 20.0}
@@ -160,36 +166,37 @@ class PilViews(torch.utils.data.Dataset):
         return self.transform(self.pils[i]), 0
 
 
-def trainer_for(steps: int, timer: StepTimer, folder: str) -> L.Trainer:
-    return L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+def trainer_for(steps: int, timer: StepTimer, folder: str, precision: str) -> L.Trainer:
+    return L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=steps, logger=False,
+                     enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                      num_sanity_val_steps=0, callbacks=[timer], default_root_dir=folder)
 
 
-def ours_steps(args: argparse.Namespace, folder: str) -> float:
+def ours_steps(args: argparse.Namespace, folder: str, precision: str) -> float:
     L.seed_everything(0, verbose=False)
     dm = ImageDataModule(batch_size=args.batch_size, image_size=32)
     model = SimCLR(backbone=BackboneSpec("small_cnn", width=args.width), proj_hidden=args.hidden, proj_dim=128,
                    optimizer={"name": "adam", "lr": 1e-3}, online=OnlineSpec(enabled=False))
     timer = StepTimer(skip=3)
-    trainer_for(args.steps, timer, folder).fit(model, datamodule=dm)
+    trainer_for(args.steps, timer, folder, precision).fit(model, datamodule=dm)
     return timer.rate
 
 
-def lightly_steps(args: argparse.Namespace, pils: list[Image.Image], folder: str) -> float:
+def lightly_steps(args: argparse.Namespace, pils: list[Image.Image], folder: str, precision: str) -> float:
     L.seed_everything(0, verbose=False)
     loader = torch.utils.data.DataLoader(PilViews(pils, lightly_transform(32)), batch_size=args.batch_size,
                                          shuffle=True, drop_last=True, num_workers=args.workers,
                                          persistent_workers=args.workers > 0)
     model = LightlySimCLR(BackboneSpec("small_cnn", width=args.width).build(), args.hidden, 128)
     timer = StepTimer(skip=3)
-    trainer_for(args.steps, timer, folder).fit(model, train_dataloaders=loader)
+    trainer_for(args.steps, timer, folder, precision).fit(model, train_dataloaders=loader)
     return timer.rate
 
 
-def bare_steps(args: argparse.Namespace) -> float:
+def bare_steps(args: argparse.Namespace, precision: str) -> float:
     """The same network as ``ours_steps`` (backbone, projector, NT-Xent, Adam) on two ready-made
-    normalised views: forward, backward and optimiser only."""
+    normalised views: forward, backward and optimiser only, under the same autocast."""
     torch.manual_seed(0)
     backbone = BackboneSpec("small_cnn", width=args.width).build()
     head = MLP([backbone.num_features, args.hidden, 128], batch_norm=True)
@@ -200,8 +207,9 @@ def bare_steps(args: argparse.Namespace) -> float:
     for k in range(args.steps):
         if k == 3:
             t0 = time.perf_counter()
-        z0, z1 = head(backbone(v)).chunk(2)
-        loss = loss_fn(z0, z1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
+            z0, z1 = head(backbone(v)).chunk(2)
+            loss = loss_fn(z0, z1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -231,13 +239,14 @@ def comparison(name: str, ours: tuple[float, float], theirs: tuple[float, float]
 
 def table(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else "") + ".", "",
-             "| comparison | selfsup | theirs | unit | ratio | target | peak MB selfsup / theirs |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else "")
+             + f"; allocator {m.get('allocator', '?')}.", "",
+             "| comparison | selfsup | theirs | unit | ratio | target | precision | peak MB selfsup / theirs |",
+             "|---|---:|---:|---|---:|---:|---|---:|"]
     for c in result["comparisons"]:
         target = f">= {c['target']}" + (" met" if c["met"] else " not met") if c["target"] else "-"
         lines.append(f"| {c['name']} | {c['ours']:,.1f} | {c['theirs']:,.1f} | {c['unit']} | {c['ratio']:.2f}x | "
-                     f"{target} | {c['ours_peak_mb']:,.0f} / {c['theirs_peak_mb']:,.0f} |")
+                     f"{target} | {c.get('precision', '-')} | {c['ours_peak_mb']:,.0f} / {c['theirs_peak_mb']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -255,46 +264,70 @@ def main() -> dict[str, Any]:
     ap.add_argument("--probe-epochs", type=int, default=30)
     ap.add_argument("--probe-backbone", default="resnet18")
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--precision", default=fast_precision("cpu"),
+                    help="of both sides' steps; default: bf16-mixed where the CPU has bf16 instructions, else 32-true")
+    ap.add_argument("--skip-fp32", action="store_true", help="no fp32 steps beside those at --precision")
     ap.add_argument("--json", default="runs/bench/bench.json")
     ap.add_argument("--markdown", default="runs/bench/bench.md")
     args = ap.parse_args()
     # As the selfsup command does; one process, so lightly's side (and its forked workers) too.
     allocator = "glibc, freed blocks kept" if keep_freed_memory() else "as the system has it"
     if args.quick:
-        args.images, args.steps, args.rounds = 2048, 20, 1
+        # Three short rounds rather than one long: this machine's speed drifts by 10-30% between
+        # runs, and the best of three is steadier than one of anything. No fp32 rows.
+        args.images, args.steps, args.rounds, args.skip_fp32 = 2048, 16, 3, True
         args.probe_images, args.probe_epochs = 512, 30  # full batches of 256: each epoch sees every image
     from selfsup.data.sources import load_sample_split
 
     train = load_sample_split("train", 32)
     images = train.images[: args.images]
     pils = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in train.images]
-    rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in ("views", "lviews", "steps", "lsteps", "bare")}
+    # The steps at the machine's fast precision (both sides alike), and in fp32 beside it.
+    precisions = [args.precision] + (["32-true"] if args.precision != "32-true" and not args.skip_fp32 else [])
+    runs = ["views", "cviews", "lviews"] + [f"{k}@{p}" for p in precisions for k in ("steps", "lsteps", "bare")]
+    repeats = max(1, 6144 // args.images)  # about half a second of views per measurement
+    rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             # Without blur, as lightly's transform is set up (gaussian_blur=0).
-            rounds["views"].append(measure(lambda: batched(images, images.shape[-1], 512, repeats=1, blur=False)))
+            rounds["views"].append(measure(lambda: batched(images, 32, 512, repeats, blur=False)))
+            rounds["cviews"].append(measure(lambda: batched(images, 32, 512, repeats, blur=False, compile=True)))
             rounds["lviews"].append(measure(lambda: lightly_views_per_core(pils[: max(256, args.images // 4)])))
-            rounds["steps"].append(measure(lambda: ours_steps(args, folder)))
-            rounds["lsteps"].append(measure(lambda: lightly_steps(args, pils, folder)))
-            rounds["bare"].append(measure(lambda: bare_steps(args)))
-            print(f"round {r + 1}: views {rounds['views'][-1][0]:,.0f} vs lightly {rounds['lviews'][-1][0]:,.0f} images/s "
-                  f"per core; steps {rounds['steps'][-1][0]:,.0f} vs lightly {rounds['lsteps'][-1][0]:,.0f} vs bare "
-                  f"{rounds['bare'][-1][0]:,.0f} images/s", flush=True)
-        comparisons = [
-            comparison("data_pipeline", best(rounds["views"]), best(rounds["lviews"]), "images/s per core"),
-            comparison("simclr_step", best(rounds["steps"]), best(rounds["lsteps"]), "images/s"),
-            comparison("simclr_step_vs_compute", best(rounds["steps"]), best(rounds["bare"]), "images/s"),
-        ]
+            line = (f"round {r + 1}: views {rounds['views'][-1][0]:,.0f} (compiled {rounds['cviews'][-1][0]:,.0f}) vs "
+                    f"lightly {rounds['lviews'][-1][0]:,.0f} images/s per core")
+            for p in precisions:
+                # Ours beside the bare step it is held against (the machine's speed drifts), then lightly.
+                rounds[f"steps@{p}"].append(measure(lambda: ours_steps(args, folder, p)))  # noqa: B023
+                rounds[f"bare@{p}"].append(measure(lambda: bare_steps(args, p)))  # noqa: B023
+                rounds[f"lsteps@{p}"].append(measure(lambda: lightly_steps(args, pils, folder, p)))  # noqa: B023
+                line += (f"; steps ({p}) {rounds[f'steps@{p}'][-1][0]:,.0f} vs lightly {rounds[f'lsteps@{p}'][-1][0]:,.0f}"
+                         f" vs bare {rounds[f'bare@{p}'][-1][0]:,.0f} images/s")
+            print(line, flush=True)
+        comparisons = [comparison("data_pipeline", best(rounds["views"]), best(rounds["lviews"]), "images/s per core"),
+                       comparison("data_pipeline_compiled", best(rounds["cviews"]), best(rounds["lviews"]),
+                                  "images/s per core")]
+        for p in precisions:
+            suffix = "" if p == args.precision else "_fp32"
+            for name, theirs in (("simclr_step", "lsteps"), ("simclr_step_vs_compute", "bare")):
+                c = comparison(name + suffix, best(rounds[f"steps@{p}"]), best(rounds[f"{theirs}@{p}"]), "images/s")
+                comparisons.append({**c, "precision": p})
         if not args.skip_probe:
             dm = ImageDataModule(batch_size=256, image_size=32, max_train_images=args.probe_images,
                                  max_eval_images=min(1000, args.probe_images // 2))
             dm.setup()
             spec = {"backbone": {"name": args.probe_backbone, "cifar_stem": True, "width": args.width}}
+            # fp32, the probe's default: its time is the backbone's passes, as many as the classic
+            # probe has epochs against one. Ours runs before and after the classic probe (minutes,
+            # over which this machine's speed drifts) and counts with the mean of the two.
             ours = measure(lambda: run_probe(dm, args.probe_epochs, Path(folder), search=SEARCH, **spec))
             chosen = OptimizerSpec(name="adam", lr=ours[0]["lr"], weight_decay=ours[0]["weight_decay"])
             classic = measure(lambda: run_probe(dm, args.probe_epochs, Path(folder), augment=True, cache_features=False,
                                                 optimizer=chosen, **spec))
-            c = comparison("linear_probe", (ours[0]["seconds"], ours[1]), (classic[0]["seconds"], classic[1]), "s",
+            again = measure(lambda: run_probe(dm, args.probe_epochs, Path(folder), search=SEARCH, **spec))
+            seconds = (ours[0]["seconds"] + again[0]["seconds"]) / 2
+            print(f"linear probe: {ours[0]['seconds']:.1f} s and {again[0]['seconds']:.1f} s vs classic "
+                  f"{classic[0]['seconds']:.1f} s", flush=True)
+            c = comparison("linear_probe", (seconds, max(ours[1], again[1])), (classic[0]["seconds"], classic[1]), "s",
                            higher_is_better=False)
             c["top1"] = {"ours": ours[0]["top1"], "theirs": classic[0]["top1"]}
             comparisons.append(c)

@@ -61,14 +61,16 @@ def per_sample(pil: list[Image.Image], size: int, workers: int, batch: int) -> f
     return n / (time.perf_counter() - t)
 
 
-def batched(images: torch.Tensor, size: int, batch: int, repeats: int, blur: bool | None = None) -> float:
-    """Images per second of SimCLRViews on one thread (``blur`` as SimCLRViews takes it); the
-    thread count is restored afterwards."""
+def batched(images: torch.Tensor, size: int, batch: int, repeats: int, blur: bool | None = None,
+            compile: bool = False) -> float:
+    """Images per second of SimCLRViews on one thread (``blur`` and ``compile`` as SimCLRViews
+    takes them; compiling happens in the warm-up); the thread count is restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        views = SimCLRViews(size, blur=blur)
+        views = SimCLRViews(size, blur=blur, compile=compile)
         views(images[:batch])  # warm-up
+        views(images[: batch // 2 + 1])  # compiled: the batch size marked dynamic before the clock
         t, n = time.perf_counter(), 0
         for _ in range(repeats):
             for i in range(0, len(images) - batch + 1, batch):

@@ -41,13 +41,15 @@ from selfsup.probe_search import ProbeSearch
 SEARCH = ProbeSearch(lrs=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3), weight_decays=(0.0, 1e-4))
 
 
-def run_probe(dm: ImageDataModule, epochs: int, folder: Path, seed: int = 0, **probe: Any) -> dict[str, float]:
+def run_probe(dm: ImageDataModule, epochs: int, folder: Path, seed: int = 0, precision: str = "32-true",
+              **probe: Any) -> dict[str, float]:
     """Fit one probe and validate it: seconds (fit and validation, the backbone passes included)
     and the figures ``trainer.validate`` returns. ``seed``: of the backbone's initialisation and
-    the batch order (the same for both probes)."""
+    the batch order (the same for both probes); ``precision``: the Trainer's."""
     L.seed_everything(seed, verbose=False)
     model = LinearProbe(num_classes=dm.num_classes, **probe)
-    trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_epochs=epochs, logger=False,
+                        enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                         default_root_dir=str(folder),
                         callbacks=[LearningRateScaling("sqrt", 256), Warmup(decay="cosine")])

@@ -49,3 +49,24 @@ def test_online_probe_and_knn_are_logged_and_checkpointed(image_folder: Path, tm
                     online=OnlineSpec(knn_every=1), num_classes=dm.num_classes)
         t2.fit(fresh, datamodule=dm, ckpt_path=ckpt)
         assert t2.current_epoch == 2 and "val/knn_top1" in t2.callback_metrics
+
+
+def test_feature_passes_outside_the_steps_run_at_the_trainers_precision() -> None:
+    """kNN banks and the probe's cached features are computed outside training_step, where
+    Lightning sets no autocast: under bf16-mixed they run in bf16 all the same (and come back
+    float32), under 32-true in fp32."""
+    from selfsup.methods.online import embed_all_ranks
+
+    net = torch.nn.Conv2d(3, 4, 3)
+    seen = []
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        seen.append(net(x.float()).dtype)
+        return net(x.float()).mean((2, 3))
+
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    for precision, dtype in (("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)):
+        seen.clear()
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)
+        feats = embed_all_ranks(trainer, embed, images, torch.device("cpu"))
+        assert seen == [dtype] and feats.dtype == torch.float32 and feats.shape == (6, 4)

@@ -187,3 +187,15 @@ def test_color_jitter_applies_each_images_operations_in_its_drawn_order() -> Non
             y = ops[k](y, float(factors[k][i]))
         assert torch.allclose(ours[i], y, atol=5e-5), (i, (ours[i] - y).abs().max())
     assert 0 < int(apply.sum()) < b  # both kinds of image were in the batch
+
+
+def test_compiled_views_equal_the_eager_ones() -> None:
+    """``compile=True`` (the colour steps through torch.compile, any batch size) gives the eager
+    views from the same draws, for two batch sizes (the second without recompiling)."""
+    eager, fast = SimCLRViews(16), SimCLRViews(16, compile=True)
+    for b in (12, 7):
+        imgs = torch.randint(0, 256, (b, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(b))
+        want = eager(imgs, torch.Generator().manual_seed(3))
+        got = fast(imgs, torch.Generator().manual_seed(3))
+        for w, g in zip(want, got, strict=True):
+            assert g.shape == w.shape == (b, 3, 16, 16) and torch.allclose(g, w, atol=1e-5), (g - w).abs().max()

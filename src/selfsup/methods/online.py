@@ -56,6 +56,14 @@ def embed_all_ranks(trainer: L.Trainer, embed: Callable[[torch.Tensor], torch.Te
     """:func:`embed_all` shared out over the job's ranks: each computes an equal share of the rows
     and every rank gets all of them, (N, F) in row order: one pass over the images for the whole
     job, not one per rank. A collective call under DDP: every rank calls it."""
+    # At the run's precision (bf16 autocast under bf16-mixed), as its own forward passes are:
+    # these passes happen outside training_step, where Lightning would not set it.
+    with trainer.precision_plugin.forward_context():
+        return _embed_share(trainer, embed, images, device)
+
+
+def _embed_share(trainer: L.Trainer, embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                 device: torch.device) -> torch.Tensor:
     world, rank = trainer.world_size, trainer.global_rank
     if world == 1:
         return embed_all(embed, images, device)
