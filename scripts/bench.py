@@ -229,12 +229,15 @@ def comparison(name: str, ours: list[tuple[float, float]], theirs: list[tuple[fl
                higher_is_better: bool = True) -> dict[str, Any]:
     """The two sides' (value, peak MB) per round. Each round ran them back to back, so their
     ratio within a round is free of this machine's drift (10-30% over minutes); the round with
-    the median ratio is reported (``rounds``: every round's ratio)."""
+    the median ratio is reported, each comparison its own (``rounds``: every round's values).
+    ``ratio`` is ours / theirs, or theirs / ours for times (``higher_is_better`` False)."""
     ratios = [(o[0] / t[0] if higher_is_better else t[0] / o[0]) for o, t in zip(ours, theirs, strict=True)]
     ratio = statistics.median_low(ratios)
     k = ratios.index(ratio)
     return {"name": name, "ours": ours[k][0], "theirs": theirs[k][0], "unit": unit, "ratio": ratio,
-            "rounds": ratios, "ours_peak_mb": max(o[1] for o in ours), "theirs_peak_mb": max(t[1] for t in theirs),
+            "higher_is_better": higher_is_better,
+            "rounds": [{"ours": o[0], "theirs": t[0], "ratio": r} for o, t, r in zip(ours, theirs, ratios, strict=True)],
+            "ours_peak_mb": max(o[1] for o in ours), "theirs_peak_mb": max(t[1] for t in theirs),
             "target": TARGETS.get(name), "met": ratio >= TARGETS[name] if name in TARGETS else None}
 
 
@@ -293,19 +296,27 @@ def main() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             # Without blur, as lightly's transform is set up (gaussian_blur=0).
+            # Every other round lightly goes first, so that neither side always has the later slot.
+            lightly_first = r % 2 == 1
+            if lightly_first:
+                rounds["lviews"].append(measure(lambda: lightly_views_per_core(pils[: max(256, args.images // 4)])))
             rounds["views"].append(measure(lambda: batched(images, 32, 512, repeats, blur=False)))
-            rounds["lviews"].append(measure(lambda: lightly_views_per_core(pils[: max(256, args.images // 4)])))
+            if not lightly_first:
+                rounds["lviews"].append(measure(lambda: lightly_views_per_core(pils[: max(256, args.images // 4)])))
             rounds["cviews"].append(measure(lambda: batched(images, 32, 512, repeats, blur=False, compile=True)))
             line = (f"round {r + 1}: views {rounds['views'][-1][0]:,.0f} (compiled {rounds['cviews'][-1][0]:,.0f}) vs "
                     f"lightly {rounds['lviews'][-1][0]:,.0f} images/s per core")
             for p in precisions:
                 # Ours before and after the bare step it is held against (their mean counts: the
-                # machine's speed drifts within a round too), then lightly.
+                # machine's speed drifts within a round too); lightly before or after the three.
+                if lightly_first:
+                    rounds[f"lsteps@{p}"].append(measure(lambda: lightly_steps(args, pils, folder, p)))  # noqa: B023
                 first = measure(lambda: ours_steps(args, folder, p, dm))  # noqa: B023
                 rounds[f"bare@{p}"].append(measure(lambda: bare_steps(args, p)))  # noqa: B023
                 second = measure(lambda: ours_steps(args, folder, p, dm))  # noqa: B023
                 rounds[f"steps@{p}"].append(((first[0] + second[0]) / 2, max(first[1], second[1])))
-                rounds[f"lsteps@{p}"].append(measure(lambda: lightly_steps(args, pils, folder, p)))  # noqa: B023
+                if not lightly_first:
+                    rounds[f"lsteps@{p}"].append(measure(lambda: lightly_steps(args, pils, folder, p)))  # noqa: B023
                 line += (f"; steps ({p}) {rounds[f'steps@{p}'][-1][0]:,.0f} vs lightly {rounds[f'lsteps@{p}'][-1][0]:,.0f}"
                          f" vs bare {rounds[f'bare@{p}'][-1][0]:,.0f} images/s")
             print(line, flush=True)
@@ -336,7 +347,9 @@ def main() -> dict[str, Any]:
                            "s", higher_is_better=False)
             c["top1"] = {"ours": ours[0]["top1"], "theirs": classic[0]["top1"]}
             comparisons.append(c)
-    result = {"machine": {**machine(), "allocator": allocator}, "args": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+    from selfsup.data.views import FELL_BACK
+
+    result = {"machine": {**machine(), "allocator": allocator, "compile_fell_back": sorted(FELL_BACK)}, "args": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
               "comparisons": comparisons}
     write_json(args.json, result)
     md = table(result)

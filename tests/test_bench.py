@@ -35,9 +35,27 @@ def test_bench_writes_the_comparisons_against_lightly(tmp_path: Path) -> None:
         else:
             assert c["target"] is None and c["met"] is None
         assert c["ours_peak_mb"] >= 0 and c["theirs_peak_mb"] >= 0
+        assert [(r["ours"], r["theirs"]) for r in c["rounds"]] == [(c["ours"], c["theirs"])]  # one round
     assert by_name["simclr_step"]["precision"] == "bf16-mixed" and by_name["simclr_step_fp32"]["precision"] == "32-true"
-    # Both sides of a step comparison ran at one precision: the fp32 steps are not the bf16 ones.
-    assert by_name["simclr_step"]["ours"] != by_name["simclr_step_fp32"]["ours"]
     assert result["machine"]["cores"] >= 1 and result["machine"]["allocator"]
+    assert result["machine"]["compile_fell_back"] == []
     table = (tmp_path / "bench.md").read_text()
     assert "| data_pipeline |" in table and table in p.stdout
+
+
+def test_a_comparison_reports_its_round_with_the_median_ratio() -> None:
+    """Rounds run both sides back to back; the reported round is the one whose ratio is the
+    median (the lower one of an even count), times compared the other way round."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench import comparison
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    c = comparison("simclr_step", [(200.0, 5.0), (400.0, 7.0), (330.0, 1.0)], [(100.0, 2.0), (100.0, 3.0), (300.0, 9.0)],
+                   "images/s")
+    assert [r["ratio"] for r in c["rounds"]] == [2.0, 4.0, 1.1]
+    assert (c["ours"], c["theirs"], c["ratio"]) == (200.0, 100.0, 2.0) and c["met"] is True
+    assert (c["ours_peak_mb"], c["theirs_peak_mb"]) == (7.0, 9.0)
+    t = comparison("linear_probe", [(10.0, 0.0), (20.0, 0.0)], [(150.0, 0.0), (100.0, 0.0)], "s", higher_is_better=False)
+    assert [r["ratio"] for r in t["rounds"]] == [15.0, 5.0]
+    assert (t["ours"], t["theirs"], t["ratio"], t["met"]) == (20.0, 100.0, 5.0, False)

@@ -47,6 +47,7 @@ def test_full_crop_without_colour_ops_is_identity_up_to_normalisation() -> None:
 
 # -- against the torchvision transforms they replace ------------------------------------------------
 import math  # noqa: E402
+import shutil  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -189,9 +190,12 @@ def test_color_jitter_applies_each_images_operations_in_its_drawn_order() -> Non
     assert 0 < int(apply.sum()) < b  # both kinds of image were in the batch
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="Inductor needs a C++ compiler")
 def test_compiled_views_equal_the_eager_ones() -> None:
     """``compile=True`` (the colour steps through torch.compile, any batch size) gives the eager
-    views from the same draws, for two batch sizes (the second without recompiling)."""
+    views from the same draws, for two batch sizes, compiled (no fallback to eager)."""
+    from selfsup.data.views import FELL_BACK
+
     eager, fast = SimCLRViews(16), SimCLRViews(16, compile=True)
     for b in (12, 7):
         imgs = torch.randint(0, 256, (b, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(b))
@@ -199,3 +203,26 @@ def test_compiled_views_equal_the_eager_ones() -> None:
         got = fast(imgs, torch.Generator().manual_seed(3))
         for w, g in zip(want, got, strict=True):
             assert g.shape == w.shape == (b, 3, 16, 16) and torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+    assert not FELL_BACK  # every function ran compiled
+
+
+def test_border_sampling_equals_reflection_for_every_box_the_crop_draws() -> None:
+    """random_resized_crop samples with padding "border" because inside the image it equals
+    "reflection" (the usual choice): checked on drawn boxes down to a few pixels (upsampled),
+    flipped or not, and on boxes touching each edge."""
+    import torch.nn.functional as F
+
+    from selfsup.data.views import crop_boxes, crop_grid
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 3, 23, 31, generator=g)
+    boxes = crop_boxes(300, 23, 31, scale=(0.0005, 1.0), ratio=(0.2, 5.0), generator=g)
+    boxes[:4] = torch.tensor([[0.0, 0.0, 1.0, 1.0], [30.0, 22.0, 1.0, 1.0], [0.0, 0.0, 31.0, 23.0], [29.0, 0.0, 2.0, 23.0]])
+    flip = torch.rand(300, generator=g) < 0.5
+    for size in (8, 40):
+        grid = crop_grid(boxes, flip, 23, 31, size)
+        border = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        reflect = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        assert torch.allclose(border, reflect, atol=1e-6), (border - reflect).abs().max()
+    zeros = F.grid_sample(x, crop_grid(boxes, flip, 23, 31, 40), padding_mode="zeros", align_corners=False)
+    assert not torch.allclose(zeros, reflect, atol=1e-3)  # the check can tell paddings apart at the edges

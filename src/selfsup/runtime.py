@@ -29,8 +29,8 @@ _done: bool | None = None
 def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks of up to 32 MB for reuse (see the module's docstring).
 
-    Once per process, inherited by forked DataLoader workers; ``SELFSUP_MALLOC=system`` leaves
-    the allocator as it is. Returns whether the settings were applied (False off Linux/glibc,
+    Once per process, inherited by forked DataLoader workers (each may then keep up to 256 MB
+    of freed memory); ``SELFSUP_MALLOC=system`` leaves the allocator as it is. Returns whether the settings were applied (False off Linux/glibc,
     with another allocator preloaded, or when switched off)."""
     global _done
     if _done is not None:
@@ -46,7 +46,9 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):  # musl and others have no mallopt
         return False
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mapped = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    trimmed = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _done = mapped or trimmed  # either changes the allocator
     return _done
 
 
@@ -57,7 +59,12 @@ def native_bf16(accelerator: str = "cpu") -> bool:
     import torch
 
     if accelerator in ("gpu", "cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        try:  # emulated bf16 (before Ampere) is slower than fp32
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.4
+            return torch.cuda.is_bf16_supported()
     try:  # private helpers of torch.cpu (2.1 on); without them, assume emulation
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:

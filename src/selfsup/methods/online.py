@@ -243,9 +243,10 @@ class OnlineEvaluation(nn.Module):
             return
         ev = self.separate
         if ev is not None:
-            self._separate_metrics = frozen_evaluation(
-                embed, ev.train_set.images, ev.train_set.labels, ev.eval_set.images, ev.eval_set.labels,
-                ev.num_classes, device, knn_k=self.spec.knn_k, knn_temperature=self.knn_t)
+            with trainer.precision_plugin.forward_context():  # as embed_all_ranks: the run's precision
+                self._separate_metrics = frozen_evaluation(
+                    embed, ev.train_set.images, ev.train_set.labels, ev.eval_set.images, ev.eval_set.labels,
+                    ev.num_classes, device, knn_k=self.spec.knn_k, knn_temperature=self.knn_t)
             return
         dm = getattr(trainer, "datamodule", None)
         if self.trains_head and hasattr(dm, "train_set"):
