@@ -42,12 +42,19 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
+def standardisation(like: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - mean) / std as ``x * scale + shift``: scale 1 / std and shift -mean / std, each
+    (1, C, 1, 1) on ``like``'s device and dtype."""
+    scale = 1 / like.new_tensor(std).view(1, -1, 1, 1)
+    return scale, -like.new_tensor(mean).view(1, -1, 1, 1) * scale
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
     """Per-channel standardisation of (B, 3, H, W) floats in [0, 1]."""
-    scale = 1 / x.new_tensor(std).view(1, -1, 1, 1)
-    # (x - mean) / std as x * (1 / std) - mean / std: a multiply and an in-place add, three times
-    # faster on the CPU than addcmul with its two broadcast operands.
-    return (x * scale).add_(-x.new_tensor(mean).view(1, -1, 1, 1) * scale)
+    scale, shift = standardisation(x, mean, std)
+    # A multiply and an in-place add: three times faster on the CPU than addcmul with its two
+    # broadcast operands.
+    return (x * scale).add_(shift)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -295,13 +302,8 @@ def color_jitter(
     return y
 
 
-def random_grayscale(x: torch.Tensor, p: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace an image by its luma (in all 3 channels) with probability ``p``."""
-    return mix_gray(x, _draw_gray(x, p, generator))
-
-
 def _draw_gray(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, 1, 1, 1): 1.0 for the images to turn gray, else 0.0."""
+    """(B, 1, 1, 1): 1.0 for the images to turn gray (probability ``p``), else 0.0."""
     return (_rand(x.shape[0], generator, x.device) < p).to(x.dtype).view(-1, 1, 1, 1)
 
 
@@ -398,9 +400,8 @@ class SimCLRViews(nn.Module):
         if self.blur if self.blur is not None else size > 32:
             x = random_gaussian_blur(mix_gray(x, gray), generator=generator)
             return normalize(x, self.mean, self.std)
-        scale = 1 / x.new_tensor(self.std).view(1, -1, 1, 1)
         tail = compiled(gray_and_normalize) if self.compile else gray_and_normalize
-        return tail(x, gray, scale, -x.new_tensor(self.mean).view(1, -1, 1, 1) * scale)
+        return tail(x, gray, *standardisation(x, self.mean, self.std))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
