@@ -1,11 +1,14 @@
-# Quick start: `make demo` (whole pipeline on the embedded sample) and `make test`.
+# Quick start: `make demo` (the whole pipeline on the embedded sample) and `make test` (every test).
+# The fast loop: `make check` (lint, format check, type check, unit tests; under 2 minutes on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
+SOURCES := src tests benchmarks scripts
+PYTEST := WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q -ra
 
-.PHONY: demo test lint install clean
+.PHONY: demo test check lint format typecheck install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +23,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/selfsup pipeline --config configs/pipeline/quickstart.yaml --out $(OUT)
 
+# Every test: unit, integration, system and benchmarks (what CI runs).
 test: $(STAMP)
-	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# The fast loop before a commit.
+check: lint typecheck
+	$(PYTEST) -m unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+
+format: $(STAMP)
+	$(BIN)/ruff format $(SOURCES)
+	$(BIN)/ruff check --fix $(SOURCES)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache

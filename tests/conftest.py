@@ -1,4 +1,13 @@
-"""Shared fixtures: real image folders written to a temporary directory, offline W&B."""
+"""Shared fixtures (real image folders written to a temporary directory, offline W&B) and the
+kinds of test, one folder each, selected by marker:
+
+- ``unit``: functions and modules on tensors, no Trainer (seconds in all; ``make check``);
+- ``integration``: a real Trainer, the CLI in process, real files (seconds each);
+- ``system``: whole commands in subprocesses, 2-process DDP, the pipeline, kills and resumes;
+- ``benchmarks``: the benchmarks and experiments at toy size.
+
+``make test`` runs them all; ``pytest -m unit`` (or ``tests/unit``) the fast loop.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +23,16 @@ from selfsup.data.sources import SAMPLE_ZIP
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+KINDS = ("unit", "integration", "system", "benchmarks")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's kind, so that ``-m unit`` (or ``-m "not system"``) selects."""
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        kind = Path(item.fspath).resolve().relative_to(tests).parts[0]
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,9 @@ import torch
 from selfsup.callbacks import LearningRateScaling, Warmup
 from selfsup.data import ImageDataModule
 from selfsup.distributed import gather_with_grad, world_size
+from selfsup.evaluation.online import OnlineSpec
+from selfsup.evaluation.probe_search import ProbeSearch
 from selfsup.methods import LinearProbe, MoCo, SimCLR
-from selfsup.methods.online import OnlineSpec
-from selfsup.probe_search import ProbeSearch
 
 
 class Record(L.Callback):
@@ -52,19 +52,38 @@ def probe(root: str, out: Path) -> None:
     and train with one choice."""
     L.seed_everything(0)
     dm = ImageDataModule(root=root, batch_size=10)
-    model = LinearProbe(num_classes=dm.num_classes, backbone={"name": "small_cnn", "width": 8},
-                        search=ProbeSearch(lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-3)))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[LearningRateScaling("sqrt", 256), Warmup()], default_root_dir=str(out),
-                        num_sanity_val_steps=0)
+    model = LinearProbe(
+        num_classes=dm.num_classes,
+        backbone={"name": "small_cnn", "width": 8},
+        search=ProbeSearch(lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-3)),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[LearningRateScaling("sqrt", 256), Warmup()],
+        default_root_dir=str(out),
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)
     feats, filled = model._cache["train"]
-    (out / f"probe_rank{trainer.global_rank}.json").write_text(json.dumps({
-        "table": model.chosen.table, "lr": model.chosen.lr, "features": feats.tolist(),
-        "filled": bool(filled.all()), "optimizer_lr": trainer.optimizers[0].param_groups[0]["lr"],
-        "top1": float(trainer.callback_metrics["val/top1"]),
-    }))
+    (out / f"probe_rank{trainer.global_rank}.json").write_text(
+        json.dumps(
+            {
+                "table": model.chosen.table,
+                "lr": model.chosen.lr,
+                "features": feats.tolist(),
+                "filled": bool(filled.all()),
+                "optimizer_lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "top1": float(trainer.callback_metrics["val/top1"]),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -74,26 +93,55 @@ def main() -> None:
         return probe(root, out)
     L.seed_everything(0)
     stream = method == "stream"
-    dm = (ImageDataModule(root=root, source="stream", image_size=32, batch_size=10, num_workers=1) if stream
-          else ImageDataModule(root=root, batch_size=10))
-    kw = {"backbone": {"name": "small_cnn", "width": 8}, "proj_hidden": 16, "proj_dim": 8,
-          "online": OnlineSpec(knn_every=1), "num_classes": dm.num_classes}
+    dm = (
+        ImageDataModule(root=root, source="stream", image_size=32, batch_size=10, num_workers=1)
+        if stream
+        else ImageDataModule(root=root, batch_size=10)
+    )
+    kw = {
+        "backbone": {"name": "small_cnn", "width": 8},
+        "proj_hidden": 16,
+        "proj_dim": 8,
+        "online": OnlineSpec(knn_every=1),
+        "num_classes": dm.num_classes,
+    }
     model = MoCo(**kw, queue_size=50) if method == "moco" else SimCLR(**kw)
     rec = Record()
     scaling = LearningRateScaling("linear", reference_batch=256)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2 if stream else 1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[rec, scaling, Warmup(decay="constant")], default_root_dir=str(out), num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2 if stream else 1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[rec, scaling, Warmup(decay="constant")],
+        default_root_dir=str(out),
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)
-    (out / f"{method}_rank{trainer.global_rank}.json").write_text(json.dumps({
-        "world_size": trainer.world_size, "torch_world_size": world_size(), "indices": rec.indices,
-        "global_batches": rec.global_batches, "step_lrs": rec.step_lrs,
-        "lr_global_batch": scaling.global_batch, "lr": scaling.target_lrs[0][0], "losses": rec.losses, "num_train": len(dm.train_set),
-        "queue": model.queue.tolist() if method == "moco" else None,
-        "queue_ptr": int(model.queue_ptr) if method == "moco" else None,
-        "knn_top1": float(trainer.callback_metrics["val/knn_top1"]),
-        "by_epoch": rec.by_epoch, "batch_keys": sorted(rec.keys),
-    }))
+    (out / f"{method}_rank{trainer.global_rank}.json").write_text(
+        json.dumps(
+            {
+                "world_size": trainer.world_size,
+                "torch_world_size": world_size(),
+                "indices": rec.indices,
+                "global_batches": rec.global_batches,
+                "step_lrs": rec.step_lrs,
+                "lr_global_batch": scaling.global_batch,
+                "lr": scaling.target_lrs[0][0],
+                "losses": rec.losses,
+                "num_train": len(dm.train_set),
+                "queue": model.queue.tolist() if method == "moco" else None,
+                "queue_ptr": int(model.queue_ptr) if method == "moco" else None,
+                "knn_top1": float(trainer.callback_metrics["val/knn_top1"]),
+                "by_epoch": rec.by_epoch,
+                "batch_keys": sorted(rec.keys),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

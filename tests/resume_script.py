@@ -1,14 +1,15 @@
 """Run `selfsup fit` (or `selfsup pipeline`) in a process that stops itself at a chosen moment,
-as a cluster or a user would stop it: used by tests/test_resume.py.
+as a cluster or a user would stop it: used by tests/system/test_resume.py.
 
     python tests/resume_script.py KIND:STEP RECORD -- fit ARGS...
 
 KIND: ``none``; ``batch`` (SIGKILL at the start of training step STEP: mid-epoch); ``save`` (SIGKILL
 once the checkpoint of step STEP is being written: its contents assembled, the file not yet
 there); ``write`` (SIGKILL half-way through writing that checkpoint's bytes); ``usr1`` /
-``term`` (SIGUSR1 / SIGTERM to itself at step STEP); ``oom`` (a CUDA out-of-memory error at step STEP). RECORD gets one line per training step
-trained by this process: ``<pid> <global step> <the batch's image rows, comma-separated>``. For ``pipeline``, ``KIND:STEP@STAGE`` stops
-in that stage only.
+``term`` (SIGUSR1 / SIGTERM to itself at step STEP); ``oom`` (a CUDA out-of-memory error at step
+STEP). RECORD gets one line per training step trained by this process: ``<pid> <global step> <the
+batch's image rows, comma-separated>``. For ``pipeline``, ``KIND:STEP@STAGE`` stops in that stage
+only.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class Stopper(L.Callback):
             self.sent = True
             os.kill(os.getpid(), signal.SIGUSR1 if self.kind == "usr1" else signal.SIGTERM)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         rows = ",".join(map(str, batch["index"].tolist())) if "index" in batch else ""
         with self.record.open("a") as f:
             f.write(f"{os.getpid()} {trainer.global_step} {rows}\n")

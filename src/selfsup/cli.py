@@ -1,7 +1,7 @@
-"""The ``selfsup`` command: the Lightning CLI (fit, validate, test) plus ``pipeline``.
+"""The ``selfsup`` command: the Lightning CLI (fit, validate, test) and the commands beside it.
 
-    selfsup fit --config configs/trainer/cpu.yaml --config configs/simclr/cifar10.yaml
-    selfsup pipeline --config configs/pipeline/quickstart.yaml [--data.root DIR] [--out DIR]
+selfsup fit --config configs/trainer/cpu.yaml --config configs/simclr/cifar10.yaml
+selfsup pipeline --config configs/pipeline/quickstart.yaml [--data.root DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -9,58 +9,63 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from selfsup import SelfsupError
-from selfsup.callbacks import LearningRateScaling, Warmup
-from selfsup.callbacks.lr import global_batch_size
-from selfsup.callbacks.run import (
-    CollapseWatch,
-    LossGuard,
-    RandomState,
-    RunCheckpoint,
-    newest_checkpoint,
-)
+from selfsup.callbacks import LearningRateScaling, RunCheckpoint, Warmup, global_batch_size
 from selfsup.config import ConfigErrorMixin, find_selfsup_error
-from selfsup.data import ImageDataModule
-from selfsup.data.datamodule import say
+from selfsup.console import say
+from selfsup.data.datamodule import ImageDataModule
+from selfsup.data.litdata.write import data_main
+from selfsup.evaluation import EVALUATIONS
+from selfsup.export import export_main
+from selfsup.methods import PRETRAINING
+from selfsup.pipeline import pipeline_main
+from selfsup.protocols import ChecksData
 from selfsup.quiet import quiet_lightning
+from selfsup.run import (
+    SlurmEnvironment,
+    newest_checkpoint,
+    run_callbacks,
+    run_loggers,
+    same_run_or_stop,
+)
 from selfsup.runtime import keep_freed_memory
-from selfsup.tracking import finish_wandb, wandb_run_id
+from selfsup.tracking import finish_wandb
+from selfsup.visualize import patches_main
 
-#: ``save_dir`` of the default loggers until the run folder is known.
-RUN_DIR_PLACEHOLDER = "<run folder>"
+#: The commands beside the Lightning CLI's: name -> (entry point, one line of help).
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], Any], str]] = {
+    "pipeline": (pipeline_main, "stages in order on one split, each evaluated; OUT/summary.json and summary.md"),
+    "export": (export_main, "a checkpoint's backbone as torchvision / timm / plain weights, with a JSON card"),
+    "data": (data_main, "data optimize: an image folder's splits as LitData chunks (--src ROOT --out DIR)"),
+    "patches": (patches_main, "draw the relative-location patch grids of a few images to a PNG"),
+}
 
-USAGE = """usage: selfsup {fit,validate,test,pipeline,export,data,patches} [--config FILE ...] [--section.key VALUE ...]
 
-  fit | validate | test   one stage through the Lightning CLI; the model is chosen by
-                          class_path (selfsup.methods.RelativeLocation, SimCLR, LinearProbe,
-                          FineTune); see `selfsup fit --help`
-  pipeline                baseline probe, relative-location and SimCLR pretraining with their
-                          probes, then OUT/summary.json and OUT/summary.md; see
-                          `selfsup pipeline --help`
-  export                  a checkpoint's backbone as torchvision / timm / plain weights,
-                          with a JSON that says what it is; see `selfsup export --help`
-  data optimize           an image folder's splits as LitData chunks of encoded images
-                          (--src ROOT --out DIR); see `selfsup data optimize --help`
-  patches                 draw the relative-location patch grids of a few images to a PNG
-"""
+def usage() -> str:
+    """The top-level help, made from the registered stages and commands."""
 
-#: Used when a config names no logger: a CSV of metrics (first: its folder is the run folder,
-#: where config.yaml and checkpoints go) and W&B beside it, offline without an account. Both
-#: are pointed at the run folder (``trainer.default_root_dir``) before they are built.
-DEFAULT_LOGGERS = [
-    {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": RUN_DIR_PLACEHOLDER}},
-    {"class_path": "selfsup.tracking.WandbLogger", "init_args": {"save_dir": RUN_DIR_PLACEHOLDER, "project": "selfsup"}},
-]
+    def names(classes: dict[str, type]) -> str:
+        return ", ".join(f"selfsup.{c.__module__.split('.')[1]}.{c.__name__}" for c in classes.values())
+
+    lines = [
+        f"usage: selfsup {{fit,validate,test,{','.join(COMMANDS)}}} [--config FILE ...] [--section.key VALUE ...]",
+        "",
+        "  fit | validate | test   one stage through the Lightning CLI, the model chosen by class_path;",
+        "                          see `selfsup fit --help`",
+        f"      pretraining:        {names(PRETRAINING)}",
+        f"      evaluation:         {names(EVALUATIONS)}",
+    ]
+    lines += [f"  {name:<22}  {text}; see `selfsup {name} --help`" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines) + "\n"
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -82,6 +87,13 @@ class SelfsupArgumentParser(ConfigErrorMixin, LightningArgumentParser):
     """Lightning's parser whose errors become one-line SelfsupErrors."""
 
 
+#: Data settings that change how a run loads its images, not what it learns: a resumed run may differ in them.
+HOW_NOT_WHAT = {
+    f"data.{k}"
+    for k in ("num_workers", "decode_workers", "cache_dir", "cache_min_images", "eval_batch_size", "download")
+}
+
+
 class SelfsupCLI(LightningCLI):
     """Lightning CLI with selfsup's DataModule and any stage module chosen by class_path.
 
@@ -90,10 +102,12 @@ class SelfsupCLI(LightningCLI):
     bad-file list; no version counter. Re-running a command continues its run from the newest
     checkpoint there (``--fresh true`` starts again; ``--ckpt_path last`` says it explicitly).
 
-    Callbacks always on, configured in their own sections: ``lr_scaling`` (the rate follows the
-    global batch), ``warmup`` (linear warmup, then cosine or constant) and ``checkpoint`` (how
-    often ``last.ckpt`` is written); and the guards: the random stream saved with checkpoints,
-    a stop at the first non-finite loss, a warning when the representation collapses.
+    The run layer (``selfsup.run``) adds the callbacks every run has, configured in their own
+    sections: ``lr_scaling`` (the rate follows the global batch), ``warmup`` (linear warmup, then
+    cosine or constant) and ``checkpoint`` (how often ``last.ckpt`` is written); and the guards:
+    the random stream saved with checkpoints, a stop at the first non-finite loss, a warning
+    when the representation collapses. Without a ``trainer.logger`` in the config the run logs
+    to metrics.csv and W&B (offline without an account).
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
@@ -105,7 +119,8 @@ class SelfsupCLI(LightningCLI):
             datamodule_class=ImageDataModule,
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"logger": DEFAULT_LOGGERS},
+            # True: "the default loggers", which the run layer makes for the run folder.
+            trainer_defaults={"logger": True},
             seed_everything_default=0,
             parser_class=SelfsupArgumentParser,
             args=list(args) if args is not None else None,
@@ -114,42 +129,57 @@ class SelfsupCLI(LightningCLI):
         if run:
             finish_wandb(self.trainer)
 
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.extend([RandomState(), LossGuard(), CollapseWatch()])
-        return trainer
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(LearningRateScaling, "lr_scaling")
+        parser.add_class_arguments(Warmup, "warmup")
+        parser.add_class_arguments(RunCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--fresh",
+            type=bool,
+            default=False,
+            help="start the run again instead of continuing from the run folder's checkpoint",
+        )
+        # The class count comes from the data (a folder listing, nothing decoded) into every
+        # module that takes one, before the module is built: heads exist from __init__ on.
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
-        if config.get("enable_checkpointing") is False:  # asked for none: no RunCheckpoint either
-            callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+    def _section(self, config: Any, key: str) -> Any:
+        """A top-level section of this command's config (under the subcommand when there is one)."""
+        return (config[self.subcommand] if self.subcommand else config).get(key)
+
+    def before_instantiate_classes(self) -> None:
+        """Settle the run folder before anything is built."""
+        trainer = self._section(self.config, "trainer")
+        if trainer.default_root_dir is None:
+            model = self._section(self.config, "model")
+            name = str(model.class_path).rsplit(".", 1)[-1] if model else "run"
+            trainer.default_root_dir = str(Path("runs") / name.lower())
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer with the run layer's callbacks and loggers (``selfsup.run``)."""
+        trainer = self._section(self.config_init, "trainer")
+        root = Path(trainer["default_root_dir"])
+        checkpoint = self._section(self.config_init, "checkpoint")
+        if trainer.get("enable_checkpointing") is False:  # asked for none: no last.ckpt either
+            checkpoint = None
+        kwargs["callbacks"] = [
+            *(trainer.get("callbacks") or []),
+            *run_callbacks(
+                self._section(self.config_init, "lr_scaling"), self._section(self.config_init, "warmup"), checkpoint
+            ),
+        ]
+        if trainer.get("logger") is True:
+            kwargs["logger"] = run_loggers(root)
+        if SlurmEnvironment.detect() and not trainer.get("plugins"):
+            kwargs["plugins"] = [SlurmEnvironment()]
+        return super().instantiate_trainer(**kwargs)
 
     # -- the run folder ------------------------------------------------------------------
-    def before_instantiate_classes(self) -> None:
-        """Settle the run folder and point the default loggers at it, before anything is built."""
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        model = str(cfg.model.class_path).rsplit(".", 1)[-1] if cfg.get("model") else "run"
-        if cfg.trainer.default_root_dir is None:
-            cfg.trainer.default_root_dir = str(Path("runs") / model.lower())
-        root = Path(cfg.trainer.default_root_dir)
-        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else []
-        for lg in loggers:
-            args = lg.init_args
-            if args.get("save_dir") != RUN_DIR_PLACEHOLDER:
-                continue
-            args.save_dir = str(root)
-            if str(lg.class_path).endswith("CSVLogger"):
-                args.name, args.version = "", ""  # metrics.csv directly in the run folder
-            else:  # W&B: one run per folder, continued when the folder's run resumes
-                args.name = args.get("name") or root.name
-                args.id = args.get("id") or wandb_run_id(root)
-                args.resume = "allow"
-
     def _prepare_data(self) -> None:
         """Decode the data (or read the job's cache), report and check it before the Trainer
         starts any logger or process: a stop for bad files, missing labels or too small images
         leaves no half-started run behind. Under DDP every process gets here; the first to
-        need a decoded set builds it, the others read it (see ``selfsup.data.sources``)."""
+        need a decoded set builds it, the others read it (see ``selfsup.data.cache``)."""
         dm = self.datamodule
         if not isinstance(dm, ImageDataModule):
             return
@@ -159,19 +189,16 @@ class SelfsupCLI(LightningCLI):
             # made the folder (a file there before would make the CSV logger warn).
             dm.run_dir, dm.defer_bad_files = self.trainer.log_dir, True
         dm.setup("fit")
-        check = getattr(self.model, "check_data", None)
-        if check is not None:
-            check(dm)
+        if isinstance(self.model, ChecksData):
+            self.model.check_data(dm)
 
-    def _resume_from(self) -> str | None:
+    def _resume_from(self, given: str | None) -> str | None:
         """The checkpoint this fit continues from: ``--ckpt_path`` as given, else (unless
         ``--fresh``) the newest in the run folder, after checking it is this run's."""
-        sub = self.config_init[self.subcommand]
-        given = sub.get("ckpt_path")
         root = Path(self.trainer.default_root_dir)
         if given not in (None, "last"):
             return given
-        if given is None and self.config[self.subcommand].get("fresh"):
+        if given is None and self._section(self.config, "fresh"):
             say(f"starting afresh in {root} (--fresh): its earlier checkpoints are overwritten as this run saves")
             return None
         ckpt = newest_checkpoint(root)
@@ -179,14 +206,35 @@ class SelfsupCLI(LightningCLI):
             if given == "last":
                 say(f"no checkpoint in {root} yet: training from the start")
             return None
-        same_run_or_stop(root, self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        saved = root / "config.yaml"
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        current = dumped[self.subcommand] if self.subcommand else dumped
+        recorded = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else None
+        same_run_or_stop(
+            root,
+            _model_and_data(recorded) if recorded is not None else None,
+            _model_and_data(current),
+            "continue it with its own config, start it again with --fresh true, or give this run "
+            "its own folder with --trainer.default_root_dir",
+            ignore=HOW_NOT_WHAT,
+        )
         say(f"resuming the run in {root} from {ckpt} (--fresh true starts again)")
         return str(ckpt)
 
     def before_fit(self) -> None:
         self._prepare_data()
-        self.config_init[self.subcommand]["ckpt_path"] = self._resume_from()
         say(describe_run(self.model, self.datamodule, self.trainer))
+
+    def fit(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``trainer.fit``, continuing the run folder's run (LightningCLI calls this method of
+        the CLI, when it has one, for the ``fit`` subcommand)."""
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=self._resume_from(ckpt_path), **kwargs)
 
     def after_fit(self) -> None:
         say(describe_results(self.trainer, time.time() - self._started))
@@ -197,37 +245,10 @@ class SelfsupCLI(LightningCLI):
     def before_test(self) -> None:
         self._prepare_data()
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(LearningRateScaling, "lr_scaling")
-        parser.add_lightning_class_args(Warmup, "warmup")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_argument("--fresh", type=bool, default=False,
-                            help="start the run again instead of continuing from the run folder's checkpoint")
-        # The class count comes from the data (a folder listing, nothing decoded) into every
-        # module that takes one, before the module is built: heads exist from __init__ on.
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
-
-#: Data settings that change how a run loads its images, not what it learns: a resumed run may differ in them.
-HOW_NOT_WHAT = {"num_workers", "decode_workers", "cache_dir", "cache_min_images", "eval_batch_size", "download"}
-
-
-def same_run_or_stop(root: Path, config_yaml: str) -> None:
-    """Stop with one line when the run folder holds a run whose model or data differ from this
-    command's: continuing it would mix two experiments."""
-    saved = root / "config.yaml"
-    if not saved.is_file():
-        return
-    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(config_yaml) or {}
-    changed = [f"{section}.{k}" for section in ("model", "data")
-               for k in sorted(set(old.get(section) or {}) | set(new.get(section) or {}))
-               if k not in HOW_NOT_WHAT and (old.get(section) or {}).get(k) != (new.get(section) or {}).get(k)]
-    if changed:
-        raise SelfsupError(
-            f"{root} holds a run with another config ({', '.join(changed[:4])} differ{'s' if len(changed) == 1 else ''}); "
-            "continue it with its own config, start it again with --fresh true, or give this run "
-            "its own folder with --trainer.default_root_dir"
-        )
+def _model_and_data(config: dict[str, Any]) -> dict[str, Any]:
+    """The sections of a run's config that say what it learns from what."""
+    return {"model": config.get("model") or {}, "data": config.get("data") or {}}
 
 
 def describe_run(model: LightningModule, dm: object, trainer: Trainer) -> str:
@@ -239,9 +260,11 @@ def describe_run(model: LightningModule, dm: object, trainer: Trainer) -> str:
     labels = f"{dm.num_classes} classes" if dm.has_labels else "unlabeled"
     batch = global_batch_size(trainer, dm.hparams.batch_size)
     devices = trainer.world_size
-    return (f"selfsup fit: {method} on {where} ({len(dm.train_set):,} train / {len(dm.eval_set):,} eval images, "
-            f"{labels}, {dm.image_size} px), {devices} device{'s' if devices > 1 else ''}, global batch {batch}, "
-            f"run folder {trainer.default_root_dir}")
+    return (
+        f"selfsup fit: {method} on {where} ({len(dm.train_set):,} train / {len(dm.eval_set):,} eval images, "
+        f"{labels}, {dm.image_size} px), {devices} device{'s' if devices > 1 else ''}, global batch {batch}, "
+        f"run folder {trainer.default_root_dir}"
+    )
 
 
 def describe_results(trainer: Trainer, seconds: float) -> str:
@@ -252,8 +275,11 @@ def describe_results(trainer: Trainer, seconds: float) -> str:
             v = float(value)
             shown.append(f"{key} {100 * v:.1f}%" if "top" in key else f"{key} {v:.4g}")
     last = newest_checkpoint(trainer.default_root_dir)
-    return (f"selfsup fit: done, epoch {trainer.current_epoch}, step {trainer.global_step}, {seconds / 60:.1f} min"
-            + (f"; {', '.join(shown)}" if shown else "") + (f"; checkpoint {last}" if last else ""))
+    return (
+        f"selfsup fit: done, epoch {trainer.current_epoch}, step {trainer.global_step}, {seconds / 60:.1f} min"
+        + (f"; {', '.join(shown)}" if shown else "")
+        + (f"; checkpoint {last}" if last else "")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -263,24 +289,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     keep_freed_memory()  # before the first large tensor (see selfsup.runtime)
     try:
         if not args or args[0] in ("-h", "--help"):
-            print(USAGE, end="")
-            return
-        if args[0] == "pipeline":
-            from selfsup.pipeline import pipeline_main
-
-            pipeline_main(args[1:])
-        elif args[0] == "export":
-            from selfsup.export import export_main
-
-            export_main(args[1:])
-        elif args[0] == "data":
-            from selfsup.data.stream import data_main
-
-            data_main(args[1:])
-        elif args[0] == "patches":
-            from selfsup.visualize import patches_main
-
-            patches_main(args[1:])
+            print(usage(), end="")
+        elif args[0] in COMMANDS:
+            COMMANDS[args[0]][0](args[1:])
         else:
             # args=None lets Lightning read sys.argv itself (it warns when given both).
             SelfsupCLI(None if argv is None else args)
@@ -291,11 +302,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as e:
         # jsonargparse wraps errors raised while instantiating classes: find ours inside.
         err = find_selfsup_error(e)
-        if err is None and isinstance(e, ValueError) and "SLURM" in str(e):
-            # Lightning's check that the Trainer matches the SLURM allocation; without it the
-            # job hangs (Lightning #19883). One line, with the fix.
-            err = SelfsupError(f"{e} Run one task per device: --ntasks-per-node equal to trainer.devices "
-                               "and --nodes equal to trainer.num_nodes (see scripts/slurm/).")
         if err is None:
             raise
         print(f"selfsup: error: {err}", file=sys.stderr)

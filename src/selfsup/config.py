@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import asdict, dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -10,8 +12,17 @@ from selfsup import SelfsupError
 S = TypeVar("S", bound="PlainData")
 
 # Lines of jsonargparse's multi-line messages that name the actual problem.
-_SPECIFIC = ("is not accepted", "not expected", "Unrecognized", "does not exist", "No such file",
-             "not a valid", "Expected a <class 'int'>", "Expected a <class 'float'>", "Expected a <class 'bool'>")
+_SPECIFIC = (
+    "is not accepted",
+    "not expected",
+    "Unrecognized",
+    "does not exist",
+    "No such file",
+    "not a valid",
+    "Expected a <class 'int'>",
+    "Expected a <class 'float'>",
+    "Expected a <class 'bool'>",
+)
 
 
 def short_message(message: str) -> str:
@@ -77,3 +88,26 @@ class PlainData:
         if isinstance(value, dict):
             return cls(**value)
         return cls(**vars(value))
+
+
+def _plain_group(hint: Any) -> type[PlainData] | None:
+    """The PlainData class in a type hint (``OptimizerSpec``, ``BackboneSpec | None``), if any."""
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and issubclass(t, PlainData):
+            return t
+    return None
+
+
+def save_plain_hyperparameters(module: Any) -> None:
+    """``module.save_hyperparameters()`` for the calling ``__init__``, with the typed argument
+    groups (backbone, optimiser, ...; :class:`selfsup.config.PlainData`) stored as complete
+    plain dicts, however they were given (a spec, a partial dict, a name, None), so that
+    checkpoints load with ``torch.load(weights_only=True)`` and configs stay YAML."""
+    module.save_hyperparameters(frame=inspect.currentframe().f_back)
+    hints = typing.get_type_hints(type(module).__init__)
+    # Both copies: the run config that loggers record is made from the initial ones.
+    for hp in (module.hparams, module._hparams_initial):
+        for key, value in hp.items():
+            group = _plain_group(hints.get(key))
+            if group is not None:
+                hp[key] = group.of(value).as_dict()

@@ -14,7 +14,6 @@ beside it (``FILE.json``) says what it is: method, data, epochs, metrics, config
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Sequence
@@ -22,11 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torchvision
+from jsonargparse import ArgumentParser
 from torch import nn
 
 from selfsup import SelfsupError
-from selfsup.methods.common import load_backbone
+from selfsup.config import ConfigErrorMixin
 from selfsup.models.backbones import BackboneSpec
+from selfsup.models.weights import load_backbone
 
 Format = Literal["torchvision", "timm", "plain"]
 FORMATS = ("torchvision", "timm", "plain")
@@ -56,14 +58,20 @@ def convert(spec: BackboneSpec, state: dict[str, torch.Tensor], fmt: Format) -> 
     if fmt == "plain":
         return dict(state), name
     arch = name.split(":", 1)[-1]
-    resnet = name in ("resnet18", "resnet50") or (name.startswith("torchvision:") and "stages.0.0.conv1.weight" in state)
+    resnet = name in ("resnet18", "resnet50") or (
+        name.startswith("torchvision:") and "stages.0.0.conv1.weight" in state
+    )
     if name == "small_cnn":
-        raise SelfsupError("the small CNN is selfsup's own: neither torchvision nor timm has it; "
-                           "export it with --format plain (selfsup.models.build_backbone loads it)")
+        raise SelfsupError(
+            "the small CNN is selfsup's own: neither torchvision nor timm has it; "
+            "export it with --format plain (selfsup.models.build_backbone loads it)"
+        )
     if resnet and spec.cifar_stem:
-        raise SelfsupError(f"this {arch} has the CIFAR stem (a 3x3 stride-1 first conv, no max-pool), which "
-                           f"{fmt}'s {arch} does not have: its weights would not fit; export with --format plain, "
-                           "or pretrain without backbone.cifar_stem for a torchvision/timm model")
+        raise SelfsupError(
+            f"this {arch} has the CIFAR stem (a 3x3 stride-1 first conv, no max-pool), which "
+            f"{fmt}'s {arch} does not have: its weights would not fit; export with --format plain, "
+            "or pretrain without backbone.cifar_stem for a torchvision/timm model"
+        )
     if spec.norm != "batch":
         raise SelfsupError(f"this backbone uses GroupNorm, {fmt}'s {arch} BatchNorm: export with --format plain")
     if resnet:
@@ -79,8 +87,6 @@ def convert(spec: BackboneSpec, state: dict[str, torch.Tensor], fmt: Format) -> 
 def target_model(fmt: Format, arch: str) -> nn.Module:
     """The library's model the export is for, at its random initialisation (nothing downloaded)."""
     if fmt == "torchvision":
-        import torchvision
-
         return torchvision.models.get_model(arch, weights=None)
     try:
         import timm
@@ -96,8 +102,10 @@ def check_loads(fmt: Format, arch: str, state: dict[str, torch.Tensor]) -> list[
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = [k for k in missing if k.startswith(("fc.", "classifier.", "head.", "heads."))]
     if unexpected or len(head) != len(missing):
-        raise SelfsupError(f"the {fmt} {arch} does not take these weights: missing {sorted(set(missing) - set(head))[:4]}, "
-                           f"unexpected {unexpected[:4]}")
+        raise SelfsupError(
+            f"the {fmt} {arch} does not take these weights: missing {sorted(set(missing) - set(head))[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
     return missing
 
 
@@ -138,22 +146,44 @@ def export_backbone(ckpt_path: str | Path, out: str | Path, fmt: Format) -> dict
     missing = check_loads(fmt, arch, state) if fmt != "plain" else []
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
-    info = {"format": fmt, "arch": arch, "backbone": spec.as_dict(), "missing_in_target": missing,
-            **describe(ckpt_path, ckpt)}
+    info = {
+        "format": fmt,
+        "arch": arch,
+        "backbone": spec.as_dict(),
+        "missing_in_target": missing,
+        **describe(ckpt_path, ckpt),
+    }
     out.with_name(out.name + ".json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
 
 
+class ExportParser(ConfigErrorMixin, ArgumentParser):
+    """``selfsup export``'s parser; errors become one-line SelfsupErrors."""
+
+
+def build_parser() -> ArgumentParser:
+    p = ExportParser(prog="selfsup export", description=__doc__.splitlines()[0], default_meta=False)
+    p.add_argument(
+        "--ckpt", type=str, required=True, help="a stage checkpoint (e.g. runs/simclr/checkpoints/last.ckpt)"
+    )
+    p.add_argument(
+        "--out", type=str, required=True, help="the file to write (a state dict); FILE.json is written beside it"
+    )
+    p.add_argument("--format", type=Format, default="torchvision", help="torchvision, timm or plain")
+    return p
+
+
 def export_main(argv: Sequence[str]) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="selfsup export", description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True, help="a stage checkpoint (e.g. runs/simclr/checkpoints/last.ckpt)")
-    ap.add_argument("--out", required=True, help="the file to write (a state dict); FILE.json is written beside it")
-    ap.add_argument("--format", default="torchvision", choices=FORMATS)
-    a = ap.parse_args(list(argv))
+    a = build_parser().parse_args(list(argv))
     info = export_backbone(a.ckpt, a.out, a.format)
-    loads = {"torchvision": f"torchvision.models.{info['arch']}()", "timm": f"timm.create_model({info['arch']!r})",
-             "plain": f"selfsup.models.build_backbone(**{info['backbone']})"}[a.format]
-    print(f"export: {a.out} ({len(torch.load(a.out, weights_only=True))} tensors) loads into {loads}"
-          + (f" with only {', '.join(info['missing_in_target'])} missing" if info["missing_in_target"] else "")
-          + f"; what it is: {a.out}.json")
+    loads = {
+        "torchvision": f"torchvision.models.{info['arch']}()",
+        "timm": f"timm.create_model({info['arch']!r})",
+        "plain": f"selfsup.models.build_backbone(**{info['backbone']})",
+    }[a.format]
+    print(
+        f"export: {a.out} ({len(torch.load(a.out, weights_only=True))} tensors) loads into {loads}"
+        + (f" with only {', '.join(info['missing_in_target'])} missing" if info["missing_in_target"] else "")
+        + f"; what it is: {a.out}.json"
+    )
     return info

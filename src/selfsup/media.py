@@ -7,13 +7,19 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torchvision.io import write_png
-from torchvision.utils import make_grid
+from torchvision.utils import draw_bounding_boxes, make_grid
 
+from selfsup.data.patches import CENTRE, NEIGHBOURS
 from selfsup.data.views import IMAGENET_MEAN, IMAGENET_STD
+from selfsup.protocols import HasClassifier
+from selfsup.tracking import WandbLogger
 
 
-def denormalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+def denormalize(
+    x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
     """Normalised float (B, 3, H, W) -> uint8 for display."""
     m = x.new_tensor(mean).view(1, -1, 1, 1)
     s = x.new_tensor(std).view(1, -1, 1, 1)
@@ -55,8 +61,6 @@ def log_image(trainer, log_dir: str | None, key: str, image: torch.Tensor, capti
     """Log a uint8 (3, H, W) image to every W&B logger of ``trainer`` and save it as PNG in
     ``log_dir``; returns the PNG's path. Call on rank zero only; read ``trainer.log_dir`` on
     every rank beforehand (it is a collective call under DDP)."""
-    from selfsup.tracking import WandbLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[image.permute(1, 2, 0).numpy()], caption=[caption])
@@ -73,8 +77,9 @@ LABEL_COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4"
 CENTRE_COLOR = "#ffffff"
 
 
-def patch_grid_figure(images: torch.Tensor, corners: torch.Tensor, patch: int, patches: torch.Tensor,
-                      scale: int = 4) -> torch.Tensor:
+def patch_grid_figure(
+    images: torch.Tensor, corners: torch.Tensor, patch: int, patches: torch.Tensor, scale: int = 4
+) -> torch.Tensor:
     """For each image: the image with its 3x3 grid of patches outlined (centre white,
     neighbours coloured and labelled 0..7 in the fixed label order), and below it the 9
     patches as the network receives them (after preprocessing, rescaled for display).
@@ -85,18 +90,14 @@ def patch_grid_figure(images: torch.Tensor, corners: torch.Tensor, patch: int, p
     Returns:
         uint8 (3, H', W') figure.
     """
-    from torchvision.utils import draw_bounding_boxes
-
-    from selfsup.data.patches import NEIGHBOURS
-
     b, _, h, w = images.shape
     columns = []
     for i in range(b):
         big = images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
         c = corners[i].float() * scale
         boxes = torch.stack([c[:, 1], c[:, 0], c[:, 1] + patch * scale - 1, c[:, 0] + patch * scale - 1], dim=1)
-        labels = ["C" if k == 4 else str(NEIGHBOURS.index(k)) for k in range(9)]
-        colors = [CENTRE_COLOR if k == 4 else LABEL_COLORS[NEIGHBOURS.index(k)] for k in range(9)]
+        labels = ["C" if k == CENTRE else str(NEIGHBOURS.index(k)) for k in range(9)]
+        colors = [CENTRE_COLOR if k == CENTRE else LABEL_COLORS[NEIGHBOURS.index(k)] for k in range(9)]
         drawn = draw_bounding_boxes(big, boxes, labels=labels, colors=colors, width=2)
         # The patches as the network sees them, each min-max scaled, in their grid positions.
         p = patches[i].float()
@@ -135,8 +136,6 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], cell: int = 28) -
     cells shaded by the share of the row (white 0 to dark blue 1), the per-class accuracy (the
     diagonal's share) written at the end of each row. ``matrix``: (C, C) counts. Returns uint8
     (3, H, W)."""
-    from PIL import Image, ImageDraw
-
     counts = matrix.double().cpu()
     share = counts / counts.sum(1, keepdim=True).clamp_min(1)
     c = len(counts)
@@ -152,15 +151,20 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], cell: int = 28) -
         for j in range(c):
             v = float(share[i, j])
             shade = (int(255 * (1 - 0.85 * v)), int(255 * (1 - 0.6 * v)), 255)  # white to blue
-            draw.rectangle([left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1], fill=shade, outline=(220, 220, 220))
+            draw.rectangle(
+                [left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1], fill=shade, outline=(220, 220, 220)
+            )
             if counts[i, j] > 0:
-                draw.text((left + j * cell + 3, y + cell // 3), f"{int(counts[i, j])}",
-                          fill="white" if v > 0.5 else "black")
+                draw.text(
+                    (left + j * cell + 3, y + cell // 3), f"{int(counts[i, j])}", fill="white" if v > 0.5 else "black"
+                )
         draw.text((left + c * cell + 6, y + cell // 3), f"{100 * float(share[i, i]):.0f}%", fill="black")
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
-def neighbours_grid(queries: torch.Tensor, neighbours: torch.Tensor, correct: torch.Tensor, scale: int = 2) -> torch.Tensor:
+def neighbours_grid(
+    queries: torch.Tensor, neighbours: torch.Tensor, correct: torch.Tensor, scale: int = 2
+) -> torch.Tensor:
     """One row per query: the query image, then its nearest training images, most similar first,
     each framed green when its class is the query's, red when not.
 
@@ -171,8 +175,9 @@ def neighbours_grid(queries: torch.Tensor, neighbours: torch.Tensor, correct: to
     """
     q, k = correct.shape
     framed = neighbours.clone()
-    colour = torch.where(correct[..., None], torch.tensor([0, 170, 0], dtype=torch.uint8),
-                         torch.tensor([200, 0, 0], dtype=torch.uint8))[..., None, None]  # (Q, K, 3, 1, 1)
+    colour = torch.where(
+        correct[..., None], torch.tensor([0, 170, 0], dtype=torch.uint8), torch.tensor([200, 0, 0], dtype=torch.uint8)
+    )[..., None, None]  # (Q, K, 3, 1, 1)
     for edge in (framed[..., :2, :], framed[..., -2:, :]):
         edge[:] = colour
     for edge in (framed[..., :, :2], framed[..., :, -2:]):
@@ -189,9 +194,9 @@ class ConfusionFigure(L.Callback):
     transfer module returns it from ``configure_callbacks``."""
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        classifier = getattr(pl_module, "classifier", None)
-        if classifier is None:
+        if not isinstance(pl_module, HasClassifier) or pl_module.classifier is None:
             return
+        classifier = pl_module.classifier
         fitting = trainer.state.fn == "fit"
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if trainer.sanity_checking or (fitting and not last):
@@ -202,17 +207,22 @@ class ConfusionFigure(L.Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
         if trainer.is_global_zero:
             classes = list(getattr(trainer.datamodule, "classes", []) or [])
-            log_image(trainer, log_dir, "val/confusion", confusion_figure(matrix, classes),
-                      "rows: true class, columns: predicted; right: per-class accuracy")
+            log_image(
+                trainer,
+                log_dir,
+                "val/confusion",
+                confusion_figure(matrix, classes),
+                "rows: true class, columns: predicted; right: per-class accuracy",
+            )
 
 
-def search_figure(table: list[dict[str, float]], chosen: tuple[float, float], cell: tuple[int, int] = (64, 26)) -> torch.Tensor:
+def search_figure(
+    table: list[dict[str, float]], chosen: tuple[float, float], cell: tuple[int, int] = (64, 26)
+) -> torch.Tensor:
     """A linear probe's search as a table: one column per rate, one row per weight decay, each
     cell the held-out top-1 of that setting shaded from the worst (white) to the best (dark
     green), the chosen one framed in black. ``table``: ``{"lr", "weight_decay",
     "holdout_top1"}`` rows. Returns uint8 (3, H, W)."""
-    from PIL import Image, ImageDraw
-
     lrs = sorted({r["lr"] for r in table})
     wds = sorted({r["weight_decay"] for r in table})
     acc = {(r["lr"], r["weight_decay"]): r["holdout_top1"] for r in table}
@@ -234,7 +244,11 @@ def search_figure(table: list[dict[str, float]], chosen: tuple[float, float], ce
             v = (acc[lr, wd] - lo) / (hi - lo) if hi > lo else 1.0
             shade = (int(255 * (1 - 0.8 * v)), int(255 * (1 - 0.45 * v)), int(255 * (1 - 0.8 * v)))
             framed = (lr, wd) == tuple(chosen)
-            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=shade, outline="black" if framed else (220, 220, 220),
-                           width=3 if framed else 1)
+            draw.rectangle(
+                [x, y, x + w - 1, y + h - 1],
+                fill=shade,
+                outline="black" if framed else (220, 220, 220),
+                width=3 if framed else 1,
+            )
             draw.text((x + 6, y + h // 3), f"{100 * acc[lr, wd]:.1f}", fill="white" if v > 0.6 else "black")
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()

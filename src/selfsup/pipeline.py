@@ -39,26 +39,25 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger
 
 from selfsup import SelfsupError
-from selfsup.callbacks import LearningRateScaling, Warmup
-from selfsup.callbacks.run import (
-    CollapseWatch,
-    LossGuard,
-    RandomState,
-    RunCheckpoint,
-    newest_checkpoint,
-)
+from selfsup.callbacks import LearningRateScaling, RunCheckpoint, Warmup
 from selfsup.config import ConfigErrorMixin
-from selfsup.data import ImageDataModule
-from selfsup.data.datamodule import BAD_FILES_NAME, say
-from selfsup.methods import FineTune
+from selfsup.console import say
+from selfsup.data.datamodule import ImageDataModule
+from selfsup.data.report import BAD_FILES_NAME
+from selfsup.evaluation import FineTune
 from selfsup.models.backbones import BackboneSpec
-from selfsup.tracking import WandbLogger, finish_wandb, wandb_run_id
+from selfsup.protocols import ChecksData, ProbeInputNorm
+from selfsup.run import newest_checkpoint, run_callbacks, run_loggers, same_run_or_stop
+from selfsup.tracking import finish_wandb
 
-DISPLAY_NAMES = {"random": "random init (baseline)", "relative_location": "relative location", "simclr": "SimCLR",
-                 "moco": "MoCo"}
+DISPLAY_NAMES = {
+    "random": "random init (baseline)",
+    "relative_location": "relative location",
+    "simclr": "SimCLR",
+    "moco": "MoCo",
+}
 
 
 @dataclass
@@ -108,19 +107,39 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--wandb.enabled", type=bool, default=True)
     p.add_argument("--wandb.project", type=str, default="selfsup")
     p.add_argument("--wandb.offline", type=bool | None, default=None, help="None: offline unless an account is set")
-    p.add_argument("--stages", type=dict[str, Stage], default={},
-                   help="pretraining stages in order, by name, e.g. --stages.simclr.max_epochs 5")
-    p.add_argument("--evaluations", type=dict[str, Stage], default={},
-                   help="evaluation stages run on every backbone, by name (linear: the linear probe), "
-                        "e.g. --evaluations.linear.max_epochs 30")
-    p.add_argument("--in_domain", type=bool, default=True,
-                   help="with data.eval_root and a labelled data.root, evaluate on data.root's own labels too "
-                        "(in-domain figures beside the transfer ones)")
-    p.add_argument("--baseline", type=str | None, default="random",
-                   help="the entry of the untrained backbone's evaluations; null: none")
+    p.add_argument(
+        "--stages",
+        type=dict[str, Stage],
+        default={},
+        help="pretraining stages in order, by name, e.g. --stages.simclr.max_epochs 5",
+    )
+    p.add_argument(
+        "--evaluations",
+        type=dict[str, Stage],
+        default={},
+        help="evaluation stages run on every backbone, by name (linear: the linear probe), "
+        "e.g. --evaluations.linear.max_epochs 30",
+    )
+    p.add_argument(
+        "--in_domain",
+        type=bool,
+        default=True,
+        help="with data.eval_root and a labelled data.root, evaluate on data.root's own labels too "
+        "(in-domain figures beside the transfer ones)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=str | None,
+        default="random",
+        help="the entry of the untrained backbone's evaluations; null: none",
+    )
     p.add_class_arguments(RunCheckpoint, "checkpoint")
-    p.add_argument("--fresh", type=bool, default=False,
-                   help="run every stage again instead of keeping finished ones and resuming the interrupted one")
+    p.add_argument(
+        "--fresh",
+        type=bool,
+        default=False,
+        help="run every stage again instead of keeping finished ones and resuming the interrupted one",
+    )
     return p
 
 
@@ -146,15 +165,18 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stage_model(name: str, stage: Namespace, shared: dict[str, Any], near: list[Path],
-                num_classes: int | None = None) -> tuple[LightningModule, dict]:
+def stage_model(
+    name: str, stage: Namespace, shared: dict[str, Any], near: list[Path], num_classes: int | None = None
+) -> tuple[LightningModule, dict]:
     """Build a stage's module from its fit config, the shared sections and the stage's
     overrides (in that order); return it and the warmup arguments. The module is type-checked
     by the same parser machinery as ``selfsup fit``, and ``num_classes`` is linked into it as
     ``selfsup fit`` links the DataModule's (where the module takes one)."""
     if stage.config is None:
-        raise SelfsupError(f"stage {name} names no config: give stages.{name}.config, a selfsup fit config "
-                           "such as configs/simclr/cifar10.yaml")
+        raise SelfsupError(
+            f"stage {name} names no config: give stages.{name}.config, a selfsup fit config "
+            "such as configs/simclr/cifar10.yaml"
+        )
     path = _find_config(stage.config, near)
     if not path.is_file():
         raise SelfsupError(f"stage {name}: config not found: {stage.config}")
@@ -167,8 +189,9 @@ def stage_model(name: str, stage: Namespace, shared: dict[str, Any], near: list[
     parser.add_subclass_arguments(LightningModule, "model")
     parser.add_argument("--num_classes", type=int | None, default=None)
     parser.link_arguments("num_classes", "model.init_args.num_classes", apply_on="parse")
-    cfg = parser.parse_object({"model": {"class_path": model["class_path"], "init_args": init},
-                               "num_classes": num_classes})
+    cfg = parser.parse_object(
+        {"model": {"class_path": model["class_path"], "init_args": init}, "num_classes": num_classes}
+    )
     module = parser.instantiate_classes(cfg).model
     return module, merge(fit.get("warmup") or {}, stage.warmup)
 
@@ -193,52 +216,93 @@ class Pipeline:
         self.config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
         self._evaluation_data: dict[tuple[str, str], ImageDataModule] = {}
 
-    def trainer(self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None,
-                checkpoint: bool = False) -> L.Trainer:
+    def trainer(
+        self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None, checkpoint: bool = False
+    ) -> L.Trainer:
         cfg = self.cfg
         folder = self.out / stage
-        loggers: list[Logger] = [CSVLogger(str(self.out), name=stage, version="")]
-        if cfg.wandb.enabled:  # one W&B run per stage, continued when the stage resumes
-            loggers.append(WandbLogger(project=cfg.wandb.project, name=f"{cfg.name}-{stage}", group=cfg.name,
-                                       save_dir=str(self.out), offline=cfg.wandb.offline, job_type=stage,
-                                       id=wandb_run_id(folder), resume="allow"))
+        loggers = run_loggers(
+            folder,
+            wandb=cfg.wandb.enabled,
+            name=f"{cfg.name}-{stage}",
+            project=cfg.wandb.project,
+            wandb_dir=self.out,
+            group=cfg.name,
+            job_type=stage,
+            offline=cfg.wandb.offline,
+        )
         for lg in loggers:
             lg.log_hyperparams({"pipeline": self.config, "stage": stage})
-        callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10), LearningRateScaling(**_to_dict(cfg.lr_scaling)),
-                                       Warmup(**warmup), LossGuard(), CollapseWatch()]
-        if checkpoint:  # pretraining stages: resumable (evaluations are short and start again)
-            callbacks += [RunCheckpoint(**_to_dict(cfg.checkpoint)), RandomState()]
-        kwargs = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 10, "enable_model_summary": False,
-                  **cfg.trainer}
+        # Pretraining stages are resumable (evaluations are short and start again).
+        run = run_callbacks(
+            LearningRateScaling(**_to_dict(cfg.lr_scaling)),
+            Warmup(**warmup),
+            RunCheckpoint(**_to_dict(cfg.checkpoint)) if checkpoint else None,
+        )
+        callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10), *run]
+        kwargs = {
+            "accelerator": "auto",
+            "devices": 1,
+            "log_every_n_steps": 10,
+            "enable_model_summary": False,
+            **cfg.trainer,
+        }
         try:
-            return L.Trainer(max_epochs=max_epochs, max_time={"seconds": max_time} if max_time else None,
-                             logger=loggers, callbacks=callbacks, enable_checkpointing=checkpoint,
-                             default_root_dir=str(folder), **kwargs)
+            return L.Trainer(
+                max_epochs=max_epochs,
+                max_time={"seconds": max_time} if max_time else None,
+                logger=loggers,
+                callbacks=callbacks,
+                enable_checkpointing=checkpoint,
+                default_root_dir=str(folder),
+                **kwargs,
+            )
         except TypeError as e:
             raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
 
-    def build(self, name: str, stage: Namespace, num_classes: int | None,
-              extra: dict[str, Any] | None = None) -> tuple[LightningModule, dict]:
+    def build(
+        self, name: str, stage: Namespace, num_classes: int | None, extra: dict[str, Any] | None = None
+    ) -> tuple[LightningModule, dict]:
         """A stage's module (seeded, so each stage starts from the same initialisation stream)."""
         L.seed_everything(self.cfg.seed, verbose=False)
         return stage_model(name, stage, merge(self.shared, extra or {}), self.config_dirs, num_classes)
 
-    def run_stage(self, name: str, stage: Namespace, model: LightningModule, warmup: dict,
-                  dm: ImageDataModule, checkpoint: bool = False) -> dict[str, float]:
+    def run_stage(
+        self,
+        name: str,
+        stage: Namespace,
+        model: LightningModule,
+        warmup: dict,
+        dm: ImageDataModule,
+        checkpoint: bool = False,
+    ) -> dict[str, float]:
         """Train one stage on ``dm`` and validate it; its figures, e.g. ``val/top1``.
 
         Re-run with the same ``--out``, a stage that finished returns its kept figures
         (``OUT/<stage>/result.json``) and an interrupted pretraining stage continues from its
         newest checkpoint; ``--fresh true`` runs everything again."""
         folder = self.out / name
-        setup = json.dumps({"model": type(model).__name__, "hparams": dict(model.hparams), "warmup": warmup,
-                            "max_epochs": stage.max_epochs, "max_time": stage.max_time}, sort_keys=True, default=str)
+        setup = json.dumps(
+            {
+                "model": type(model).__name__,
+                "hparams": dict(model.hparams),
+                "warmup": warmup,
+                "max_epochs": stage.max_epochs,
+                "max_time": stage.max_time,
+            },
+            sort_keys=True,
+            default=str,
+        )
         done, recorded = folder / "result.json", folder / "stage.json"
         ckpt = None
         if not self.cfg.fresh and recorded.is_file():
-            if recorded.read_text() != setup:
-                raise SelfsupError(f"{folder} holds stage {name} run with another config; give the pipeline its "
-                                   "own --out, or --fresh true to run every stage again")
+            same_run_or_stop(
+                folder,
+                json.loads(recorded.read_text()),
+                json.loads(setup),
+                f"stage {name} cannot continue it: give the pipeline its own --out, or --fresh true "
+                "to run every stage again",
+            )
             if done.is_file():
                 say(f"pipeline: {name} finished earlier; its figures are kept ({done})")
                 return json.loads(done.read_text())
@@ -256,8 +320,14 @@ class Pipeline:
         done.write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 
-    def evaluate(self, targets: list[tuple[str, ImageDataModule]], entry: str, checkpoint: Path | None,
-                 input_norm: str, depths: list[int]) -> dict[str, float | None]:
+    def evaluate(
+        self,
+        targets: list[tuple[str, ImageDataModule]],
+        entry: str,
+        checkpoint: Path | None,
+        input_norm: str,
+        depths: list[int],
+    ) -> dict[str, float | None]:
         """Every evaluation stage on one backbone (``checkpoint``; None: untrained) at each depth,
         on each labelled dataset of ``targets`` (``(suffix, data)``; :meth:`targets`):
         ``{evaluation}_top1``, ``{evaluation}_top5`` (None with 5 classes or fewer),
@@ -274,8 +344,11 @@ class Pipeline:
                 for depth in [-1, *depths]:
                     if depth != -1 and not takes_depth:  # fine-tuning trains the whole backbone: no depths
                         continue
-                    features = {"checkpoint": str(checkpoint) if checkpoint else None, "input_norm": input_norm,
-                                "stage": depth}
+                    features = {
+                        "checkpoint": str(checkpoint) if checkpoint else None,
+                        "input_norm": input_norm,
+                        "stage": depth,
+                    }
                     model, warmup = self.build(ev_name, ev, data.num_classes, {"features": features})
                     takes_depth = not isinstance(model, FineTune)
                     index = depth % model.backbone.num_stages
@@ -308,11 +381,15 @@ class Pipeline:
         if (name, suffix) not in self._evaluation_data:
             unknown = set(ev.data) - {"label_fraction", "batch_size"}
             if unknown:
-                raise SelfsupError(f"evaluations.{name}.data takes label_fraction and batch_size, not {', '.join(sorted(unknown))}")
+                raise SelfsupError(
+                    f"evaluations.{name}.data takes label_fraction and batch_size, not {', '.join(sorted(unknown))}"
+                )
             dm = labelled.derived(**ev.data)
             if dm.hparams.drop_last and len(dm.train_set) < dm.hparams.batch_size:
-                raise SelfsupError(f"evaluations.{name} trains on {len(dm.train_set)} images, fewer than a batch of "
-                                   f"{dm.hparams.batch_size}: set evaluations.{name}.data.batch_size")
+                raise SelfsupError(
+                    f"evaluations.{name} trains on {len(dm.train_set)} images, fewer than a batch of "
+                    f"{dm.hparams.batch_size}: set evaluations.{name}.data.batch_size"
+                )
             self._evaluation_data[name, suffix] = dm
         return self._evaluation_data[name, suffix]
 
@@ -334,18 +411,24 @@ class Pipeline:
         # Every stage's config parses and fits its data before anything trains.
         checks = [(name, cfg.stages[name], dm) for name in stages]
         targets = self.targets(dm)
-        checks += [(name, ev, self.evaluation_data(data, name, ev, suffix)) for suffix, data in targets
-                   for name, ev in cfg.evaluations.items() if ev.enabled]
+        checks += [
+            (name, ev, self.evaluation_data(data, name, ev, suffix))
+            for suffix, data in targets
+            for name, ev in cfg.evaluations.items()
+            if ev.enabled
+        ]
         for name, stage, data in checks:
             model, _ = stage_model(name, stage, self.shared, self.config_dirs, data.num_classes)
-            if hasattr(model, "check_data"):
+            if isinstance(model, ChecksData):
                 model.check_data(data)
         results: dict[str, dict[str, Any]] = {}
 
         if cfg.baseline:
             t0 = time.time()
-            results[cfg.baseline] = {**self.evaluate(targets, cfg.baseline, None, "channel", []),
-                                     "seconds": time.time() - t0}
+            results[cfg.baseline] = {
+                **self.evaluate(targets, cfg.baseline, None, "channel", []),
+                "seconds": time.time() - t0,
+            }
 
         for name in stages:
             t0 = time.time()
@@ -354,7 +437,7 @@ class Pipeline:
             extra = {"pretext_top1": metrics["val/pretext_top1"]} if "val/pretext_top1" in metrics else {}
             # Evaluate with the inputs the backbone was trained on (per-patch standardised for
             # relative location), and at earlier depths too: pretext tasks over-specialise the last one.
-            norm = getattr(model, "probe_input_norm", "channel")
+            norm = model.probe_input_norm if isinstance(model, ProbeInputNorm) else "channel"
             ckpt = self.out / name / "checkpoints" / "last.ckpt"
             evaluated = self.evaluate(targets, name, ckpt, norm, list(cfg.stages[name].probe_stages))
             results[name] = {**extra, **evaluated, "seconds": time.time() - t0}
@@ -372,11 +455,17 @@ class Pipeline:
             "train_images": len(labelled.train_set),
             "eval_images": len(labelled.eval_set),
             # Training images of each evaluation (fewer where it trains on a share of the labels).
-            "evaluation_train_images": {name: len(self.evaluation_data(labelled, name, ev).train_set)
-                                        for name, ev in cfg.evaluations.items() if ev.enabled},
+            "evaluation_train_images": {
+                name: len(self.evaluation_data(labelled, name, ev).train_set)
+                for name, ev in cfg.evaluations.items()
+                if ev.enabled
+            },
             # With in-domain figures: the pretraining data's own split they come from.
-            "in_domain": ({"train_images": len(dm.train_set), "eval_images": len(dm.eval_set),
-                           "num_classes": dm.num_classes} if len(targets) > 1 else None),
+            "in_domain": (
+                {"train_images": len(dm.train_set), "eval_images": len(dm.eval_set), "num_classes": dm.num_classes}
+                if len(targets) > 1
+                else None
+            ),
             "images": {**dm.image_counts, "skipped_list": BAD_FILES_NAME if dm.image_counts["skipped"] else None},
             "backbone": cfg.backbone.name,
             "results": results,
@@ -392,6 +481,7 @@ class Pipeline:
 def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Sequence[str] = ("linear",)) -> str:
     """The summary as a Markdown table, one row per backbone and two columns per evaluation;
     accuracies in percent."""
+
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -402,23 +492,48 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
     # The prefixes of each evaluation's figures: linear_..., and linear_indomain_... beside them.
     keyed = [*evaluations, *([f"{e}_indomain" for e in evaluations] if in_domain else [])]
     if in_domain:  # in-domain beside transfer: one more column per evaluation
-        columns = [c for e in evaluations for c in ((f"{e}_indomain_top1", f"{e} top-1 in-domain"),
-                                                     (f"{e}_top1", f"{e} top-1 transfer"),
-                                                     (f"{e}_top5", f"{e} top-5 transfer"))]
+        columns = [
+            c
+            for e in evaluations
+            for c in (
+                (f"{e}_indomain_top1", f"{e} top-1 in-domain"),
+                (f"{e}_top1", f"{e} top-1 transfer"),
+                (f"{e}_top5", f"{e} top-5 transfer"),
+            )
+        ]
     else:
         columns = [(f"{e}_{k}", f"{e} {k[:3]}-{k[3:]}") for e in evaluations for k in ("top1", "top5")]
     lines = [
         f"# selfsup pipeline: {s['data_root']}",
         "",
-        *([f"Pretrained on {s['pretrain_images']} images of {s['data_root']} ({'labelled' if s['labels'] == 'folders' else 'unlabeled'}); "
-           f"evaluated on {s['eval_root']}.", ""] if separate else []),
-        *([f"In-domain: trained and measured on the pretraining images' own labels ({in_domain['train_images']} "
-           f"train / {in_domain['eval_images']} held-apart images, {in_domain['num_classes']} classes); transfer: "
-           "on the evaluation data below.", ""] if in_domain else []),
+        *(
+            [
+                f"Pretrained on {s['pretrain_images']} images of {s['data_root']} "
+                f"({'labelled' if s['labels'] == 'folders' else 'unlabeled'}); "
+                f"evaluated on {s['eval_root']}.",
+                "",
+            ]
+            if separate
+            else []
+        ),
+        *(
+            [
+                f"In-domain: trained and measured on the pretraining images' own labels ({in_domain['train_images']} "
+                f"train / {in_domain['eval_images']} held-apart images, {in_domain['num_classes']} classes); transfer: "
+                "on the evaluation data below.",
+                "",
+            ]
+            if in_domain
+            else []
+        ),
         f"{s['train_images']} train / {s['eval_images']} eval images{f' ({eval_split})' if eval_split else ''}, "
         f"{s['image_size']} px, {s['num_classes']} classes, backbone {s['backbone']}; "
         f"accuracies on the eval split; {s['wall_seconds']:.0f} s in all."
-        + (f" {counts['skipped']} unreadable files skipped ({counts['skipped_list']})." if counts.get("skipped") else ""),
+        + (
+            f" {counts['skipped']} unreadable files skipped ({counts['skipped_list']})."
+            if counts.get("skipped")
+            else ""
+        ),
         "",
         "| backbone from | pretext top-1 | " + " | ".join(title for _, title in columns) + " | seconds |",
         "|---|---:|" + "---:|" * len(columns) + "---:|",
@@ -428,11 +543,16 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
         cells = " | ".join(pct(r.get(k)) for k, _ in columns)
         lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {cells} | {r['seconds']:.0f} |")
         for e in keyed:
-            by_stage = [f"stage {k.removeprefix(f'{e}_top1_stage')} {pct(v)}" for k, v in r.items()
-                        if k.startswith(f"{e}_top1_stage")]
+            by_stage = [
+                f"stage {k.removeprefix(f'{e}_top1_stage')} {pct(v)}"
+                for k, v in r.items()
+                if k.startswith(f"{e}_top1_stage")
+            ]
             if by_stage:
                 what = e.replace("_indomain", " in-domain")
-                notes.append(f"{names.get(key, key)}, {what} top-1 from earlier backbone stages: {', '.join(by_stage)}.")
+                notes.append(
+                    f"{names.get(key, key)}, {what} top-1 from earlier backbone stages: {', '.join(by_stage)}."
+                )
     for e in keyed:
         rates = [f"{names.get(key, key)} {r[f'{e}_lr']:g}" for key, r in s["results"].items() if r.get(f"{e}_lr")]
         if rates:

@@ -9,9 +9,13 @@ import warnings
 
 #: Lightning's info lines that advertise products, name hardware this machine lacks, or report
 #: what selfsup does on purpose.
-_DROPPED_INFO = ("💡 Tip", "TPU available", "HPU available",
-                 # a module's own callbacks (figures, online evaluation) attached again for validate
-                 "will override existing callbacks passed to Trainer")
+_DROPPED_INFO = (
+    "💡 Tip",
+    "TPU available",
+    "HPU available",
+    # a module's own callbacks (figures, online evaluation) attached again for validate
+    "will override existing callbacks passed to Trainer",
+)
 
 #: Warnings (regular expressions) that a selfsup run triggers by design or that concern
 #: libraries' internals, not the user's config.
@@ -35,8 +39,11 @@ def quiet_lightning() -> None:
     """Install the filters (idempotent); W&B keeps its per-run banners and metric summaries to
     itself unless ``WANDB_SILENT`` says otherwise (the files are in the run folder)."""
     os.environ.setdefault("WANDB_SILENT", "true")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropInfo) for f in logger.filters):
             logger.addFilter(_DropInfo())

@@ -30,8 +30,9 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks of up to 32 MB for reuse (see the module's docstring).
 
     Once per process, inherited by forked DataLoader workers (each may then keep up to 256 MB
-    of freed memory); ``SELFSUP_MALLOC=system`` leaves the allocator as it is. Returns whether the settings were applied (False off Linux/glibc,
-    with another allocator preloaded, or when switched off)."""
+    of freed memory); ``SELFSUP_MALLOC=system`` leaves the allocator as it is. Returns whether the
+    settings were applied (False off Linux/glibc, with another allocator preloaded, or when
+    switched off)."""
     global _done
     if _done is not None:
         return _done

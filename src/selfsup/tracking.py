@@ -57,8 +57,13 @@ class WandbLogger(_LightningWandbLogger):
         save_dir = os.path.abspath(save_dir)
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(
-            project=project, name=name, save_dir=save_dir, group=group, tags=tags,
-            offline=resolve_offline(offline), **kwargs,
+            project=project,
+            name=name,
+            save_dir=save_dir,
+            group=group,
+            tags=tags,
+            offline=resolve_offline(offline),
+            **kwargs,
         )
         # Lightning always passes the setting, which W&B 0.2x+ deprecates with a warning per run.
         if self._wandb_init.get("anonymous") is None:

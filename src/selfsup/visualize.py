@@ -14,7 +14,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torchvision.io import write_png
 
 from selfsup.config import ConfigErrorMixin
-from selfsup.data import ImageDataModule
+from selfsup.data.datamodule import ImageDataModule
 from selfsup.media import draw_patches, spread
 from selfsup.methods import RelativeLocation
 
@@ -48,6 +48,8 @@ def patches_main(argv: Sequence[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(figure, str(out))
     spec = model.grid_spec(dm.image_size)
-    print(f"wrote {out}: {cfg.count} images, {dm.image_size} px, patch {spec.patch}, gap {spec.gap}"
-          f"{f'..{spec.gap_max}' if spec.gap_max is not None else ''}, jitter {spec.jitter}")
+    print(
+        f"wrote {out}: {cfg.count} images, {dm.image_size} px, patch {spec.patch}, gap {spec.gap}"
+        f"{f'..{spec.gap_max}' if spec.gap_max is not None else ''}, jitter {spec.jitter}"
+    )
     return out

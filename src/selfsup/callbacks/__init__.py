@@ -1,5 +1,8 @@
-"""Lightning callbacks: learning-rate scaling by the global batch, warmup then decay."""
+"""Lightning callbacks: the rate scaled by the global batch and warmed up per step, checkpoints
+and the random stream for exact resume, guards that stop or warn in words."""
 
+from selfsup.callbacks.checkpoint import RandomState, RunCheckpoint, newest_checkpoint
+from selfsup.callbacks.guards import CollapseWatch, LossGuard, NonFiniteLoss
 from selfsup.callbacks.lr import (
     LearningRateScaling,
     Warmup,
@@ -7,4 +10,15 @@ from selfsup.callbacks.lr import (
     per_device_batch_size,
 )
 
-__all__ = ["LearningRateScaling", "Warmup", "global_batch_size", "per_device_batch_size"]
+__all__ = [
+    "CollapseWatch",
+    "LearningRateScaling",
+    "LossGuard",
+    "NonFiniteLoss",
+    "RandomState",
+    "RunCheckpoint",
+    "Warmup",
+    "global_batch_size",
+    "newest_checkpoint",
+    "per_device_batch_size",
+]

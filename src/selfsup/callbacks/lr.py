@@ -31,8 +31,10 @@ def per_device_batch_size(trainer: L.Trainer) -> int:
         dm = trainer.datamodule
         bs = getattr(dm, "batch_size", None) or getattr(dm, "hparams", {}).get("batch_size")
     if not bs:
-        raise SelfsupError("cannot read the per-device batch size from the training DataLoader; "
-                           "give it a batch_size (or a batch_sampler with one)")
+        raise SelfsupError(
+            "cannot read the per-device batch size from the training DataLoader; "
+            "give it a batch_size (or a batch_sampler with one)"
+        )
     return int(bs)
 
 
@@ -74,8 +76,10 @@ class LearningRateScaling(L.Callback):
 
     def describe(self, base_lr: float, global_batch: int, lr: float) -> str:
         """The line printed at the start of fit (numbers in Python's repr formatting)."""
-        return (f"lr scaling: base_lr={base_lr!r} global_batch={global_batch!r} "
-                f"reference={self.reference_batch!r} rule={self.rule} -> lr={lr!r}")
+        return (
+            f"lr scaling: base_lr={base_lr!r} global_batch={global_batch!r} "
+            f"reference={self.reference_batch!r} rule={self.rule} -> lr={lr!r}"
+        )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before Lightning restores a checkpoint's optimiser state: the configured rates.
@@ -94,9 +98,16 @@ class LearningRateScaling(L.Callback):
         base, lr = self.base_lrs[0][0], self.target_lrs[0][0]
         if trainer.is_global_zero:
             print(self.describe(base, self.global_batch, lr), flush=True)
-        facts = {"rule": self.rule, "reference_batch": self.reference_batch, "batch_per_device": batch,
-                 "world_size": trainer.world_size, "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                 "global_batch": self.global_batch, "base_lr": base, "lr": lr}
+        facts = {
+            "rule": self.rule,
+            "reference_batch": self.reference_batch,
+            "batch_per_device": batch,
+            "world_size": trainer.world_size,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "global_batch": self.global_batch,
+            "base_lr": base,
+            "lr": lr,
+        }
         for logger in trainer.loggers:
             logger.log_hyperparams({"lr_scaling_effective": facts})
 
@@ -118,8 +129,13 @@ class Warmup(L.Callback):
         final_fraction: the cosine's end value as a fraction of the target.
     """
 
-    def __init__(self, warmup_epochs: float = 0.0, warmup_steps: int | None = None, decay: Decay = "cosine",
-                 final_fraction: float = 0.0) -> None:
+    def __init__(
+        self,
+        warmup_epochs: float = 0.0,
+        warmup_steps: int | None = None,
+        decay: Decay = "cosine",
+        final_fraction: float = 0.0,
+    ) -> None:
         if warmup_epochs < 0 or (warmup_steps is not None and warmup_steps < 0):
             raise SelfsupError("warmup length must not be negative")
         self.warmup_epochs = warmup_epochs
@@ -167,5 +183,4 @@ class Warmup(L.Callback):
             for group, target in zip(opt.param_groups, targets, strict=True):
                 group["lr"] = self.lr_at(step, target)
         if trainer.optimizers and trainer.optimizers[0].param_groups:
-            pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                          batch_size=1)
+            pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)

@@ -1,7 +1,9 @@
-"""Data: sources decoded to uint8 tensors, the DataModule, patch grids and batched views.
+"""Data as it flows: ``folders`` (scan, labels) -> ``splits`` -> ``cache`` (decoded once per job)
+or ``litdata`` (streamed) -> ``datamodule`` (``ImageDataModule``) -> on the device ``crops``,
+``views`` and ``patches``.
 
-``ImageDataModule`` is imported on first use, so that the plain-torch parts (and the decoding
-worker processes, which import ``selfsup.data.decode``) do not pull in Lightning.
+Every module here but ``datamodule`` is plain torch, Pillow and numpy: decoding workers and
+the views import no Lightning.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ __all__ = ["ImageDataModule"]
 
 
 def __getattr__(name: str) -> Any:
+    # `from selfsup.data import ImageDataModule` keeps working without making every plain-torch
+    # module of this package import Lightning (the one import in a function outside the extras).
     if name == "ImageDataModule":
         from selfsup.data.datamodule import ImageDataModule
 

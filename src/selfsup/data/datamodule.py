@@ -15,119 +15,47 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader
 
 from selfsup import SelfsupError
-from selfsup.data.decode import is_image_name
-from selfsup.data.resumable import ResumableLoader, ResumableSampler
-from selfsup.data.sources import (
-    TORCHVISION_CLASSES,
+from selfsup.console import say
+from selfsup.data.cache import SplitReport, decode_split, default_cache_dir
+from selfsup.data.folders import (
     FolderScan,
-    ImageSet,
     LabelChoice,
     Labels,
-    SplitReport,
-    decode_split,
-    default_cache_dir,
+    check_image_root,
     folder_splits,
-    load_sample_split,
-    load_torchvision_split,
     resolve_labels,
-    sample_classes,
     scan_folder,
 )
-from selfsup.data.stream import (
+from selfsup.data.litdata.format import join_uri, read_stream_labels, read_stream_meta
+from selfsup.data.litdata.samples import (
     CentreImage,
+    CropViews,
+    RandomSquare,
     Undecoded,
     collate_undecoded,
     decode_batch_on_device,
-    join_uri,
-    read_stream_labels,
-    read_stream_meta,
 )
+from selfsup.data.loaders import ResumableLoader, ResumableSampler, TensorImageDataset, collate
+from selfsup.data.report import BAD_FILES_NAME, write_bad_files
+from selfsup.data.sources import (
+    TORCHVISION_CLASSES,
+    load_sample_split,
+    load_torchvision_split,
+    sample_classes,
+)
+from selfsup.data.splits import ImageSet, held_out_split, label_fraction_subset, seeded_subset
+from selfsup.protocols import LazyRows, StreamsSamples
 
 Source = Literal["auto", "folder", "stream", "sample", "cifar10", "cifar100", "stl10"]
 BadFiles = Literal["skip", "stop"]
 DecodeOn = Literal["workers", "device"]
-BAD_FILES_NAME = "bad_files.txt"
-
-
-class TensorImageDataset(Dataset):
-    """Map-style dataset over an :class:`ImageSet`; ``__getitems__`` fetches a whole batch by
-    one tensor index instead of stacking B single items."""
-
-    def __init__(self, images: ImageSet) -> None:
-        self.set = images
-
-    def __len__(self) -> int:
-        return len(self.set)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.set.images[i], "label": self.set.labels[i], "index": torch.tensor(i)}
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"image": self.set.images[idx], "label": self.set.labels[idx], "index": idx}
-
-
-def collate(batch: Any) -> Any:
-    """Batches from ``__getitems__`` arrive collated already."""
-    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 def _as_list(idx: torch.Tensor | None) -> list[int] | None:
     return None if idx is None else idx.tolist()
-
-
-def label_fraction_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Sorted indices of a class-balanced, seeded share of labelled images: per class,
-    ``round(fraction x its images)`` (at least one) drawn at random with ``seed``; the same
-    indices for the same labels, fraction and seed (the semi-supervised protocol: SimCLR's 1% and
-    10% of ImageNet's labels)."""
-    if not 0 < fraction <= 1:
-        raise SelfsupError(f"label_fraction must be in (0, 1], got {fraction}")
-    g = torch.Generator().manual_seed(seed)
-    picked = []
-    for c in labels.unique(sorted=True).tolist():
-        members = (labels == c).nonzero().flatten()
-        keep = max(1, round(fraction * len(members)))
-        picked.append(members[torch.randperm(len(members), generator=g)[:keep]])
-    return torch.cat(picked).sort().values
-
-
-def seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
-    """Sorted indices of a seeded random subset of ``k`` of ``n`` items (None: keep all)."""
-    if k is None or k >= n:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)[:k].sort().values
-
-
-def check_image_root(root: str | None, what: str = "data root") -> None:
-    """Fail early, before any logger or process starts, on a missing or image-less root."""
-    if root is None:
-        raise SelfsupError("data.source=folder needs data.root")
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise SelfsupError(f"{what} not found: {path}")
-    for _, dirs, names in os.walk(path, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(map(is_image_name, names)):
-            return
-    raise SelfsupError(
-        f"no images found under {path} ({what}): expected image files (.jpg, .png, .webp or another format Pillow reads) "
-        f"directly in it or at any depth below it, e.g. {path}/<image>, {path}/<class>/<image> or {path}/train/<class>/<image>"
-    )
-
-
-def say(message: str, every_rank: bool = False) -> None:
-    """Print one line of what the data module did, on the first process only unless asked
-    (the rank is known from the launcher's environment before any process group exists)."""
-    rank = getattr(rank_zero_only, "rank", 0)
-    if rank == 0:
-        print(message, flush=True)
-    elif every_rank:
-        print(f"[rank {rank}] {message}", flush=True)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -231,13 +159,17 @@ class ImageDataModule(L.LightningDataModule):
         self._load()
         if self.hparams.eval_root is not None:
             hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # not the CLI's _instantiator
-            hp.update(root=self.hparams.eval_root, source="folder", labels="folders", eval_root=None, decode_on="workers")
+            hp.update(
+                root=self.hparams.eval_root, source="folder", labels="folders", eval_root=None, decode_on="workers"
+            )
             ev = ImageDataModule(**hp)
             ev.trainer = self.trainer
             ev._load()
             if ev.num_classes < 2:
-                raise SelfsupError(f"data.eval_root {ev.hparams.root} has {ev.num_classes} class folder; "
-                                   "evaluation needs 2 or more (EVAL/<class>/<image>)")
+                raise SelfsupError(
+                    f"data.eval_root {ev.hparams.root} has {ev.num_classes} class folder; "
+                    "evaluation needs 2 or more (EVAL/<class>/<image>)"
+                )
             self._evaluation = ev
         self._report()
 
@@ -284,25 +216,34 @@ class ImageDataModule(L.LightningDataModule):
     def _load_stream(self) -> None:
         """A dataset of ``selfsup data optimize``: its training and evaluation splits as
         :class:`~selfsup.data.streaming.LazyImages` (nothing decoded) with their labels."""
-        from selfsup.data.streaming import LazyImages
+        from selfsup.data.litdata.dataset import LazyImages  # optional extra: litdata
 
         hp = self.hparams
         meta = self._stream_meta()
         evals = [k for k in meta["splits"] if k != "train"]
         if not evals:
-            raise SelfsupError(f"{hp.root} has no evaluation split; write one with selfsup data optimize "
-                               "--val-fraction 0.1 (or give the folder a val/ or test/ split)")
+            raise SelfsupError(
+                f"{hp.root} has no evaluation split; write one with selfsup data optimize "
+                "--val-fraction 0.1 (or give the folder a val/ or test/ split)"
+            )
         classes = meta["classes"] if meta["labels"] == "folders" else []
 
         def split(name: str) -> ImageSet:
             n = meta["splits"][name]["written"]
-            labels = torch.as_tensor(read_stream_labels(hp.root, name), dtype=torch.long) if classes else torch.full((n,), -1)
+            labels = (
+                torch.as_tensor(read_stream_labels(hp.root, name), dtype=torch.long)
+                if classes
+                else torch.full((n,), -1)
+            )
             images = LazyImages(join_uri(hp.root, name), hp.image_size, workers=hp.num_workers, length=n)
             return ImageSet(images, labels, classes)
 
         self.train_set, self.eval_set, self.eval_split = split("train"), split(evals[0]), evals[0]
-        say(f"data: streaming {hp.root}: {len(self.train_set):,} train / {len(self.eval_set):,} {evals[0]} images, "
-            + (f"{len(classes)} classes" if classes else "unlabeled") + f", decoded to {hp.image_size} px as they are read")
+        say(
+            f"data: streaming {hp.root}: {len(self.train_set):,} train / {len(self.eval_set):,} {evals[0]} images, "
+            + (f"{len(classes)} classes" if classes else "unlabeled")
+            + f", decoded to {hp.image_size} px as they are read"
+        )
 
     def _folder_layout(self) -> tuple[Path, Path | None, FolderScan, LabelChoice]:
         """The training folder, the evaluation split's folder (or None), the training files and
@@ -325,48 +266,69 @@ class ImageDataModule(L.LightningDataModule):
     def _load_folder(self) -> None:
         hp = self.hparams
         train_dir, eval_dir, scan, choice = self._folder_layout()
-        kind = (f"labelled by {choice.reason}" + (" (set data.labels none if they are not classes)"
-                                                   if hp.labels == "auto" else "")
-                if choice.mode == "folders" else f"unlabeled ({choice.reason})")
+        kind = (
+            f"labelled by {choice.reason}"
+            + (" (set data.labels none if they are not classes)" if hp.labels == "auto" else "")
+            if choice.mode == "folders"
+            else f"unlabeled ({choice.reason})"
+        )
         say(f"data: {train_dir}: {len(scan.files):,} images, {kind}; data.labels={hp.labels}")
         cache = Path(hp.cache_dir) if hp.cache_dir else default_cache_dir()
         world = self._world_size()
 
         def load(sc, ch, indices, name: str) -> ImageSet:
             n = len(sc.files) if indices is None else len(indices)
-            images, report = decode_split(sc, ch, indices, hp.image_size, cache,
-                                          use_cache=n >= hp.cache_min_images or world > 1,
-                                          workers=hp.decode_workers, desc=f"decoding {name}")
+            images, report = decode_split(
+                sc,
+                ch,
+                indices,
+                hp.image_size,
+                cache,
+                use_cache=n >= hp.cache_min_images or world > 1,
+                workers=hp.decode_workers,
+                desc=f"decoding {name}",
+            )
             self.reports.append(report)
             if report.seconds is not None:  # this process decoded: say so on every rank
-                say(f"data: decoded {report.found:,} images of {name} in {report.seconds:.1f} s "
+                say(
+                    f"data: decoded {report.found:,} images of {name} in {report.seconds:.1f} s "
                     f"({report.workers} process{'es' if report.workers > 1 else ''}, "
-                    f"{report.found / max(report.seconds, 1e-9):,.0f} images/s)", every_rank=True)
+                    f"{report.found / max(report.seconds, 1e-9):,.0f} images/s)",
+                    every_rank=True,
+                )
             return images
 
         if eval_dir is not None:
             eval_scan = scan_folder(eval_dir)
             if not eval_scan.files:
                 raise SelfsupError(f"no images found under {eval_dir}")
-            eval_choice = resolve_labels(eval_scan, choice.mode, classes=choice.classes if choice.mode == "folders" else None)
-            self.train_set = load(scan, choice, _as_list(seeded_subset(len(scan.files), hp.max_train_images, hp.seed)),
-                                  str(train_dir))
-            self.eval_set = load(eval_scan, eval_choice,
-                                 _as_list(seeded_subset(len(eval_scan.files), hp.max_eval_images, hp.seed)), str(eval_dir))
+            eval_choice = resolve_labels(
+                eval_scan, choice.mode, classes=choice.classes if choice.mode == "folders" else None
+            )
+            self.train_set = load(
+                scan, choice, _as_list(seeded_subset(len(scan.files), hp.max_train_images, hp.seed)), str(train_dir)
+            )
+            self.eval_set = load(
+                eval_scan,
+                eval_choice,
+                _as_list(seeded_subset(len(eval_scan.files), hp.max_eval_images, hp.seed)),
+                str(eval_dir),
+            )
             self.eval_split = eval_dir.name
             return
         # No val/test folder: hold out a fixed, seeded share of the training files.
         n = len(scan.files)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.seed))
-        n_eval = max(1, round(hp.val_fraction * n))
-        if n - n_eval < 1:
-            raise SelfsupError(f"{train_dir} holds {n} image(s): too few to hold out {hp.val_fraction:.0%} for evaluation")
+        kept, held = held_out_split(n, hp.val_fraction, hp.seed)
+        if len(kept) < 1:
+            raise SelfsupError(
+                f"{train_dir} holds {n} image(s): too few to hold out {hp.val_fraction:.0%} for evaluation"
+            )
 
         def part(p: torch.Tensor, k: int | None) -> list[int]:
             return (p[:k] if k is not None else p).sort().values.tolist()
 
-        self.train_set = load(scan, choice, part(perm[n_eval:], hp.max_train_images), f"{train_dir} (train part)")
-        self.eval_set = load(scan, choice, part(perm[:n_eval], hp.max_eval_images), f"{train_dir} (held out)")
+        self.train_set = load(scan, choice, part(kept, hp.max_train_images), f"{train_dir} (train part)")
+        self.eval_set = load(scan, choice, part(held, hp.max_eval_images), f"{train_dir} (held out)")
         self.eval_split = f"{train_dir.name} (held out {hp.val_fraction:.0%})"
 
     def derived(self, label_fraction: float | None = None, batch_size: int | None = None) -> ImageDataModule:
@@ -410,19 +372,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def write_bad_files(self, folder: str | Path) -> Path | None:
         """Write the list of unreadable files (path, tab, reason; one a line) into ``folder``."""
-        bad = self.bad_files()
-        if not bad:
-            return None
-        path = Path(folder) / BAD_FILES_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{p}\t{why}\n" for p, why in bad))
-        return path
+        return write_bad_files(folder, self.bad_files())
 
     def _report(self) -> None:
         ev = self._evaluation
         if ev is not None:
-            say(f"data: evaluation data {ev.hparams.root}: {len(ev.train_set):,} train / {len(ev.eval_set):,} "
-                f"eval images ({ev.eval_split}), {ev.num_classes} classes")
+            say(
+                f"data: evaluation data {ev.hparams.root}: {len(ev.train_set):,} train / {len(ev.eval_set):,} "
+                f"eval images ({ev.eval_split}), {ev.num_classes} classes"
+            )
         smaller = sum(r.smaller for r in self.all_reports)
         if smaller:
             say(f"data: {smaller:,} images smaller than {self.hparams.image_size} px were upscaled to it")
@@ -439,10 +397,14 @@ class ImageDataModule(L.LightningDataModule):
             if getattr(rank_zero_only, "rank", 0) == 0 and (stop or not self.defer_bad_files):
                 self.write_bad_files(self.run_dir)
         if stop:
-            raise SelfsupError(f"{len(bad):,} of {total:,} image files cannot be decoded: {shown} ({listed}); "
-                               "fix or remove them, or set data.bad_files skip to train without them")
-        say(f"data: skipped {len(bad):,} of {total:,} image files that cannot be decoded "
-            f"(data.bad_files=skip): {shown} ({listed})")
+            raise SelfsupError(
+                f"{len(bad):,} of {total:,} image files cannot be decoded: {shown} ({listed}); "
+                "fix or remove them, or set data.bad_files skip to train without them"
+            )
+        say(
+            f"data: skipped {len(bad):,} of {total:,} image files that cannot be decoded "
+            f"(data.bad_files=skip): {shown} ({listed})"
+        )
 
     @property
     def has_labels(self) -> bool:
@@ -497,32 +459,46 @@ class ImageDataModule(L.LightningDataModule):
         bs = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
         if train and hp.drop_last and len(s) < bs:
             raise SelfsupError(f"batch_size {bs} is larger than the {len(s)} training images; lower data.batch_size")
-        common = {"batch_size": bs, "num_workers": hp.num_workers, "collate_fn": collate,
-                  "pin_memory": torch.cuda.is_available(), "persistent_workers": hp.num_workers > 0}
+        common = {
+            "batch_size": bs,
+            "num_workers": hp.num_workers,
+            "collate_fn": collate,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": hp.num_workers > 0,
+        }
         if not train:  # in order; under DDP Lightning shards it with a DistributedSampler
             return DataLoader(TensorImageDataset(s), **common)
-        if getattr(s.images, "streams_whole_split", False):
+        if isinstance(s.images, LazyRows) and s.images.streams_whole_split:
             return self._stream_loader(s, bs)
         # Every image once per epoch, this rank's disjoint share, in an order that a restart in
         # the middle of the epoch continues (Lightning keeps a DistributedSampler as it is).
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return ResumableLoader(TensorImageDataset(s), sampler=ResumableSampler(s, world, rank, seed=hp.seed),
-                               drop_last=hp.drop_last, trained_batches=self._trained_batches, **common)
+        return ResumableLoader(
+            TensorImageDataset(s),
+            sampler=ResumableSampler(s, world, rank, seed=hp.seed),
+            drop_last=hp.drop_last,
+            trained_batches=self._trained_batches,
+            **common,
+        )
 
     def _stream_loader(self, s: ImageSet, batch_size: int) -> DataLoader:
         """LitData's loader over a whole streamed split: shuffled per epoch (chunks, then images
         within them), this rank's disjoint share, each image made in the workers as the stage
         asks (its ``stream_sample(image_size)``: e.g. SimCLR's crops cut from the full image),
         the trained position saved with each checkpoint."""
-        from selfsup.data.streaming import StreamedDataset, TrainedPositionLoader
+        from selfsup.data.litdata.dataset import (  # optional extra: litdata
+            StreamedDataset,
+            TrainedPositionLoader,
+        )
 
         hp = self.hparams
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        make = getattr(module, "stream_sample", None)
-        sample = make(hp.image_size) if make is not None else CentreImage(hp.image_size)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        sample = (
+            module.stream_sample(hp.image_size) if isinstance(module, StreamsSamples) else CentreImage(hp.image_size)
+        )
         extra: dict[str, Any] = {}
-        if hp.decode_on == "device" and hasattr(sample, "boxes"):
+        if hp.decode_on == "device" and isinstance(sample, CentreImage | CropViews | RandomSquare):
             # The workers draw the boxes; on_before_batch_transfer decodes and cuts on the device.
             self._device_sample, sample = sample, Undecoded(sample)
             extra["collate_fn"] = collate_undecoded
@@ -530,9 +506,16 @@ class ImageDataModule(L.LightningDataModule):
         # rank unless it drops it.
         drop_last = hp.drop_last or self._world_size() > 1
         ds = StreamedDataset(s.images.directory, sample, shuffle=True, seed=hp.seed, drop_last=drop_last)
-        return TrainedPositionLoader(ds, batch_size=batch_size, num_workers=hp.num_workers, drop_last=drop_last,
-                                     pin_memory=torch.cuda.is_available(), trained_batches=self._trained_batches,
-                                     fit_epoch=self._fit_epoch, **extra)
+        return TrainedPositionLoader(
+            ds,
+            batch_size=batch_size,
+            num_workers=hp.num_workers,
+            drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(),
+            trained_batches=self._trained_batches,
+            fit_epoch=self._fit_epoch,
+            **extra,
+        )
 
     def _fit_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)

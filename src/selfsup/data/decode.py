@@ -34,8 +34,11 @@ _UNDECODABLE = {"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"}
 def image_extensions() -> tuple[str, ...]:
     """Lower-case file extensions (with the dot) of the formats this Pillow can decode."""
     Image.init()
-    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
-                        if fmt in Image.OPEN and fmt not in _UNDECODABLE))
+    return tuple(
+        sorted(
+            ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt not in _UNDECODABLE
+        )
+    )
 
 
 IMAGE_EXTENSIONS = image_extensions()
@@ -141,7 +144,9 @@ def _decode_chunk(items: Sequence[str | Path | bytes], image_size: int | None) -
         smaller += image_size is not None and side < image_size
     if image_size is not None:  # channels first, as the DataModule stores images
         size = (0, 3, image_size, image_size)
-        return Decoded(np.stack(arrays).transpose(0, 3, 1, 2) if arrays else np.zeros(size, np.uint8), ok, reasons, smaller)
+        return Decoded(
+            np.stack(arrays).transpose(0, 3, 1, 2) if arrays else np.zeros(size, np.uint8), ok, reasons, smaller
+        )
     return Decoded(arrays, ok, reasons, smaller)
 
 

@@ -185,7 +185,10 @@ def color_drop(patches: torch.Tensor, generator: torch.Generator | None = None, 
 
 
 def pixelate(
-    patches: torch.Tensor, p: float = 1 / 3, min_fraction: float = 0.1, buckets: int = 4,
+    patches: torch.Tensor,
+    p: float = 1 / 3,
+    min_fraction: float = 0.1,
+    buckets: int = 4,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """With probability ``p`` per patch, downsample to a random side between ``min_fraction``
@@ -208,7 +211,9 @@ def pixelate(
     return out.reshape(*lead, *patches.shape[-3:])
 
 
-def random_grayscale_images(images: torch.Tensor, p: float = 0.66, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_grayscale_images(
+    images: torch.Tensor, p: float = 0.66, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Kolesnikov et al.'s remedy: whole images to gray (mean of RGB) with probability ``p``.
     Shapes: (B, 3, H, W) -> same shape and dtype (integer images are rounded)."""
     x = images.float()

@@ -7,20 +7,16 @@ per-sample DataLoader workers.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup.config import PlainData
-
-if TYPE_CHECKING:
-    from selfsup.data.stream import CropViews
+from selfsup.data.crops import crop_boxes, crop_grid, uniform
 
 #: ImageNet channel statistics, the usual choice for natural images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,25 +27,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.2989, 0.587, 0.114)
 
 
-def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """(n,) uniform [0, 1) on the generator's device, moved to ``device``."""
-    gdev = generator.device if generator is not None else device
-    return torch.rand(n, generator=generator, device=gdev).to(device)
-
-
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) in [0, 255] -> float (B, 3, H, W) in [0, 1]; floats pass through."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-def standardisation(like: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def standardisation(
+    like: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x - mean) / std as ``x * scale + shift``: scale 1 / std and shift -mean / std, each
     (1, C, 1, 1) on ``like``'s device and dtype."""
     scale = 1 / like.new_tensor(std).view(1, -1, 1, 1)
     return scale, -like.new_tensor(mean).view(1, -1, 1, 1) * scale
 
 
-def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
     """Per-channel standardisation of (B, 3, H, W) floats in [0, 1]."""
     scale, shift = standardisation(x, mean, std)
     # A multiply and an in-place add: three times faster on the CPU than addcmul with its two
@@ -63,55 +57,6 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     # times slower on the CPU.
     r, g, b = x.unbind(1)
     return (r * _LUMA[0]).add_(g * _LUMA[1]).add_(b * _LUMA[2]).unsqueeze(1)
-
-
-def crop_boxes(
-    b: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    attempts: int = 10,
-) -> torch.Tensor:
-    """Random crop boxes drawn as torchvision's ``RandomResizedCrop.get_params`` draws them, for
-    a whole batch at once: area fraction uniform in ``scale``, log aspect ratio uniform in
-    ``log(ratio)``, up to ``attempts`` tries for a box that fits, else the largest centred box
-    with the aspect ratio clamped to ``ratio``; the position uniform over where the box fits.
-
-    Returns:
-        (b, 4) float boxes (x0, y0, w, h) in pixels (continuous, not rounded).
-    """
-    dev = torch.device(device)
-    area = height * width
-    u = _rand(b * attempts * 4, generator, dev).view(b, attempts, 4)
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
-    r = torch.exp(log_r)
-    w = torch.sqrt(target * r).round()  # torchvision rounds the sides to whole pixels
-    h = torch.sqrt(target / r).round()
-    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((b,), -1, device=dev))
-    pick = first.clamp(min=0)[:, None]
-    w, h = w.gather(1, pick)[:, 0], h.gather(1, pick)[:, 0]
-    # Position: integer offsets uniform over 0..W-w (torchvision: randint(0, W - w + 1)).
-    x0 = torch.floor(u[..., 2].gather(1, pick)[:, 0] * (width - w + 1))
-    y0 = torch.floor(u[..., 3].gather(1, pick)[:, 0] * (height - h + 1))
-    # No attempt fitted: the whole image, cut to the nearest allowed aspect ratio, centred.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        fw, fh = round(height * max(ratio)), height
-    else:
-        fw, fh = width, height
-    none = first < 0
-    w = torch.where(none, torch.full_like(w, fw), w)
-    h = torch.where(none, torch.full_like(h, fh), h)
-    x0 = torch.where(none, torch.full_like(x0, (width - fw) // 2), x0)
-    y0 = torch.where(none, torch.full_like(y0, (height - fh) // 2), y0)
-    return torch.stack([x0, y0, w, h], dim=1)
 
 
 def random_resized_crop(
@@ -130,26 +75,12 @@ def random_resized_crop(
     """
     b, _, h, w = x.shape
     boxes = crop_boxes(b, h, w, scale, ratio, generator, x.device)
-    flip = _rand(b, generator, x.device) < flip_p
+    flip = uniform(b, generator, x.device) < flip_p
     # Every sample point lies inside its box, so inside the image: "border" gives what
     # "reflection" gives there (tests/test_views.py checks it), about 10% faster.
-    return F.grid_sample(x, crop_grid(boxes, flip, h, w, size).to(x.dtype), mode="bilinear", padding_mode="border",
-                         align_corners=False)
-
-
-def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
-    """grid_sample's grid (B, S, S, 2) that resizes each box (B, 4: x0, y0, w, h in pixels) of a
-    ``height`` x ``width`` image to ``size`` x ``size``, mirrored where ``flip`` (B,) bool."""
-    x0, y0, bw, bh = boxes.unbind(1)
-    b = len(boxes)
-    sign = 1.0 - 2.0 * flip.to(boxes.dtype)
-    # The box in grid_sample's [-1, 1] coordinates (align_corners=False: pixel edges at +-1).
-    # The grid is separable (x depends on the column only, y on the row), so it is built by
-    # broadcasting instead of affine_grid's batched matrix product.
-    base = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # output pixel centres
-    gx = (bw / width * sign)[:, None] * base[None] + ((2 * x0 + bw) / width - 1)[:, None]  # (B, S)
-    gy = (bh / height)[:, None] * base[None] + ((2 * y0 + bh) / height - 1)[:, None]
-    return torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], dim=-1)
+    return F.grid_sample(
+        x, crop_grid(boxes, flip, h, w, size).to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
 
 
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -170,38 +101,14 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return torch.lerp(grayscale(x).expand_as(x), x, f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> HSV, hue as a fraction of a turn in [0, 1)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    flat = maxc == minc
-    chroma = maxc - minc
-    s = chroma / torch.where(flat, torch.ones_like(maxc), maxc)
-    d = torch.where(flat, torch.ones_like(chroma), chroma)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(flat, torch.zeros_like(h), h)
-    return torch.stack([torch.remainder(h / 6.0, 1.0), s, maxc], dim=1)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rgb_to_hsv`. Each channel from one closed form, c = v - v s clamp(min(k,
-    4 - k), 0, 1) with k = (n + 6 h) mod 6 and n = 5, 3, 1 for R, G, B: the six sectors of the
-    hue circle without building all six (which made this the slowest step of the views)."""
-    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * h, 6.0)
-    return (v - v * s * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)
-
-
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """torchvision's hue: shift the HSV hue by ``f`` (B,) of a full turn, f in [-0.5, 0.5].
 
     Computed without the HSV round trip: the value (max) and the chroma (max - min) stay, so each
     channel is ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with k = (n + 6 h') mod 6, n = 5, 3,
-    1 for R, G, B and h' the shifted hue (the closed form of :func:`hsv_to_rgb`, as v s is the
-    chroma); a gray pixel (chroma 0) stays as it is, as in torchvision. Branch-free: the largest
-    channel is picked by 0/1 float masks and the turn wrapped with ``floor``, as ``where`` and
+    1 for R, G, B and h' the shifted hue (the closed form of HSV to RGB, c = v - v s clamp(min(k,
+    4 - k), 0, 1), as v s is the chroma); a gray pixel (chroma 0) stays as it is, as in
+    torchvision. Branch-free: the largest channel is picked by 0/1 float masks and the turn wrapped with ``floor``, as ``where`` and
     ``remainder`` are several times slower than arithmetic on the CPU."""
     r, g, b = x.unbind(1)
     maxc = torch.maximum(torch.maximum(r, g), b)
@@ -243,8 +150,9 @@ def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         try:
             return state["fn"](*args)
         except BackendCompilerFailed as e:  # compiling failed; errors of the computation itself propagate
-            warnings.warn(f"torch.compile failed for {fn.__name__} ({type(e).__name__}); it runs uncompiled",
-                          stacklevel=2)
+            warnings.warn(
+                f"torch.compile failed for {fn.__name__} ({type(e).__name__}); it runs uncompiled", stacklevel=2
+            )
             state["fn"] = fn
             FELL_BACK.add(fn.__name__)
             return fn(*args)
@@ -278,10 +186,10 @@ def color_jitter(
     Shapes: (B, 3, H, W) floats in [0, 1] -> same.
     """
     b, dev = x.shape[0], x.device
-    factors = [1 - s + 2 * s * _rand(b, generator, dev) for s in (brightness, contrast, saturation)]
-    factors.append((2 * _rand(b, generator, dev) - 1) * hue)
-    order = _rand(4 * b, generator, dev).view(b, 4).argsort(dim=1)  # a uniform permutation per image
-    apply = _rand(b, generator, dev) < p
+    factors = [1 - s + 2 * s * uniform(b, generator, dev) for s in (brightness, contrast, saturation)]
+    factors.append((2 * uniform(b, generator, dev) - 1) * hue)
+    order = uniform(4 * b, generator, dev).view(b, 4).argsort(dim=1)  # a uniform permutation per image
+    apply = uniform(b, generator, dev) < p
     ops = ops or COLOUR_OPS
     active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
     # Which operation each image gets at each position, 4 for none (not jittered); one stable
@@ -304,7 +212,7 @@ def color_jitter(
 
 def _draw_gray(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
     """(B, 1, 1, 1): 1.0 for the images to turn gray (probability ``p``), else 0.0."""
-    return (_rand(x.shape[0], generator, x.device) < p).to(x.dtype).view(-1, 1, 1, 1)
+    return (uniform(x.shape[0], generator, x.device) < p).to(x.dtype).view(-1, 1, 1, 1)
 
 
 def mix_gray(x: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
@@ -329,7 +237,7 @@ def random_gaussian_blur(
     b, c, h, w = x.shape
     dev = x.device
     radius = max(1, int(0.05 * min(h, w)))
-    s = sigma[0] + (sigma[1] - sigma[0]) * _rand(b, generator, dev)
+    s = sigma[0] + (sigma[1] - sigma[0]) * uniform(b, generator, dev)
     t = torch.arange(-radius, radius + 1, device=dev, dtype=x.dtype)
     k = torch.exp(-(t[None] ** 2) / (2 * s[:, None] ** 2))
     k = k / k.sum(dim=1, keepdim=True)  # (B, 2r+1)
@@ -338,7 +246,7 @@ def random_gaussian_blur(
     y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, k[:, None, None, :], groups=b * c)
     y = F.conv2d(y, k[:, None, :, None], groups=b * c).reshape(b, c, h, w)
-    apply = (_rand(b, generator, dev) < p).view(b, 1, 1, 1)
+    apply = (uniform(b, generator, dev) < p).view(b, 1, 1, 1)
     return torch.where(apply, y, x)
 
 
@@ -390,7 +298,7 @@ class SimCLRViews(nn.Module):
     def finish(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The steps after the crop (colour jitter, grayscale, blur, normalisation), for crops
         already cut and flipped, e.g. from the full image in the loader's workers
-        (``selfsup.data.streaming.CropViews``): (B, 3, S, S) uint8 or float -> float."""
+        (``selfsup.data.litdata.samples.CropViews``): (B, 3, S, S) uint8 or float -> float."""
         x = to_float(crops)
         size = x.shape[-1]
         b, c, s, h = self.jitter
@@ -404,7 +312,9 @@ class SimCLRViews(nn.Module):
         return tail(x, gray, *standardisation(x, self.mean, self.std))
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Both views in one pass over the batch twice over: every draw is per image anyway, and
         # at training batch sizes the per-operation overhead is a fifth of the cost.
         v0, v1 = self.view(torch.cat([images, images]), generator).chunk(2)
@@ -419,13 +329,6 @@ class SimCLRViews(nn.Module):
             v0, v1 = self.finish(torch.cat([v[:, 0], v[:, 1]])).chunk(2)
             return v0, v1
         return self(batch["image"])
-
-    def stream_crops(self, image_size: int) -> CropViews:
-        """The crop step for a streamed dataset's workers: two crops of the full image at the
-        view size (``image_size`` when the views keep the input size)."""
-        from selfsup.data.stream import CropViews
-
-        return CropViews(2, self.image_size or image_size, tuple(self.scale), tuple(self.ratio))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Losses in plain torch."""
+"""Losses in plain torch, one per file."""
 
+from selfsup.losses.infonce import info_nce
 from selfsup.losses.ntxent import NTXentLoss
 
-__all__ = ["NTXentLoss"]
+__all__ = ["NTXentLoss", "info_nce"]

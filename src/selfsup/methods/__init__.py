@@ -1,9 +1,14 @@
-"""The stages, one LightningModule each."""
+"""Pretraining methods, one LightningModule each holding its whole loop; what every method
+offers the rest of selfsup is written down in ``selfsup.methods.protocols``."""
 
-from selfsup.methods.knn import KNNEvaluation
+from selfsup.evaluation import FineTune, KNNEvaluation, LinearProbe
 from selfsup.methods.moco import MoCo
 from selfsup.methods.relative_location import RelativeLocation
 from selfsup.methods.simclr import SimCLR
-from selfsup.methods.transfer import FineTune, LinearProbe
 
-__all__ = ["FineTune", "KNNEvaluation", "LinearProbe", "MoCo", "RelativeLocation", "SimCLR"]
+#: Pretraining methods by the names the pipeline and the usage text show.
+PRETRAINING = {"relative_location": RelativeLocation, "simclr": SimCLR, "moco": MoCo}
+
+# FineTune, KNNEvaluation and LinearProbe live in selfsup.evaluation; configs written before
+# 0.2 name them here (class_path: selfsup.methods.LinearProbe), so the old paths keep working.
+__all__ = ["PRETRAINING", "FineTune", "KNNEvaluation", "LinearProbe", "MoCo", "RelativeLocation", "SimCLR"]

@@ -8,15 +8,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from selfsup.callbacks.run import embedding_spread
-from selfsup.data.stream import CropViews
+from selfsup.config import save_plain_hyperparameters
+from selfsup.data.litdata.samples import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.distributed import gather_no_grad
+from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec
+from selfsup.losses.infonce import info_nce
 from selfsup.media import ViewsFigure
-from selfsup.methods.common import OptimizerSpec, save_plain_hyperparameters
-from selfsup.methods.online import OnlineEvaluation, OnlineHooks, OnlineSpec
+from selfsup.metrics import embedding_spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
+from selfsup.optim.optimizer import OptimizerSpec
 
 
 class MoCo(L.LightningModule):
@@ -93,11 +95,8 @@ class MoCo(L.LightningModule):
         self.queue_ptr.fill_(int((self.queue_ptr + keys.shape[0]) % k))
 
     def info_nce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """q, k: (B, D) normalised; the positive sits in column 0."""
-        pos = (q * k).sum(dim=1, keepdim=True)
-        neg = q @ self.queue.clone().detach().T
-        logits = torch.cat([pos, neg], dim=1) / self.hparams.temperature
-        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+        """InfoNCE of queries q against their keys k (B, D, normalised) and the queue."""
+        return info_nce(q, k, self.queue, self.hparams.temperature)
 
     def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE of queries from ``v0`` against keys from ``v1`` (and the reverse when
@@ -112,9 +111,14 @@ class MoCo(L.LightningModule):
         b = v0.shape[0]
         return self.info_nce(q, k), h[:b], k[:b]
 
+    @property
+    def probe_input_norm(self) -> str:
+        """Probes read the backbone as it saw its views: ImageNet channel statistics."""
+        return "channel"
+
     def stream_sample(self, image_size: int) -> CropViews:
         """On a streamed dataset the workers cut the two crops from the full images."""
-        return self.views.stream_crops(image_size)
+        return CropViews.of_views(self.views, image_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         v0, v1 = self.views.of_batch(batch)
@@ -135,7 +139,9 @@ class MoCo(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The key encoder follows by momentum, never by gradient.
-        return OptimizerSpec.of(self.hparams.optimizer).build([self.backbone, self.projector], self.online.param_groups())
+        return OptimizerSpec.of(self.hparams.optimizer).build(
+            [self.backbone, self.projector], self.online.param_groups()
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [OnlineHooks(), ViewsFigure()]

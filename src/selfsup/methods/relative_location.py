@@ -11,8 +11,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup import SelfsupError
+from selfsup.config import save_plain_hyperparameters
+from selfsup.data.litdata.samples import RandomSquare
 from selfsup.data.patches import (
+    CENTRE,
     GRID_PRESETS,
+    NEIGHBOURS,
     GridSpec,
     color_drop,
     grid_preset,
@@ -22,11 +26,12 @@ from selfsup.data.patches import (
     random_grayscale_images,
     sample_patches,
 )
-from selfsup.data.stream import RandomSquare
 from selfsup.data.views import normalize, to_float
-from selfsup.methods.common import OptimizerSpec, save_plain_hyperparameters
+from selfsup.evaluation.features import preprocess
+from selfsup.media import draw_patches, log_training_figure, spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
+from selfsup.optim.optimizer import OptimizerSpec
 
 
 class RelativeLocation(L.LightningModule):
@@ -51,7 +56,7 @@ class RelativeLocation(L.LightningModule):
         pixelate_p: probability per patch of being downsampled and upsampled back (Doersch 1/3).
         pairs: ``all`` 8 pairs per image, or ``one`` random neighbour per image.
         head_hidden / dropout: the pair classifier, ``2F -> head_hidden (BN, ReLU, dropout) -> 8``.
-        optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
+        optimizer: ``selfsup.optim.OptimizerSpec`` (lr at the reference batch).
     The typed arguments are stored as plain dicts in the hyperparameters.
     """
 
@@ -81,7 +86,9 @@ class RelativeLocation(L.LightningModule):
         self.head = MLP([2 * f, head_hidden, 8], batch_norm=True, dropout=dropout)
         # torchmetrics: counts over every pair of the epoch, summed across ranks under DDP
         # (not a mean of per-batch means). Metric states are not saved in checkpoints.
-        self.pretext_top1 = nn.ModuleDict({f"{k}_top1": MulticlassAccuracy(8, average="micro") for k in ("train", "val")})
+        self.pretext_top1 = nn.ModuleDict(
+            {f"{k}_top1": MulticlassAccuracy(8, average="micro") for k in ("train", "val")}
+        )
 
     def grid_spec(self, image_size: int) -> GridSpec:
         hp = self.hparams
@@ -94,9 +101,13 @@ class RelativeLocation(L.LightningModule):
         )
 
     @property
-    def probe_input_norm(self) -> str:
+    def probe_input_norm(self) -> Literal["channel", "per_image"]:
         """How a probe should normalise inputs for this backbone: as it saw its patches."""
         return "per_image" if self.hparams.per_patch_norm else "channel"
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of whole uint8 images (B, 3, H, W), normalised as the patches were: (B, F)."""
+        return self.backbone(preprocess(images, self.probe_input_norm))
 
     def check_data(self, dm: L.LightningDataModule) -> None:
         """Stop before training when the images are too small for the patch grid, naming the
@@ -130,7 +141,9 @@ class RelativeLocation(L.LightningModule):
         random place, decoded at ``image_size`` in the workers; the grid is drawn inside it."""
         return RandomSquare(image_size)
 
-    def patches(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def patches(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample and preprocess the 9 patches of each image: uint8 (B, 3, H, W) ->
         float (B, 9, 3, p, p) ready for the backbone, and the corners (B, 9, 2)."""
         hp = self.hparams
@@ -146,13 +159,15 @@ class RelativeLocation(L.LightningModule):
         patches = normalize_patches(patches) if hp.per_patch_norm else normalize(patches.flatten(0, 1)).view_as(patches)
         return patches, corners
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images uint8 (B, 3, H, W) -> logits (B*P, 8) and labels (B*P,), P = 8 or 1."""
         b = images.shape[0]
         patches, _ = self.patches(images, generator)  # (B, 9, 3, p, p)
         feats = self.backbone(patches.flatten(0, 1)).view(b, 9, -1)  # each patch through the backbone once
-        centre = feats[:, 4:5]
-        neighbours = feats[:, [0, 1, 2, 3, 5, 6, 7, 8]]  # label order
+        centre = feats[:, CENTRE : CENTRE + 1]
+        neighbours = feats[:, list(NEIGHBOURS)]  # label order
         labels = pair_labels(b, images.device).view(b, 8)
         if self.hparams.pairs == "one":
             gdev = generator.device if generator is not None else images.device
@@ -166,12 +181,13 @@ class RelativeLocation(L.LightningModule):
     def on_train_start(self) -> None:
         """Show the sampling: 6 training images with their grids and patches, as a W&B image
         (``train/patches``) and ``train_patches.png`` in the log folder."""
-        from selfsup.media import draw_patches, log_training_figure, spread
 
         def draw(train_set) -> torch.Tensor:
             return draw_patches(self, train_set.images[spread(len(train_set), 6)].to(self.device))
 
-        log_training_figure(self.trainer, "train/patches", draw, "grid: C centre, 0-7 labels; below: the patches fed in")
+        log_training_figure(
+            self.trainer, "train/patches", draw, "grid: C centre, 0-7 labels; below: the patches fed in"
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, labels = self(batch["image"])

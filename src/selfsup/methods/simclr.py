@@ -5,15 +5,16 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from selfsup.callbacks.run import embedding_spread
-from selfsup.data.stream import CropViews
+from selfsup.config import save_plain_hyperparameters
+from selfsup.data.litdata.samples import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
+from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec
 from selfsup.losses.ntxent import NTXentLoss
 from selfsup.media import ViewsFigure
-from selfsup.methods.common import OptimizerSpec, save_plain_hyperparameters
-from selfsup.methods.online import OnlineEvaluation, OnlineHooks, OnlineSpec
+from selfsup.metrics import embedding_spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
+from selfsup.optim.optimizer import OptimizerSpec
 
 
 class SimCLR(L.LightningModule):
@@ -28,8 +29,8 @@ class SimCLR(L.LightningModule):
         proj_hidden / proj_dim: widths of the projection head.
         temperature: NT-Xent temperature.
         views: ``selfsup.data.views.ViewSpec``: view size and smallest crop of SimCLR's views.
-        optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
-        online: ``selfsup.methods.online.OnlineSpec``: the linear head and kNN monitor.
+        optimizer: ``selfsup.optim.OptimizerSpec`` (lr at the reference batch).
+        online: ``selfsup.evaluation.OnlineSpec``: the linear head and kNN monitor.
         num_classes: classes of the training labels, for the online head; ``selfsup fit`` links
             it from the DataModule; None: no head.
     The typed arguments are stored as plain dicts in the hyperparameters.
@@ -70,9 +71,14 @@ class SimCLR(L.LightningModule):
         z0, z1 = self.projector(h).chunk(2)
         return self.criterion(z0, z1), h[: v0.shape[0]], z0
 
+    @property
+    def probe_input_norm(self) -> str:
+        """Probes read the backbone as it saw its views: ImageNet channel statistics."""
+        return "channel"
+
     def stream_sample(self, image_size: int) -> CropViews:
         """On a streamed dataset the workers cut the two crops from the full images."""
-        return self.views.stream_crops(image_size)
+        return CropViews.of_views(self.views, image_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, features, z = self.loss(*self.views.of_batch(batch))
@@ -90,7 +96,9 @@ class SimCLR(L.LightningModule):
         self.online.validation_update(self, self.embed(images), batch["label"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return OptimizerSpec.of(self.hparams.optimizer).build([self.backbone, self.projector], self.online.param_groups())
+        return OptimizerSpec.of(self.hparams.optimizer).build(
+            [self.backbone, self.projector], self.online.param_groups()
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [OnlineHooks(), ViewsFigure()]

@@ -56,7 +56,8 @@ def check_batch_norm_batch(model: nn.Module) -> None:
             raise SelfsupError(
                 "BatchNorm cannot train on a batch of 1 sample per device (it would normalise each image "
                 "by its own statistics): use GroupNorm, which does not depend on the batch "
-                "(backbone norm: group, e.g. --model.init_args.backbone.norm group), or a per-device batch of at least 2"
+                "(backbone norm: group, e.g. --model.init_args.backbone.norm group), or a per-device batch "
+                "of at least 2"
             )
 
 
@@ -86,15 +87,6 @@ class Backbone(nn.Module):
             check_batch_norm_batch(self)
         return self.stem(x.contiguous(memory_format=torch.channels_last))
 
-    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps after each stage, shallow to deep."""
-        x = self._stem(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
-
     def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
         """Pooled features after ``stage`` (index into ``stages``; -1 the last): (B, F_stage)."""
         last = stage % len(self.stages)
@@ -107,8 +99,11 @@ class Backbone(nn.Module):
         """Channels after ``stage`` (pooled feature size), read off the stage's last layer."""
         block = self.stages[stage]
         # _BatchNorm covers SyncBatchNorm too, which Lightning swaps in under sync_batchnorm.
-        channels = [m.num_features if isinstance(m, _BatchNorm) else m.num_channels
-                    for m in block.modules() if isinstance(m, _BatchNorm | nn.GroupNorm)]
+        channels = [
+            m.num_features if isinstance(m, _BatchNorm) else m.num_channels
+            for m in block.modules()
+            if isinstance(m, _BatchNorm | nn.GroupNorm)
+        ]
         return channels[-1]
 
 
@@ -155,9 +150,11 @@ def _resnet(arch: str, cifar_stem: bool, norm: Norm) -> Backbone:
 
 
 def _no_stages(name: str, stage: int) -> SelfsupError:
-    return SelfsupError(f"backbone {name} gives its pooled features only, not stage {stage}: probe the last "
-                        "stage (feature_stage -1), or use a ResNet (torchvision:resnet*) or a timm model "
-                        "for intermediate depths")
+    return SelfsupError(
+        f"backbone {name} gives its pooled features only, not stage {stage}: probe the last "
+        "stage (feature_stage -1), or use a ResNet (torchvision:resnet*) or a timm model "
+        "for intermediate depths"
+    )
 
 
 class PooledBackbone(nn.Module):
@@ -241,8 +238,10 @@ _RESNETS = ("resnet", "resnext", "wide_resnet")
 
 def _torchvision(arch: str, cifar_stem: bool, norm: Norm) -> nn.Module:
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise SelfsupError(f"torchvision has no classification model {arch!r}; see "
-                           "torchvision.models.list_models(module=torchvision.models)")
+        raise SelfsupError(
+            f"torchvision has no classification model {arch!r}; see "
+            "torchvision.models.list_models(module=torchvision.models)"
+        )
     if arch.startswith(_RESNETS):
         return _resnet(arch, cifar_stem, norm)
     if cifar_stem or norm != "batch":
@@ -250,7 +249,9 @@ def _torchvision(arch: str, cifar_stem: bool, norm: Norm) -> nn.Module:
     return PooledBackbone(torchvision.models.get_model(arch, weights=None), f"torchvision:{arch}")
 
 
-def build_backbone(name: str = "small_cnn", cifar_stem: bool = False, width: int = 32, norm: Norm = "batch") -> nn.Module:
+def build_backbone(
+    name: str = "small_cnn", cifar_stem: bool = False, width: int = 32, norm: Norm = "batch"
+) -> nn.Module:
     """Build a backbone by name (see the module docstring for the names).
 
     Args:

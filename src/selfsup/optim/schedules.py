@@ -17,7 +17,9 @@ def scale_lr(base_lr: float, global_batch: int, reference_batch: int = 256, rule
     small batches); ``none``: base_lr unchanged.
     """
     if global_batch < 1 or reference_batch < 1:
-        raise ValueError(f"batch sizes must be positive, got global_batch={global_batch}, reference_batch={reference_batch}")
+        raise ValueError(
+            f"batch sizes must be positive, got global_batch={global_batch}, reference_batch={reference_batch}"
+        )
     k = global_batch / reference_batch
     if rule == "linear":
         return base_lr * k
@@ -41,8 +43,9 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, final_frac
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def lr_factor(step: int, total_steps: float, warmup_steps: int = 0, decay: Decay = "cosine",
-              final_fraction: float = 0.0) -> float:
+def lr_factor(
+    step: int, total_steps: float, warmup_steps: int = 0, decay: Decay = "cosine", final_fraction: float = 0.0
+) -> float:
     """Multiplier of the target rate at optimizer ``step``: linear warmup from 0 over
     ``warmup_steps``, then ``cosine`` decay to ``final_fraction`` at ``total_steps`` or ``constant``.
 

@@ -1,0 +1,108 @@
+"""Runs that survive: checkpoints written often and atomically, and the random stream saved with them.
+
+A resumed run is the same run: weights, optimiser, the rate's callbacks, the online evaluator
+and MoCo's queue come back with the checkpoint (Lightning); the data order continues from the
+middle of the epoch (``selfsup.data.loaders``); and :class:`RandomState` restores the random
+stream the augmentations draw from, so that on the CPU the resumed run ends with the same
+weights, bit for bit, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from selfsup import SelfsupError
+
+LAST = "last.ckpt"
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt`` in the run folder, written at every epoch end and every
+    ``every_n_steps`` optimiser steps or ``every_minutes`` of training, whichever is given
+    (default: at most 10 minutes of work lost). Lightning writes it atomically (a temporary file
+    moved into place), so a kill while writing leaves the previous ``last.ckpt`` intact.
+
+    Args:
+        every_minutes: save this often during an epoch; None: only at epoch ends (or steps).
+        every_n_steps: save every this many optimiser steps instead of by time.
+    """
+
+    def __init__(self, every_minutes: float | None = 10.0, every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise SelfsupError(f"checkpoint.every_n_steps must be 1 or more, got {every_n_steps}")
+        interval = timedelta(minutes=every_minutes) if every_minutes and every_n_steps is None else None
+        super().__init__(
+            filename="last",
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,
+            every_n_train_steps=every_n_steps,
+            train_time_interval=interval,
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Time and step triggers switch Lightning's epoch-end saving off; an epoch end is always
+        # a point worth keeping (after its validation, which runs before this hook).
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # SIGTERM (preemption): Lightning stops after the current step; keep that step.
+        if not isinstance(exception, SIGTERMException):
+            return
+        if not self._should_skip_saving_checkpoint(trainer):  # (skipped: this step is saved already)
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if trainer.is_global_zero:
+            print(
+                f"stopped by SIGTERM at step {trainer.global_step}: checkpoint {self.last_model_path}; "
+                "run the same command again to continue",
+                flush=True,
+            )
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a re-run continues from: the newer of ``checkpoints/last.ckpt`` and the
+    checkpoints Lightning writes on SLURM's SIGUSR1 (``hpc_ckpt_<n>.ckpt`` in the run folder)."""
+    run_dir = Path(run_dir)
+    found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+class RandomState(L.Callback):
+    """Save the torch random generators (CPU and CUDA) with every checkpoint and restore them when
+    training resumes, after the sanity check, so that the augmentations draw the same numbers.
+
+    Under DDP the checkpoint holds rank 0's state; the other ranks continue from theirs
+    re-seeded from the step (their views are not the uninterrupted run's).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        states = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states, self._pending = self._pending, None
+        if states is None:
+            return
+        if trainer.global_rank == 0:
+            torch.set_rng_state(states["cpu"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+        else:
+            torch.manual_seed(trainer.global_step * 1000 + trainer.global_rank)

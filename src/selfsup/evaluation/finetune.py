@@ -1,0 +1,81 @@
+"""Fine-tuning: the whole network trains, backbone and a linear head, on (a share of) the labels."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from selfsup import SelfsupError
+from selfsup.config import save_plain_hyperparameters
+from selfsup.evaluation.features import Features, require_labels, training_view, transfer_backbone
+from selfsup.evaluation.linear import Classifier
+from selfsup.media import ConfusionFigure
+from selfsup.models.backbones import BackboneSpec
+from selfsup.optim.optimizer import OptimizerSpec, param_groups
+
+
+class FineTune(L.LightningModule):
+    """The whole network trains: backbone (from a checkpoint) and a linear head on its pooled
+    features, as torchvision's classifiers; the backbone's own normalisation adapts.
+
+    With ``augment``, training images get a random resized crop (scale ``crop_min_scale``..1,
+    flipped half the time) on the device; evaluation always uses the plain image.
+
+    Args: as :class:`LinearProbe` (``features.stage`` stays -1), and ``augment`` /
+    ``crop_min_scale``; ``backbone_lr``: the backbone's own base rate (None: ``optimizer.lr``,
+    the head's), e.g. a tenth of the head's so that few labels do not wash out what pretraining
+    learnt.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        backbone: BackboneSpec | None = None,
+        features: Features = Features(),
+        augment: bool = True,
+        crop_min_scale: float = 0.35,
+        optimizer: OptimizerSpec = OptimizerSpec(lr=5e-4, weight_decay=1e-5),
+        backbone_lr: float | None = None,
+    ) -> None:
+        super().__init__()
+        save_plain_hyperparameters(self)
+        self.features_spec = Features.of(features)
+        if self.features_spec.stage != -1:
+            raise SelfsupError(
+                f"fine-tuning trains the whole backbone and reads its last stage, not stage "
+                f"{self.features_spec.stage}: leave features.stage at -1"
+            )
+        self.backbone = transfer_backbone(backbone, self.features_spec)
+        # No standardisation: SGD at the usual fine-tuning rates stays stable (standardised
+        # features made lr 0.1 diverge, see Classifier).
+        self.classifier = Classifier(self.backbone.num_features, num_classes, None) if num_classes is not None else None
+
+    def check_data(self, dm: L.LightningDataModule) -> None:
+        require_labels(self, dm)
+
+    def setup(self, stage: str) -> None:
+        require_labels(self, getattr(self.trainer, "datamodule", None))
+
+    def features(self, batch: dict, split: str) -> torch.Tensor:
+        """Features of the batch's images (B, F): randomly cropped in training with ``augment``."""
+        crop = self.hparams.crop_min_scale if split == "train" and self.hparams.augment else None
+        return self.backbone(training_view(batch["image"], self.features_spec.input_norm, crop))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.classifier.step(self, self.features(batch, "train"), batch["label"], "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.classifier.step(self, self.features(batch, "val"), batch["label"], "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.classifier.step(self, self.features(batch, "test"), batch["label"], "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        spec = OptimizerSpec.of(self.hparams.optimizer)
+        if self.hparams.backbone_lr is None:
+            return spec.build([self.backbone, self.classifier])
+        backbone = [{**g, "lr": self.hparams.backbone_lr} for g in param_groups([self.backbone], spec.weight_decay)]
+        return spec.build([self.classifier], backbone)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ConfusionFigure()]

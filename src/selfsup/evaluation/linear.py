@@ -1,0 +1,342 @@
+"""The linear probe: a linear classifier on the frozen backbone's pooled features (cached), its
+rate and weight decay chosen on held-out training images (``selfsup.evaluation.probe_search``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from selfsup import SelfsupError
+from selfsup.callbacks.lr import (
+    LearningRateScaling,
+    Warmup,
+    global_batch_size,
+    per_device_batch_size,
+)
+from selfsup.config import save_plain_hyperparameters
+from selfsup.data.datamodule import ImageDataModule
+from selfsup.data.litdata.samples import CentreImage, LabelOnly
+from selfsup.evaluation.features import (
+    Features,
+    embed_all_ranks,
+    frozen_features,
+    require_labels,
+    transfer_backbone,
+)
+from selfsup.evaluation.probe_search import ProbeSearch, SearchResult, search_probe
+from selfsup.media import ConfusionFigure, log_image, search_figure
+from selfsup.models.backbones import BackboneSpec
+from selfsup.models.heads import MLP
+from selfsup.optim.optimizer import OptimizerSpec
+from selfsup.optim.schedules import lr_factor
+
+
+def linear_head(num_features: int, num_classes: int, standardise: Literal["batch", "layer"] | None) -> nn.Module:
+    """(B, F) features -> (B, C) logits: a linear layer, after a standardisation of the features
+    where ``standardise`` says so (a frozen backbone)."""
+    linear = MLP([num_features, num_classes], init_scale=0.01)
+    if standardise is None:
+        return linear
+    # Standardised features (BN without affine) make one learning rate fit every frozen
+    # backbone; their statistics are fixed, so a cumulative average (momentum=None) gets them
+    # exactly. Where the backbone asks for no batch statistics (GroupNorm: batch size 1 must
+    # work) each feature vector is standardised on its own. Standardised features have squared
+    # norm F, which multiplies the head's step by F under SGD: the probe configs use Adam,
+    # which does not care.
+    norm = (
+        nn.LayerNorm(num_features, elementwise_affine=False)
+        if standardise == "layer"
+        else nn.BatchNorm1d(num_features, affine=False, momentum=None)
+    )
+    return nn.Sequential(norm, linear)
+
+
+class Classifier(nn.Module):
+    """A linear head on pooled features (B, F) -> logits (B, C), with its accuracies.
+
+    Logs ``{split}/loss``, ``{split}/top1`` and, above 5 classes, ``{split}/top5`` (with 5
+    classes or fewer top-5 is always 100%) for ``train``, ``val`` and ``test``: exact counts over
+    the epoch, synced across ranks (torchmetrics).
+
+    Args:
+        standardise: ``batch`` or ``layer`` standardisation of the features before the linear
+            layer (a frozen backbone), or None (fine-tuning).
+    """
+
+    def __init__(self, num_features: int, num_classes: int, standardise: Literal["batch", "layer"] | None) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise SelfsupError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.head = linear_head(num_features, num_classes, standardise)
+        self.top_k: int | None = 5 if num_classes > 5 else None
+        ks = [("top1", 1)] + ([(f"top{self.top_k}", self.top_k)] if self.top_k else [])
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                for split in ("train", "val", "test")
+                for name, k in ks
+            }
+        )
+        # Of validation, drawn by selfsup.media.ConfusionFigure.
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def step(self, module: L.LightningModule, features: torch.Tensor, labels: torch.Tensor, split: str) -> torch.Tensor:
+        """Cross-entropy of the head on ``features`` (B, F); logs loss and accuracies of ``split``."""
+        logits = self.head(features)
+        loss = F.cross_entropy(logits, labels)
+        train = split == "train"
+        module.log(
+            f"{split}/loss",
+            loss,
+            prog_bar=train,
+            on_step=train,
+            on_epoch=True,
+            batch_size=labels.shape[0],
+            sync_dist=not train,
+        )
+        for name in ("top1", f"top{self.top_k}") if self.top_k else ("top1",):
+            metric = self.metrics[f"{split}_{name}"]
+            metric(logits, labels)
+            module.log(f"{split}/{name}", metric, prog_bar=name == "top1", on_step=train, on_epoch=True)
+        if split == "val":
+            self.confusion.update(logits.detach(), labels)
+        return loss
+
+
+class LinearProbe(L.LightningModule):
+    """A linear classifier on the frozen backbone's pooled features.
+
+    The backbone stays in eval mode (BatchNorm statistics frozen). With ``cache_features``
+    each image's features are computed once and reused in later epochs, so a probe costs
+    one backbone pass over the data plus cheap linear epochs. With a ``search``, the rate and
+    weight decay are first chosen on a held-out tenth of the *training* images
+    (:mod:`selfsup.probe_search`), never on the evaluation split.
+
+    Args:
+        num_classes: classes of the labels; ``selfsup fit`` links it from the DataModule.
+        backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
+        features: :class:`Features`: the checkpoint (None: the random-init baseline), the input
+            normalisation and the backbone stage probed.
+        cache_features: compute each image's features once.
+        augment: the classic probe instead (``cache_features: false``): every epoch each
+            training image is randomly cropped (scale ``crop_min_scale``..1) and flipped, then
+            passed through the frozen backbone, as solo-learn and lightly probe.
+        crop_min_scale: of ``augment``'s crops.
+        search: :class:`selfsup.probe_search.ProbeSearch`: the rates and weight decays tried
+            (none by default: ``optimizer``'s are used).
+        optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
+    The typed arguments are stored as plain dicts in the hyperparameters.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        backbone: BackboneSpec | None = None,
+        features: Features = Features(),
+        cache_features: bool = True,
+        augment: bool = False,
+        crop_min_scale: float = 0.35,
+        search: ProbeSearch = ProbeSearch(),
+        optimizer: OptimizerSpec = OptimizerSpec(lr=1e-3),
+    ) -> None:
+        if augment and cache_features:
+            raise SelfsupError(
+                "a probe with augment: true sees new crops every epoch, which a cache cannot hold: "
+                "set cache_features: false as well (the classic probe)"
+            )
+        super().__init__()
+        save_plain_hyperparameters(self)
+        self.features_spec = Features.of(features)
+        self.search_spec = ProbeSearch.of(search)
+        self.backbone = transfer_backbone(backbone, self.features_spec).requires_grad_(False)
+        # A GroupNorm backbone asks for no batch statistics anywhere: neither does its probe.
+        self.standardise: Literal["batch", "layer"] = "layer" if BackboneSpec.of(backbone).norm == "group" else "batch"
+        self.classifier = (
+            Classifier(self.backbone.stage_features(self.features_spec.stage), num_classes, self.standardise)
+            if num_classes is not None
+            else None
+        )
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: The setting the search chose (None: no search run).
+        self.chosen: SearchResult | None = None
+
+    def check_data(self, dm: L.LightningDataModule) -> None:
+        require_labels(self, dm)
+
+    def setup(self, stage: str) -> None:
+        require_labels(self, getattr(self.trainer, "datamodule", None))
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen BatchNorm statistics too
+        return self
+
+    @torch.no_grad()
+    def _compute(self, images: torch.Tensor, crop_min_scale: float | None = None) -> torch.Tensor:
+        return frozen_features(self.backbone, images, self.features_spec, crop_min_scale)
+
+    @torch.no_grad()
+    def features(self, batch: dict, split: str) -> torch.Tensor:
+        """Frozen features of the batch's images (B, F), from the cache when computed before
+        (a streamed batch then carries no images: :meth:`stream_sample`)."""
+        images = batch.get("image")
+        if split == "train" and self.hparams.augment:
+            return self._compute(images, self.hparams.crop_min_scale)
+        # The cache is indexed by the image's row in its split, which ImageDataModule provides.
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if not self.hparams.cache_features or not isinstance(dm, ImageDataModule):
+            return self._compute(images)
+        idx = batch["index"]
+        if split not in self._cache:
+            n = len(dm.train_set if split == "train" else dm.eval_set)
+            f = self.backbone.stage_features(self.features_spec.stage)
+            self._cache[split] = (
+                torch.zeros(n, f, device=idx.device),
+                torch.zeros(n, dtype=torch.bool, device=idx.device),
+            )
+        store, filled = self._cache[split]
+        todo = ~filled[idx]
+        if todo.any():
+            store[idx[todo]] = self._compute(images[todo]).to(store.dtype)  # bf16 under autocast
+            filled[idx[todo]] = True
+        return store[idx]
+
+    def stream_sample(self, image_size: int) -> CentreImage | LabelOnly:
+        """What a streamed dataset's workers make of each training image: only its label when
+        the features of every training image are cached already (the search computed them),
+        else the centre square."""
+        cached = self._cache.get("train")
+        if not self.hparams.augment and cached is not None and bool(cached[1].all()):
+            return LabelOnly()
+        return CentreImage(image_size)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.classifier.step(self, self.features(batch, "train"), batch["label"], "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.classifier.step(self, self.features(batch, "val"), batch["label"], "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.chosen is not None:  # so that trainer.validate returns the chosen setting too
+            for key in ("lr", "weight_decay", "holdout_top1"):
+                self.log(f"search/{key}", float(getattr(self.chosen, key)))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.classifier.step(self, self.features(batch, "test"), batch["label"], "test")
+
+    def run_search(self) -> SearchResult:
+        """Choose the rate and weight decay (``search``) on held-out training images: every
+        setting's head trains on the cached features of the other training images with the
+        probe's batch, epochs, rate scaling and schedule; the training split's features stay in
+        the cache for the probe itself."""
+        trainer = self.trainer
+        dm = trainer.datamodule
+        if trainer.is_global_zero:
+            print(
+                f"probe search: features of {len(dm.train_set)} training images, then "
+                f"{len(self.search_spec.settings())} heads side by side",
+                flush=True,
+            )
+        # Under DDP each rank computes an equal share and every rank gets all of them.
+        feats = embed_all_ranks(trainer, self._compute, dm.train_set.images, self.device)
+        labels = dm.train_set.labels.to(self.device)
+        if self.hparams.cache_features:
+            self._cache["train"] = (feats, torch.ones(len(feats), dtype=torch.bool, device=feats.device))
+        batch = per_device_batch_size(trainer)
+        global_batch = global_batch_size(trainer, batch)
+        epochs = search_epochs(trainer, len(feats), global_batch)
+        result = search_probe(
+            feats,
+            labels,
+            lambda: linear_head(feats.shape[1], self.hparams.num_classes, self.standardise),
+            self.search_spec,
+            OptimizerSpec.of(self.hparams.optimizer),
+            epochs=epochs,
+            batch_size=global_batch,
+            lr_at=trainer_schedule(trainer, batch, epochs),
+            drop_last=bool(getattr(dm.hparams, "drop_last", True)),
+        )
+        # Every rank trains with rank zero's choice (floating-point ties could differ).
+        return trainer.strategy.broadcast(result, src=0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        spec = OptimizerSpec.of(self.hparams.optimizer)
+        if self.search_spec.enabled and isinstance(getattr(self.trainer, "datamodule", None), ImageDataModule):
+            self.chosen = self.run_search()
+            report_search(self.trainer, self.chosen)
+            spec = replace(spec, lr=self.chosen.lr, weight_decay=self.chosen.weight_decay)
+        elif self.search_spec.enabled:
+            rank_zero_warn(
+                "the probe's search reads the training split of an ImageDataModule, and this fit has "
+                f"none: it trains with optimizer.lr={spec.lr!r} instead"
+            )
+        return spec.build([self.classifier])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.chosen is not None:  # a checkpoint found later says which setting trained it
+            checkpoint["probe_search"] = asdict(self.chosen)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ConfusionFigure()]
+
+
+def search_epochs(trainer: L.Trainer, n_train: int, global_batch: int) -> int:
+    """The epochs the probe will train: ``max_epochs``, else ``max_steps`` in epochs of
+    ``n_train`` images, else (a time budget only) 30, the configs' probe length."""
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return int(trainer.max_epochs)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return max(1, math.ceil(trainer.max_steps / max(1, n_train // global_batch)))
+    return 30
+
+
+def trainer_schedule(trainer: L.Trainer, batch_per_device: int, epochs: int) -> Callable[[float, int, int], float]:
+    """(base rate, step, total steps of ``epochs``) -> the rate the trainer's LearningRateScaling
+    and Warmup callbacks would set at that optimizer step (the base rate alone without them)."""
+    scaling = next((cb for cb in trainer.callbacks if isinstance(cb, LearningRateScaling)), None)
+    warmup = next((cb for cb in trainer.callbacks if isinstance(cb, Warmup)), None)
+    bounded = (trainer.max_epochs or 0) > 0 or (trainer.max_steps or 0) > 0
+
+    def lr_at(base: float, step: int, total: int) -> float:
+        lr = scaling.resolve(trainer, base, batch_per_device)[1] if scaling else base
+        if warmup is None:
+            return lr
+        if warmup.warmup_steps is not None:
+            warm = warmup.warmup_steps
+        else:  # the search's epochs are shorter (a tenth held out): the same share of the run
+            warm = round(warmup.warmup_epochs * total / epochs)
+        # A run with a time budget only keeps its rate after warmup (Warmup's rule): so does the search.
+        return lr * lr_factor(step, total if bounded else math.inf, warm, warmup.decay, warmup.final_fraction)
+
+    return lr_at
+
+
+def report_search(trainer: L.Trainer, result: SearchResult) -> None:
+    """Say what the search chose: one line on rank zero, the whole table in every logger's run
+    config (``probe_search``), and a picture (``search/holdout`` in W&B,
+    ``search_holdout.png`` in the run folder)."""
+    log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
+    if not trainer.is_global_zero:
+        return
+    print(result.describe(), flush=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"probe_search": asdict(result)})
+    log_image(
+        trainer,
+        log_dir,
+        "search/holdout",
+        search_figure(result.table, (result.lr, result.weight_decay)),
+        "held-out top-1 of every setting tried; framed: the one the probe trains with",
+    )

@@ -1,0 +1,268 @@
+"""Online evaluation of a pretraining module: a linear head on detached features, trained by
+the module's own optimiser alongside the self-supervised loss, and a kNN monitor; or, when the
+labelled images are separate from the pretraining images, kNN and a linear classifier fitted
+on frozen features.
+
+The evaluator is a part the module holds (``module.online``) and calls from its steps; its
+per-epoch work runs from :class:`OnlineHooks`, which the module returns from
+``configure_callbacks``. The head lives in the LightningModule (not in a callback with its own
+optimiser), so it follows the module through DDP (part of the DDP-wrapped module; metrics sync
+through torchmetrics) and through checkpoints and resume (weights and optimiser state saved
+with everything else; the kNN bank is rebuilt from the training images when needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from selfsup.config import PlainData
+from selfsup.console import say
+from selfsup.data.datamodule import ImageDataModule
+from selfsup.evaluation.features import embed_all, embed_all_ranks
+from selfsup.evaluation.knn import knn_scores
+
+
+def evaluation_due(epoch: int, max_epochs: int | None, every: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) evaluates: every ``every`` epochs and on the last;
+    never when ``every`` <= 0."""
+    if every <= 0:
+        return False
+    return (epoch + 1) % every == 0 or (max_epochs is not None and epoch + 1 >= max_epochs)
+
+
+def frozen_evaluation(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    eval_images: torch.Tensor,
+    eval_labels: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    knn_k: int = 200,
+    knn_temperature: float = 0.1,
+    linear_steps: int = 300,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Evaluate a frozen backbone on labelled data that it was not trained on: weighted kNN
+    (InstDisc: cosine, k=200, t=0.1, the whole training split as the bank) and a linear
+    classifier fitted on standardised features (full-batch Adam, seeded).
+
+    Used when the pretraining images have no labels and labelled evaluation data are given
+    separately, so that no head can train alongside the pretext loss.
+
+    Args:
+        embed: uint8 (B, 3, H, W) on ``device`` -> features (B, F), in eval mode.
+        train_*/eval_*: uint8 images (N, 3, H, W) and int64 labels (N,).
+    Returns:
+        ``knn_top1`` and ``linear_top1`` as fractions.
+    """
+    train = embed_all(embed, train_images, device)
+    test = embed_all(embed, eval_images, device)
+    ytr, yte = train_labels.to(device), eval_labels.to(device)
+    correct = int((knn_scores(test, train, ytr, num_classes, knn_k, knn_temperature).argmax(1) == yte).sum())
+    # Validation runs under inference mode: fit the classifier on ordinary (cloned) tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        train, test = train.clone(), test.clone()
+        mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+        train, test = (train - mean) / std, (test - mean) / std
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        head = nn.Linear(train.shape[1], num_classes).to(device)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+            head.bias.zero_()
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(linear_steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(train), ytr.clone()).backward()
+            opt.step()
+        with torch.no_grad():
+            linear = float((head(test).argmax(1) == yte).float().mean())
+    return {"knn_top1": correct / max(1, len(test)), "linear_top1": linear}
+
+
+@dataclass(frozen=True)
+class OnlineSpec(PlainData):
+    """How a pretraining stage evaluates itself while it trains (one typed argument).
+
+    Args:
+        enabled: train a linear head on detached features alongside (``val/online_top1``) and
+            run the kNN monitor (``val/knn_top1``); with separate labelled data
+            (``data.eval_root``), kNN and a linear classifier on frozen features instead.
+        lr: base learning rate of the online head (scaled with the batch as the others).
+        knn_every: evaluate kNN (and the separate data) every this many epochs and on the last; 0: never.
+        knn_k: neighbours of the weighted kNN (InstDisc: 200).
+    """
+
+    enabled: bool = True
+    lr: float = 1e-3
+    knn_every: int = 5
+    knn_k: int = 200
+
+
+class OnlineEvaluation(nn.Module):
+    """The online evaluator of a pretraining module with ``num_features`` pooled features.
+
+    The module calls :meth:`training_loss` and :meth:`validation_update` from its steps and adds
+    :meth:`param_groups` to its optimiser; :class:`OnlineHooks` does the per-epoch work. A head
+    is built when ``num_classes`` (linked from the DataModule by ``selfsup fit``) is 2 or more.
+
+    Args:
+        spec: see :class:`OnlineSpec`.
+        num_classes: classes of the pretraining images' labels; None: unlabeled, no head.
+        knn_temperature: InstDisc's 0.1.
+        knn_bank_size: None (the protocol): the whole training split is the bank; a number keeps
+            a fixed subset of that many images (cheaper, not comparable with published figures).
+    """
+
+    def __init__(
+        self,
+        spec: OnlineSpec,
+        num_features: int,
+        num_classes: int | None,
+        knn_temperature: float = 0.1,
+        knn_bank_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.num_classes = num_classes if spec.enabled and num_classes is not None and num_classes >= 2 else None
+        self.head: nn.Module | None = None
+        if self.num_classes is not None:
+            self.head = nn.Sequential(
+                nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, self.num_classes)
+            )
+            self.train_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+            self.online_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+            self.knn_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.knn_t, self.knn_bank_size = knn_temperature, knn_bank_size
+        self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Labelled data apart from the pretraining images (data.eval_root), and its figures.
+        self.separate = None
+        self._separate_metrics: dict[str, float] = {}
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether the head trains on the pretraining batches' labels."""
+        return self.head is not None and self.separate is None
+
+    # -- set-up -------------------------------------------------------------------------
+    def attach(self, dm: object) -> None:
+        """Choose what to evaluate on from the DataModule (one line says it): the pretraining
+        images' own labels, separate labelled data, or nothing."""
+        if not self.spec.enabled or not isinstance(dm, ImageDataModule):
+            return
+        ev = dm.evaluation_data
+        if ev is None:  # no labels anywhere: nothing to evaluate, and no head of one class per image
+            say(
+                "online evaluation off: the pretraining images have no labels; give labelled "
+                "images with --data.eval_root DIR to monitor kNN and linear accuracy"
+            )
+        elif ev is not dm:
+            self.separate = ev
+            if self.head is not None:  # its figures would mix with the separate ones: it rests
+                self.head.requires_grad_(False)
+            say(
+                f"online evaluation on {ev.hparams.root} ({len(ev.train_set):,} train / "
+                f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
+                f"classifier on frozen features every {self.spec.knn_every} epochs"
+            )
+        elif self.head is None:
+            say(
+                "online evaluation off: the module was built without num_classes (selfsup fit links it "
+                "from the data; in Python pass num_classes=dm.num_classes)"
+            )
+
+    def param_groups(self) -> list[dict]:
+        """The head's parameters for the module's optimiser: no weight decay, no LARS
+        adaptation, the online rate."""
+        if not self.trains_head:
+            return []
+        return [{"params": list(self.head.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": self.spec.lr}]
+
+    # -- steps ------------------------------------------------------------------------
+    def training_loss(self, module: L.LightningModule, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the head on detached features (B, F): the probe never shapes the
+        backbone. Logs ``train/online_top1``; 0 when no head trains."""
+        if not self.trains_head:
+            return features.new_zeros(())
+        logits = self.head(features.detach().float())
+        self.train_top1.update(logits.detach(), labels)
+        module.log("train/online_top1", self.train_top1, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def validation_update(self, module: L.LightningModule, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Accumulate and log the head's validation accuracy, and kNN's when a bank was built."""
+        if not self.trains_head:
+            return
+        self.online_top1.update(self.head(features.float()), labels)
+        module.log("val/online_top1", self.online_top1, prog_bar=True)
+        if self._bank is not None:
+            bank, bank_labels = self._bank
+            self.knn_top1.update(
+                knn_scores(features, bank, bank_labels, self.num_classes, self.spec.knn_k, self.knn_t), labels
+            )
+            module.log("val/knn_top1", self.knn_top1, prog_bar=True)
+
+    # -- per epoch (from OnlineHooks) -------------------------------------------------
+    def epoch_start(
+        self, trainer: L.Trainer, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+    ) -> None:
+        """Before validation: build the kNN bank, or evaluate the separate data, when due."""
+        self._bank = None
+        due = not trainer.sanity_checking and evaluation_due(
+            trainer.current_epoch, trainer.max_epochs, self.spec.knn_every
+        )
+        if not due:
+            return
+        ev = self.separate
+        if ev is not None:
+            with trainer.precision_plugin.forward_context():  # as embed_all_ranks: the run's precision
+                self._separate_metrics = frozen_evaluation(
+                    embed,
+                    ev.train_set.images,
+                    ev.train_set.labels,
+                    ev.eval_set.images,
+                    ev.eval_set.labels,
+                    ev.num_classes,
+                    device,
+                    knn_k=self.spec.knn_k,
+                    knn_temperature=self.knn_t,
+                )
+            return
+        dm = getattr(trainer, "datamodule", None)
+        if self.trains_head and isinstance(dm, ImageDataModule):
+            bank = dm.train_set
+            if self.knn_bank_size is not None and len(bank) > self.knn_bank_size:
+                bank = bank.subset(
+                    torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size]
+                )
+            self._bank = (embed_all_ranks(trainer, embed, bank.images, device), bank.labels.to(device))
+
+    def epoch_end(self, module: L.LightningModule) -> None:
+        """After validation: log the separate data's figures under the online names."""
+        if self._separate_metrics:
+            m, self._separate_metrics = self._separate_metrics, {}
+            # Every rank computed the same figures on the same data; the mean keeps them in sync.
+            module.log("val/knn_top1", m["knn_top1"], prog_bar=True, sync_dist=True)
+            module.log("val/online_top1", m["linear_top1"], prog_bar=True, sync_dist=True)
+
+
+class OnlineHooks(L.Callback):
+    """The per-epoch work of ``pl_module.online`` (an :class:`OnlineEvaluation`); a module
+    returns it from ``configure_callbacks`` and calls ``embed`` (uint8 images -> features)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.online.attach(getattr(trainer, "datamodule", None))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.online.epoch_start(trainer, pl_module.embed, pl_module.device)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.online.epoch_end(pl_module)

@@ -1,0 +1,134 @@
+"""Real 2-process DDP on CPU (gloo) through the Lightning Trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from selfsup.callbacks import LearningRateScaling
+from selfsup.data import ImageDataModule
+from selfsup.evaluation.features import embed_all
+from selfsup.evaluation.online import OnlineSpec
+from selfsup.evaluation.probe_search import ProbeSearch
+from selfsup.methods import LinearProbe, SimCLR
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
+    """The rate the same job gets on one process (max_steps=1)."""
+    dm = ImageDataModule(root=str(root), batch_size=10)
+    model = SimCLR(
+        backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, proj_dim=8, online=OnlineSpec(enabled=False)
+    )
+    scaling = LearningRateScaling("linear", reference_batch=256)
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[scaling],
+    ).fit(model, datamodule=dm)
+    assert scaling.global_batch == 10
+    return scaling.target_lrs[0][0]
+
+
+def run_ddp_script(
+    method: str, image_folder: Path, out: Path, port: int
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """tests/ddp_simclr_script.py on 2 processes; its output and what each rank recorded."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(port + os.getpid() % 1000)}
+    p = subprocess.run(
+        [sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(out), method],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, [json.loads((out / f"{method}_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    out.mkdir()
+    p, ranks = run_ddp_script("simclr", image_folder, out, 29500)
+    for r in ranks:
+        assert r["world_size"] == 2 and r["torch_world_size"] == 2
+        assert set(r["global_batches"]) == {20}  # 10 per rank, the loss sees both ranks' views
+        assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 6
+    a, b = (set(r["indices"]) for r in ranks)
+    assert a.isdisjoint(b) and len(a) == len(b) == ranks[0]["num_train"] // 2  # disjoint halves
+    assert sorted(a | b) == list(range(ranks[0]["num_train"]))  # every image once per epoch
+    # The rate follows the global batch: 2 processes x 10 images, twice the one-process rate.
+    single = one_process_scaled_lr(image_folder, tmp_path)
+    for r in ranks:
+        assert r["lr_global_batch"] == 20
+        assert r["lr"] == pytest.approx(2 * single) and r["lr"] == pytest.approx(2e-3 * 20 / 256)
+        assert r["step_lrs"] == [r["lr"]] * 6  # every step on every rank used it
+    line = "lr scaling: base_lr=0.002 global_batch=20 reference=256 rule=linear -> lr=0.00015625"
+    assert p.stdout.count("lr scaling:") == 1 and line in p.stdout.splitlines()  # printed once, by rank 0
+    # kNN accuracy is synchronised: both ranks report the same figure.
+    assert ranks[0]["knn_top1"] == ranks[1]["knn_top1"]
+
+
+def test_ddp_moco_queue_holds_keys_of_both_ranks(image_folder: Path, tmp_path: Path) -> None:
+    _, ranks = run_ddp_script("moco", image_folder, tmp_path, 28500)
+    # 6 steps x 10 keys x 2 ranks = 120 keys through a queue of 50: identical on both ranks.
+    assert ranks[0]["queue_ptr"] == ranks[1]["queue_ptr"] == 120 % 50
+    assert ranks[0]["queue"] == ranks[1]["queue"]
+
+
+def test_ddp_probe_search_sees_every_training_image_and_agrees(image_folder: Path, tmp_path: Path) -> None:
+    _, ranks = run_ddp_script("probe", image_folder, tmp_path, 27500)
+    assert ranks[0]["table"] == ranks[1]["table"] and len(ranks[0]["table"]) == 4
+    assert ranks[0]["lr"] == ranks[1]["lr"] and ranks[0]["top1"] == ranks[1]["top1"]
+    # Each rank computed half of the training features; both hold all of them, in row order,
+    # the features one process computes with the same backbone.
+    L.seed_everything(0)
+    dm = ImageDataModule(root=str(image_folder), batch_size=10)
+    dm.setup("fit")
+    model = LinearProbe(
+        num_classes=dm.num_classes,
+        backbone={"name": "small_cnn", "width": 8},
+        search=ProbeSearch(lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-3)),
+    )
+    single = embed_all(model._compute, dm.train_set.images, model.device)
+    for r in ranks:
+        assert r["filled"] and len(r["features"]) == len(dm.train_set) == 120
+        assert torch.allclose(torch.tensor(r["features"]), single, atol=1e-4)
+
+
+def test_ddp_streamed_dataset_disjoint_shards_cover_each_epoch(image_folder: Path, tmp_path: Path) -> None:
+    """Two processes streaming a LitData dataset: each epoch, the ranks read disjoint shares
+    that together are every training image once, in a new order each epoch; the crops are cut
+    in the loader's workers; the kNN monitor's bank (read by row) agrees on both ranks."""
+    pytest.importorskip("litdata")
+    from selfsup.data.litdata.write import optimize_folder
+
+    optimize_folder(image_folder, tmp_path / "optimized", workers=2)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    _, ranks = run_ddp_script("stream", tmp_path / "optimized", out, 27500)
+    n = ranks[0]["num_train"]
+    assert n == 120
+    for epoch in ("0", "1"):
+        a, b = (r["by_epoch"][epoch] for r in ranks)
+        assert len(a) == len(b) == n // 2 and set(a).isdisjoint(b)
+        assert sorted(a + b) == list(range(n))
+    assert ranks[0]["by_epoch"]["0"] != ranks[0]["by_epoch"]["1"]  # shuffled again
+    assert all("views" in r["batch_keys"] and "image" not in r["batch_keys"] for r in ranks)
+    assert ranks[0]["knn_top1"] == ranks[1]["knn_top1"]

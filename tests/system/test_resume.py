@@ -1,0 +1,367 @@
+"""Runs that survive: killed at several moments and re-run, they end where an uninterrupted run
+ends, bit for bit on the CPU; cluster signals leave checkpoints; guards stop or warn in words."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfsup.callbacks.checkpoint import RunCheckpoint
+from selfsup.callbacks.guards import CollapseWatch
+from selfsup.data import ImageDataModule
+from selfsup.evaluation.online import OnlineSpec
+from selfsup.methods import SimCLR
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tests" / "resume_script.py"
+STEPS = 14  # 2 epochs of 7 batches (120 images, batch 16)
+
+
+def fit_args(images: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--config",
+        str(REPO / "configs/simclr/cifar10.yaml"),
+        "--model.init_args.backbone.name",
+        "small_cnn",
+        "--model.init_args.backbone.width",
+        "8",
+        "--model.init_args.proj_hidden",
+        "16",
+        "--model.init_args.online.knn_every",
+        "1",
+        "--data.root",
+        str(images),
+        "--data.batch_size",
+        "16",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--checkpoint.every_n_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        *extra,
+    ]
+
+
+def run(stop: str, record: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # Each process its own W&B service, as on a cluster: one inherited from this test process
+    # would still hold the killed process's run open.
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), stop, str(record), "--", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def steps_by_process(record: Path) -> list[int]:
+    """How many training steps each process trained, in order."""
+    counts: dict[str, int] = {}
+    for line in record.read_text().splitlines():
+        pid = line.split()[0]
+        counts[pid] = counts.get(pid, 0) + 1
+    return list(counts.values())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    from conftest import write_image_folder
+
+    base = tmp_path_factory.mktemp("resume")
+    images = write_image_folder(base / "images", {"train": 40, "val": 10})
+    p = run("none:0", base / "record", fit_args(images, base / "reference"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert steps_by_process(base / "record") == [STEPS]
+    # Quiet, useful output: one line to start, one to end; no advertising, no deprecation notices.
+    said = p.stdout + p.stderr
+    assert "💡" not in said and "Tip:" not in said and "deprecat" not in said.lower()
+    assert "selfsup fit: SimCLR on " in p.stdout and "global batch 16, run folder " in p.stdout
+    assert "selfsup fit: done, epoch 2, step 14" in p.stdout and "val/knn_top1" in p.stdout
+    return images, weights(base / "reference")
+
+
+@pytest.mark.parametrize(
+    "stop", ["batch:5", "save:6", "write:6"], ids=["mid-epoch", "checkpoint-begun", "checkpoint-half-written"]
+)
+def test_killed_run_rerun_ends_with_the_uninterrupted_weights(stop: str, uninterrupted, tmp_path: Path) -> None:
+    images, reference = uninterrupted
+    args = fit_args(images, tmp_path / "run")
+    killed = run(stop, tmp_path / "record", args)
+    assert killed.returncode == -signal.SIGKILL
+    # The checkpoint on disk is whole: the one of step 4 (the step-6 write never completed).
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4
+    again = run("none:0", tmp_path / "record", args)  # the same command, as a user or a requeue would
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the run in" in again.stdout
+    first, second = steps_by_process(tmp_path / "record")
+    assert second == STEPS - 4 < STEPS  # it continued from step 4, it did not start again
+    final = weights(tmp_path / "run")
+    assert final.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(final[k], reference[k])]
+    assert not different, different[:5]  # online head, MoCo-style buffers and BN statistics included
+
+
+def rows_trained(record: Path) -> list[list[int]]:
+    """The image rows of every trained step, in order, over all processes."""
+    return [[int(x) for x in line.split()[2].split(",")] for line in record.read_text().splitlines()]
+
+
+def test_streamed_run_killed_mid_epoch_resumes_at_the_same_place_of_the_stream(uninterrupted, tmp_path: Path) -> None:
+    """A LitData dataset read by 2 workers (batches alternate between them), killed in the
+    middle of its first epoch: the re-run trains the batches the uninterrupted run trained next,
+    in the same order, and no batch twice."""
+    pytest.importorskip("litdata")
+    from selfsup.data.litdata.write import optimize_folder
+
+    images, _ = uninterrupted
+    optimize_folder(images, tmp_path / "optimized", workers=2)
+    stream = (
+        "--data.source",
+        "stream",
+        "--data.root",
+        str(tmp_path / "optimized"),
+        "--data.image_size",
+        "32",
+        "--data.num_workers",
+        "2",
+    )
+    reference = run("none:0", tmp_path / "reference", [*fit_args(images, tmp_path / "ref"), *stream])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    expected = rows_trained(tmp_path / "reference")
+    assert len(expected) == STEPS and sorted(sum(expected[:7], [])) != sum(expected[:7], [])  # shuffled
+    args = [*fit_args(images, tmp_path / "run"), *stream]
+    assert run("batch:5", tmp_path / "record", args).returncode == -signal.SIGKILL
+    again = run("none:0", tmp_path / "record", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert steps_by_process(tmp_path / "record") == [5, STEPS - 4]  # steps 0-4, then from the step-4 checkpoint
+    trained = rows_trained(tmp_path / "record")
+    assert trained[:4] + trained[5:] == expected  # step 4 trained twice (after the checkpoint); nothing else
+
+
+def test_fresh_start_and_another_config_in_the_same_folder(uninterrupted, tmp_path: Path) -> None:
+    images, _ = uninterrupted
+    args = fit_args(images, tmp_path / "run", "--trainer.max_epochs", "1")
+    assert run("none:0", tmp_path / "record", args).returncode == 0
+    other = run("none:0", tmp_path / "record", [*args, "--model.init_args.temperature", "0.2"])
+    assert other.returncode == 2
+    (line,) = [x for x in other.stderr.splitlines() if x.startswith("selfsup: error:")]
+    assert "holds a run with another config (model.init_args differs)" in line and "--fresh true" in line
+    fresh = run("none:0", tmp_path / "record", [*args, "--model.init_args.temperature", "0.2", "--fresh", "true"])
+    assert fresh.returncode == 0 and "starting afresh" in fresh.stdout
+    assert steps_by_process(tmp_path / "record") == [7, 7]
+
+
+def test_sigterm_saves_and_exits_then_the_rerun_finishes_the_same(uninterrupted, tmp_path: Path) -> None:
+    images, reference = uninterrupted
+    args = fit_args(images, tmp_path / "run")
+    stopped = run("term:5", tmp_path / "record", args)
+    assert stopped.returncode == 128 + signal.SIGTERM  # the conventional status: ended by SIGTERM
+    assert "stopped by SIGTERM at step 6" in stopped.stdout
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6  # the step it was in finished, then it saved
+    again = run("none:0", tmp_path / "record", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert steps_by_process(tmp_path / "record") == [6, STEPS - 6]
+    final = weights(tmp_path / "run")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_sigusr1_under_slurm_checkpoints_and_requeues(uninterrupted, tmp_path: Path) -> None:
+    images, _ = uninterrupted
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "selfsup",
+        "SLURM_NODELIST": "cpu01",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    p = run("usr1:5", tmp_path / "record", fit_args(images, tmp_path / "run"), env=slurm)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (hpc,) = (tmp_path / "run").glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, map_location="cpu", weights_only=True)["global_step"] >= 5
+    assert calls.read_text().split() == ["requeue", "4242"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_the_rate(uninterrupted, tmp_path: Path) -> None:
+    images, _ = uninterrupted
+    # SGD at a rate of 1e30: the weights overflow within a few steps.
+    args = fit_args(
+        images,
+        tmp_path / "run",
+        "--model.init_args.optimizer.name",
+        "sgd",
+        "--model.init_args.optimizer.lr",
+        "1e30",
+        "--warmup.warmup_epochs",
+        "0",
+        "--lr_scaling.rule",
+        "none",
+        "--checkpoint.every_n_steps",
+        "1",
+    )
+    p = run("none:0", tmp_path / "record", args)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("selfsup: error:")]
+    assert "the loss is nan at step" in line or "the loss is inf at step" in line
+    lr = float(re.search(r"lr ([0-9.e+]+)\)", line).group(1))
+    assert 1e29 < lr <= 1e30  # the rate of that step (cosine decay from 1e30)
+    assert "lower optimizer.lr" in line and "last good checkpoint" in line
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+class AlignmentOnly(SimCLR):
+    """SimCLR without negatives: only pulls the two views together, which collapses every image
+    onto one point (why contrastive losses need negatives)."""
+
+    def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.backbone(torch.cat([v0, v1]))
+        z0, z1 = F.normalize(self.projector(h), dim=1).chunk(2)
+        return (z0 - z1).pow(2).sum(1).mean(), h[: v0.shape[0]], z0
+
+
+def test_collapse_is_measured_and_warned_about_once(image_folder: Path, tmp_path: Path) -> None:
+    L.seed_everything(0)
+    dm = ImageDataModule(root=str(image_folder), batch_size=16)
+    healthy = SimCLR(backbone={"name": "small_cnn", "width": 8}, proj_hidden=16, online=OnlineSpec(enabled=False))
+    collapsing = AlignmentOnly(
+        backbone={"name": "small_cnn", "width": 8},
+        proj_hidden=16,
+        optimizer={"name": "adam", "lr": 0.05},
+        online=OnlineSpec(enabled=False),
+    )
+    spread = {}
+    for name, model in (("healthy", healthy), ("collapsing", collapsing)):
+        watch = CollapseWatch(after_steps=5)
+        t = L.Trainer(
+            accelerator="cpu",
+            max_epochs=4,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=str(tmp_path),
+            callbacks=[watch],
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.fit(model, datamodule=dm)
+        said = [str(w.message) for w in caught if "collapsed" in str(w.message)]
+        spread[name] = float(t.callback_metrics["train/embedding_spread_epoch"])
+        if name == "healthy":
+            assert not said and spread[name] > 0.3
+        else:
+            assert len(said) == 1 and watch.warned  # once, however long it stays collapsed
+            assert "train/embedding_spread" in said[0] and "lower optimizer.lr" in said[0]
+            assert spread[name] < 0.05
+
+
+def test_checkpoint_trigger_is_checked() -> None:
+    with pytest.raises(Exception, match="every_n_steps must be 1 or more"):
+        RunCheckpoint(every_n_steps=0)
+
+
+def test_pipeline_rerun_keeps_finished_stages_and_resumes_the_killed_one(uninterrupted, tmp_path: Path) -> None:
+    images, _ = uninterrupted
+    args = [
+        "pipeline",
+        "--config",
+        str(REPO / "configs/pipeline/quickstart.yaml"),
+        "--data.root",
+        str(images),
+        "--backbone.width",
+        "8",
+        "--data.batch_size",
+        "16",
+        "--stages.relative_location.enabled",
+        "false",
+        "--stages.simclr.max_epochs",
+        "2",
+        "--stages.simclr.model",
+        '{"proj_hidden": 16}',
+        "--evaluations.linear.max_epochs",
+        "1",
+        "--checkpoint.every_n_steps",
+        "2",
+        "--wandb.enabled",
+        "false",
+    ]
+    whole = run("none:0", tmp_path / "whole_record", [*args, "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "out"
+    killed = run("batch:5@simclr", tmp_path / "record", [*args, "--out", str(out)])
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "random_probe" / "result.json").is_file() and not (out / "simclr" / "result.json").exists()
+    again = run("none:0", tmp_path / "record", [*args, "--out", str(out)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "pipeline: random_probe finished earlier" in again.stdout
+    assert "pipeline: simclr was interrupted; continuing from" in again.stdout
+    # Killed: the probe of the random backbone (7 steps) and 5 SimCLR steps; then 14 - 4 SimCLR
+    # steps and the SimCLR probe's 7: the baseline did not run again.
+    assert steps_by_process(tmp_path / "record") == [7 + 5, STEPS - 4 + 7]
+    a = json.loads((tmp_path / "whole" / "summary.json").read_text())["results"]
+    b = json.loads((out / "summary.json").read_text())["results"]
+    for entry in ("random", "simclr"):
+        assert a[entry]["linear_top1"] == b[entry]["linear_top1"], entry
+    assert all(torch.equal(weights(out / "simclr")[k], v) for k, v in weights(tmp_path / "whole" / "simclr").items())
+
+
+def test_out_of_memory_ends_in_one_line_with_the_fix(uninterrupted, tmp_path: Path) -> None:
+    images, _ = uninterrupted
+    p = run("oom:3", tmp_path / "record", fit_args(images, tmp_path / "run"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("selfsup: error:")]
+    assert "out of GPU memory at step 3 with 16 images per device" in line
+    assert "--data.batch_size 8 --trainer.accumulate_grad_batches 2 keeps the global batch" in line
+
+
+def test_checkpointing_off_writes_no_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    from selfsup.cli import SelfsupCLI
+
+    args = fit_args(
+        image_folder,
+        tmp_path / "run",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger",
+        "false",
+    )
+    cli = SelfsupCLI(args)
+    assert cli.trainer.global_step == 7
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
