@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from selfsup.callbacks import LearningRateScaling, RunCheckpoint, Warmup, global_batch_size
+from selfsup.callbacks import LearningRateScaling, Warmup, global_batch_size
 from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
@@ -32,6 +32,7 @@ from selfsup.protocols import ChecksData
 from selfsup.quiet import quiet_lightning
 from selfsup.run import (
     SlurmEnvironment,
+    add_run_arguments,
     newest_checkpoint,
     run_callbacks,
     run_loggers,
@@ -39,6 +40,7 @@ from selfsup.run import (
 )
 from selfsup.runtime import keep_freed_memory
 from selfsup.tracking import finish_wandb
+from selfsup.trainer_attrs import datamodule_of
 from selfsup.visualize import patches_main
 
 #: The commands beside the Lightning CLI's: name -> (entry point, one line of help).
@@ -76,7 +78,7 @@ class LoggedConfig(SaveConfigCallback):
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
-        dm = trainer.datamodule
+        dm = datamodule_of(trainer)
         # Rank zero only, so no trainer.log_dir here (a collective call): the folder was
         # resolved before the run started (SelfsupCLI._prepare_data).
         if isinstance(dm, ImageDataModule) and dm.run_dir is not None:
@@ -132,13 +134,7 @@ class SelfsupCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(LearningRateScaling, "lr_scaling")
         parser.add_class_arguments(Warmup, "warmup")
-        parser.add_class_arguments(RunCheckpoint, "checkpoint")
-        parser.add_argument(
-            "--fresh",
-            type=bool,
-            default=False,
-            help="start the run again instead of continuing from the run folder's checkpoint",
-        )
+        add_run_arguments(parser, "start the run again instead of continuing from the run folder's checkpoint")
         # The class count comes from the data (a folder listing, nothing decoded) into every
         # module that takes one, before the module is built: heads exist from __init__ on.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -184,7 +180,7 @@ class SelfsupCLI(LightningCLI):
         if not isinstance(dm, ImageDataModule):
             return
         dm.trainer = self.trainer  # its world size decides whether the decoded set is shared
-        if rank_zero_only.rank == 0:
+        if getattr(rank_zero_only, "rank", 0) == 0:  # Lightning sets the attribute; the function's type lacks it
             # bad_files.txt goes beside config.yaml; LoggedConfig writes it once the logger has
             # made the folder (a file there before would make the CSV logger warn).
             dm.run_dir, dm.defer_bad_files = self.trainer.log_dir, True
@@ -256,12 +252,13 @@ def describe_run(model: LightningModule, dm: object, trainer: Trainer) -> str:
     method = type(model).__name__
     if not isinstance(dm, ImageDataModule) or dm.train_set is None:
         return f"selfsup fit: {method}, run folder {trainer.default_root_dir}"
-    where = dm.hparams.root or "the embedded sample"
+    where = dm.hp.root or "the embedded sample"
     labels = f"{dm.num_classes} classes" if dm.has_labels else "unlabeled"
-    batch = global_batch_size(trainer, dm.hparams.batch_size)
+    batch = global_batch_size(trainer, dm.hp.batch_size)
     devices = trainer.world_size
+    train, evals = dm.splits()
     return (
-        f"selfsup fit: {method} on {where} ({len(dm.train_set):,} train / {len(dm.eval_set):,} eval images, "
+        f"selfsup fit: {method} on {where} ({len(train):,} train / {len(evals):,} eval images, "
         f"{labels}, {dm.image_size} px), {devices} device{'s' if devices > 1 else ''}, global batch {batch}, "
         f"run folder {trainer.default_root_dir}"
     )

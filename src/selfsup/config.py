@@ -11,31 +11,21 @@ from selfsup import SelfsupError
 
 S = TypeVar("S", bound="PlainData")
 
-# Lines of jsonargparse's multi-line messages that name the actual problem.
-_SPECIFIC = (
-    "is not accepted",
-    "not expected",
-    "Unrecognized",
-    "does not exist",
-    "No such file",
-    "not a valid",
-    "Expected a <class 'int'>",
-    "Expected a <class 'float'>",
-    "Expected a <class 'bool'>",
-)
-
 
 def short_message(message: str) -> str:
-    """Reduce a jsonargparse error (usage, union subtypes, given values) to one line."""
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    """Reduce a jsonargparse error to one line: its first line (which key) and its most deeply
+    nested line (what is wrong with it). jsonargparse nests the cause under the key, and a union's
+    alternatives under the union, each one level deeper; the first of the deepest lines is the
+    alternative that was meant (a module's arguments, not ``None``)."""
+    lines = [ln.rstrip() for ln in str(message).splitlines() if ln.strip()]
     if not lines:
         return str(message)
-    head = lines[0]
-    for pattern in _SPECIFIC:
-        for ln in lines[1:]:
-            if pattern in ln:
-                return f"{head.rstrip(':')}: {ln.lstrip('- ')}"
-    return head
+    head = lines[0].strip()
+    if len(lines) == 1:
+        return head
+    depth = max(len(ln) - len(ln.lstrip()) for ln in lines[1:])
+    detail = next(ln.strip() for ln in lines[1:] if len(ln) - len(ln.lstrip()) == depth)
+    return f"{head.rstrip(':')}: {detail.lstrip('- ')}"
 
 
 class ConfigError(SelfsupError):
@@ -75,7 +65,7 @@ class PlainData:
     line ``--model.init_args.optimizer.lr 0.1``."""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)
 
     @classmethod
     def of(cls: type[S], value: Any, default: S | None = None) -> S:
@@ -103,7 +93,10 @@ def save_plain_hyperparameters(module: Any) -> None:
     groups (backbone, optimiser, ...; :class:`selfsup.config.PlainData`) stored as complete
     plain dicts, however they were given (a spec, a partial dict, a name, None), so that
     checkpoints load with ``torch.load(weights_only=True)`` and configs stay YAML."""
-    module.save_hyperparameters(frame=inspect.currentframe().f_back)
+    here = inspect.currentframe()
+    assert here is not None  # None only on Pythons without stack frames; CPython has them
+    module.save_hyperparameters(frame=here.f_back)
+    del here  # the frame would hold itself through this local until the garbage collector runs
     hints = typing.get_type_hints(type(module).__init__)
     # Both copies: the run config that loggers record is made from the initial ones.
     for hp in (module.hparams, module._hparams_initial):

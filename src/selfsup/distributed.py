@@ -29,13 +29,13 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return tuple(out)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack(grads)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return stacked[dist.get_rank()]

@@ -89,7 +89,7 @@ def target_model(fmt: Format, arch: str) -> nn.Module:
     if fmt == "torchvision":
         return torchvision.models.get_model(arch, weights=None)
     try:
-        import timm
+        import timm  # optional extra: selfsup[timm]
     except ImportError:
         raise SelfsupError("--format timm needs timm: pip install 'selfsup[timm]'") from None
     return timm.create_model(arch, pretrained=False)

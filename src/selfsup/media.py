@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from selfsup.data.patches import CENTRE, NEIGHBOURS
 from selfsup.data.views import IMAGENET_MEAN, IMAGENET_STD
-from selfsup.protocols import HasClassifier
+from selfsup.protocols import HasClassifier, HasViews
 from selfsup.tracking import WandbLogger
+from selfsup.trainer_attrs import datamodule_of
 
 
 def denormalize(
@@ -47,9 +50,10 @@ def log_training_figure(trainer, key: str, draw, caption: str = "") -> Path | No
     """
     dm = getattr(trainer, "datamodule", None)
     log_dir = trainer.log_dir or trainer.default_root_dir
-    if getattr(dm, "train_set", None) is None or not trainer.is_global_zero:
+    train_set = getattr(dm, "train_set", None)
+    if train_set is None or not trainer.is_global_zero:
         return None
-    return log_image(trainer, log_dir, key, draw(dm.train_set), caption)
+    return log_image(trainer, log_dir, key, draw(train_set), caption)
 
 
 def spread(n: int, count: int) -> torch.Tensor:
@@ -124,6 +128,7 @@ class ViewsFigure(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def draw(train_set) -> torch.Tensor:
+            assert isinstance(pl_module, HasViews)  # the modules that return this callback have views
             images = train_set.images[spread(len(train_set), 8)].to(pl_module.device)
             v0, v1 = pl_module.views(images, torch.Generator(device=pl_module.device).manual_seed(0))
             return view_pairs_grid(images, v0, v1)
@@ -196,17 +201,19 @@ class ConfusionFigure(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, HasClassifier) or pl_module.classifier is None:
             return
-        classifier = pl_module.classifier
+        # The head is a selfsup.evaluation.linear.Classifier (which imports this module); nn.Module
+        # types a submodule it looks up as Tensor | Module.
+        confusion = cast(MulticlassConfusionMatrix, pl_module.classifier.confusion)
         fitting = trainer.state.fn == "fit"
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if trainer.sanity_checking or (fitting and not last):
-            classifier.confusion.reset()
+            confusion.reset()
             return
-        matrix = classifier.confusion.compute()  # synced over ranks
-        classifier.confusion.reset()
+        matrix = confusion.compute()  # synced over ranks
+        confusion.reset()
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
         if trainer.is_global_zero:
-            classes = list(getattr(trainer.datamodule, "classes", []) or [])
+            classes = list(getattr(datamodule_of(trainer), "classes", []) or [])
             log_image(
                 trainer,
                 log_dir,

@@ -31,8 +31,9 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import yaml
@@ -47,9 +48,9 @@ from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.report import BAD_FILES_NAME
 from selfsup.evaluation import FineTune
-from selfsup.models.backbones import BackboneSpec
+from selfsup.models.backbones import AnyBackbone, BackboneSpec
 from selfsup.protocols import ChecksData, ProbeInputNorm
-from selfsup.run import newest_checkpoint, run_callbacks, run_loggers, same_run_or_stop
+from selfsup.run import add_run_arguments, newest_checkpoint, run_callbacks, run_loggers, same_run_or_stop
 from selfsup.tracking import finish_wandb
 
 DISPLAY_NAMES = {
@@ -133,13 +134,7 @@ def build_parser() -> ArgumentParser:
         default="random",
         help="the entry of the untrained backbone's evaluations; null: none",
     )
-    p.add_class_arguments(RunCheckpoint, "checkpoint")
-    p.add_argument(
-        "--fresh",
-        type=bool,
-        default=False,
-        help="run every stage again instead of keeping finished ones and resuming the interrupted one",
-    )
+    add_run_arguments(p, "run every stage again instead of keeping finished ones and resuming the interrupted one")
     return p
 
 
@@ -250,7 +245,7 @@ class Pipeline:
         try:
             return L.Trainer(
                 max_epochs=max_epochs,
-                max_time={"seconds": max_time} if max_time else None,
+                max_time=timedelta(seconds=max_time) if max_time else None,
                 logger=loggers,
                 callbacks=callbacks,
                 enable_checkpointing=checkpoint,
@@ -351,7 +346,8 @@ class Pipeline:
                     }
                     model, warmup = self.build(ev_name, ev, data.num_classes, {"features": features})
                     takes_depth = not isinstance(model, FineTune)
-                    index = depth % model.backbone.num_stages
+                    # Every evaluation stage holds a selfsup backbone; nn.Module types it as Tensor | Module.
+                    index = depth % cast(AnyBackbone, model.backbone).num_stages
                     run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                     run += ("" if depth == -1 else f"_stage{index}") + (f"_{suffix}" if suffix else "")
                     metrics = self.run_stage(run, ev, model, warmup, data)
@@ -368,7 +364,9 @@ class Pipeline:
         """The labelled data the evaluations run on, as ``(suffix, data)``: the evaluation data
         (``""``), and ``("indomain", dm)`` when those are a separate ``eval_root`` and the
         pretraining images have labels of their own (``--in_domain``)."""
-        out = [("", dm.evaluation_data)]
+        labelled = dm.evaluation_data
+        assert labelled is not None  # run() stops first when there are none
+        out = [("", labelled)]
         if self.cfg.data.eval_root and dm.has_labels and self.cfg.in_domain:
             out.append(("indomain", dm))
         return out
@@ -385,10 +383,11 @@ class Pipeline:
                     f"evaluations.{name}.data takes label_fraction and batch_size, not {', '.join(sorted(unknown))}"
                 )
             dm = labelled.derived(**ev.data)
-            if dm.hparams.drop_last and len(dm.train_set) < dm.hparams.batch_size:
+            train = dm.splits()[0]
+            if dm.hp.drop_last and len(train) < dm.hp.batch_size:
                 raise SelfsupError(
-                    f"evaluations.{name} trains on {len(dm.train_set)} images, fewer than a batch of "
-                    f"{dm.hparams.batch_size}: set evaluations.{name}.data.batch_size"
+                    f"evaluations.{name} trains on {len(train)} images, fewer than a batch of "
+                    f"{dm.hp.batch_size}: set evaluations.{name}.data.batch_size"
                 )
             self._evaluation_data[name, suffix] = dm
         return self._evaluation_data[name, suffix]
@@ -445,24 +444,26 @@ class Pipeline:
         def where(root: str | None) -> str:
             return str(Path(root).expanduser().resolve()) if root else "(embedded sample)"
 
+        pretrain_train, pretrain_eval = dm.splits()
+        labelled_train, labelled_eval = labelled.splits()
         summary = {
             "data_root": where(cfg.data.root),
             "eval_root": where(cfg.data.eval_root) if cfg.data.eval_root else where(cfg.data.root),
             "labels": "folders" if dm.has_labels else "none",
             "image_size": dm.image_size,
             "num_classes": labelled.num_classes,
-            "pretrain_images": len(dm.train_set),
-            "train_images": len(labelled.train_set),
-            "eval_images": len(labelled.eval_set),
+            "pretrain_images": len(pretrain_train),
+            "train_images": len(labelled_train),
+            "eval_images": len(labelled_eval),
             # Training images of each evaluation (fewer where it trains on a share of the labels).
             "evaluation_train_images": {
-                name: len(self.evaluation_data(labelled, name, ev).train_set)
+                name: len(self.evaluation_data(labelled, name, ev).splits()[0])
                 for name, ev in cfg.evaluations.items()
                 if ev.enabled
             },
             # With in-domain figures: the pretraining data's own split they come from.
             "in_domain": (
-                {"train_images": len(dm.train_set), "eval_images": len(dm.eval_set), "num_classes": dm.num_classes}
+                {"train_images": len(pretrain_train), "eval_images": len(pretrain_eval), "num_classes": dm.num_classes}
                 if len(targets) > 1
                 else None
             ),

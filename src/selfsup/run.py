@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import ArgumentParser
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger
 
@@ -29,7 +30,22 @@ from selfsup.callbacks import (
 )
 from selfsup.tracking import WandbLogger, wandb_run_id
 
-__all__ = ["SlurmEnvironment", "changed_keys", "newest_checkpoint", "run_callbacks", "run_loggers", "same_run_or_stop"]
+__all__ = [
+    "SlurmEnvironment",
+    "add_run_arguments",
+    "changed_keys",
+    "newest_checkpoint",
+    "run_callbacks",
+    "run_loggers",
+    "same_run_or_stop",
+]
+
+
+def add_run_arguments(parser: ArgumentParser, fresh: str) -> None:
+    """The run's own sections of a command line: ``checkpoint`` (how often ``last.ckpt`` is
+    written) and ``--fresh`` (what starting again means, said by ``fresh``)."""
+    parser.add_class_arguments(RunCheckpoint, "checkpoint")
+    parser.add_argument("--fresh", type=bool, default=False, help=fresh)
 
 
 def run_callbacks(

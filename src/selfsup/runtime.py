@@ -16,6 +16,8 @@ import ctypes.util
 import os
 import sys
 
+import torch
+
 #: glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: Blocks up to this size come from the heap (glibc's ceiling for the threshold on 64 bits).
@@ -57,8 +59,6 @@ def native_bf16(accelerator: str = "cpu") -> bool:
     """Whether ``accelerator`` ("cpu" or "gpu"/"cuda") computes in bfloat16 natively: a CUDA
     device with bf16 support (Ampere on), or a CPU with AVX512-BF16 or AMX tiles (oneDNN's
     bf16 kernels; elsewhere bf16 is emulated and slower than fp32)."""
-    import torch
-
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             return False

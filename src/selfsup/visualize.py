@@ -43,7 +43,8 @@ def patches_main(argv: Sequence[str]) -> Path:
     dm_args.pop("__path__", None)
     dm = ImageDataModule(**dm_args)
     dm.setup()
-    figure = draw_patches(model, dm.train_set.images[spread(len(dm.train_set), cfg.count)], cfg.seed)
+    train = dm.splits()[0]
+    figure = draw_patches(model, train.images[spread(len(train), cfg.count)], cfg.seed)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(figure, str(out))

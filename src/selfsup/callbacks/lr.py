@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from selfsup import SelfsupError
 from selfsup.optim.schedules import Decay, ScalingRule, lr_factor, scale_lr
+from selfsup.trainer_attrs import callbacks_of, datamodule_of
 
 
 def _configured_lrs(trainer: L.Trainer) -> list[list[float]]:
@@ -27,8 +28,8 @@ def per_device_batch_size(trainer: L.Trainer) -> int:
     DataModule's ``batch_size`` before the loader exists)."""
     loader = trainer.train_dataloader
     bs = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    if bs is None and trainer.datamodule is not None:
-        dm = trainer.datamodule
+    dm = datamodule_of(trainer)
+    if bs is None and dm is not None:
         bs = getattr(dm, "batch_size", None) or getattr(dm, "hparams", {}).get("batch_size")
     if not bs:
         raise SelfsupError(
@@ -167,7 +168,7 @@ class Warmup(L.Callback):
             rank_zero_warn(f"warmup ({self.warmup} steps) lasts the whole run ({self.total_steps:.0f} steps)")
 
     def targets(self, trainer: L.Trainer) -> list[list[float]]:
-        for cb in trainer.callbacks:
+        for cb in callbacks_of(trainer):
             if isinstance(cb, LearningRateScaling) and cb.target_lrs:
                 return cb.target_lrs
         return self.base_lrs

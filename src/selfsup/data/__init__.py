@@ -14,9 +14,9 @@ __all__ = ["ImageDataModule"]
 
 
 def __getattr__(name: str) -> Any:
-    # `from selfsup.data import ImageDataModule` keeps working without making every plain-torch
-    # module of this package import Lightning (the one import in a function outside the extras).
     if name == "ImageDataModule":
+        # `from selfsup.data import ImageDataModule` keeps working without making every
+        # plain-torch module of this package import Lightning.
         from selfsup.data.datamodule import ImageDataModule
 
         return ImageDataModule

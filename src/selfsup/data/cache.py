@@ -119,6 +119,7 @@ def decode_split(
         d = decode_files(files, image_size, workers, progress=bar.update)
         bar.close()
         if image_size is None:
+            assert isinstance(d.images, list)  # without an image_size each image is its own array
             shapes = {a.shape for a in d.images}
             if len(shapes) > 1:
                 raise SelfsupError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import lightning as L
 import torch
@@ -47,7 +47,7 @@ from selfsup.data.sources import (
     sample_classes,
 )
 from selfsup.data.splits import ImageSet, held_out_split, label_fraction_subset, seeded_subset
-from selfsup.protocols import LazyRows, StreamsSamples
+from selfsup.protocols import LazyRows, SampleFn, StreamsSamples
 
 Source = Literal["auto", "folder", "stream", "sample", "cifar10", "cifar100", "stl10"]
 BadFiles = Literal["skip", "stop"]
@@ -56,6 +56,31 @@ DecodeOn = Literal["workers", "device"]
 
 def _as_list(idx: torch.Tensor | None) -> list[int] | None:
     return None if idx is None else idx.tolist()
+
+
+class ImageDataHparams(Protocol):
+    """:class:`ImageDataModule`'s hyperparameters as ``save_hyperparameters`` stores them (its
+    constructor's arguments), read through :attr:`ImageDataModule.hp`."""
+
+    root: str | None
+    source: Source
+    labels: Labels
+    eval_root: str | None
+    bad_files: BadFiles
+    image_size: int | None
+    batch_size: int
+    eval_batch_size: int | None
+    num_workers: int
+    val_fraction: float
+    max_train_images: int | None
+    max_eval_images: int | None
+    seed: int
+    download: bool
+    cache_dir: str | None
+    cache_min_images: int
+    decode_workers: int | None
+    drop_last: bool
+    decode_on: DecodeOn
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -145,10 +170,15 @@ class ImageDataModule(L.LightningDataModule):
             check_image_root(eval_root, "data.eval_root")
 
     @property
+    def hp(self) -> ImageDataHparams:
+        """The hyperparameters, typed (Lightning types ``hparams`` as a plain mapping)."""
+        return cast(ImageDataHparams, self.hparams)
+
+    @property
     def source(self) -> str:
-        s = self.hparams.source
+        s = self.hp.source
         if s == "auto":
-            return "sample" if self.hparams.root is None else "folder"
+            return "sample" if self.hp.root is None else "folder"
         return s
 
     def setup(self, stage: str | None = None) -> None:
@@ -157,17 +187,15 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         self._load()
-        if self.hparams.eval_root is not None:
+        if self.hp.eval_root is not None:
             hp = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # not the CLI's _instantiator
-            hp.update(
-                root=self.hparams.eval_root, source="folder", labels="folders", eval_root=None, decode_on="workers"
-            )
+            hp.update(root=self.hp.eval_root, source="folder", labels="folders", eval_root=None, decode_on="workers")
             ev = ImageDataModule(**hp)
             ev.trainer = self.trainer
             ev._load()
-            if ev.num_classes < 2:
+            if (ev.num_classes or 0) < 2:
                 raise SelfsupError(
-                    f"data.eval_root {ev.hparams.root} has {ev.num_classes} class folder; "
+                    f"data.eval_root {ev.hp.root} has {ev.num_classes} class folder; "
                     "evaluation needs 2 or more (EVAL/<class>/<image>)"
                 )
             self._evaluation = ev
@@ -181,7 +209,7 @@ class ImageDataModule(L.LightningDataModule):
         return int(os.environ.get("WORLD_SIZE", "1"))
 
     def _load(self) -> None:
-        hp = self.hparams
+        hp = self.hp
         src = self.source
         if src == "sample":
             self.train_set = load_sample_split("train", hp.image_size)
@@ -199,6 +227,7 @@ class ImageDataModule(L.LightningDataModule):
             self.eval_set = load_torchvision_split(src, hp.root, False, hp.download, hp.image_size)
             self.eval_split = "test"
         if hp.labels == "none":
+            assert self.train_set is not None and self.eval_set is not None  # every source above loads both
             self.train_set = ImageSet(self.train_set.images, torch.full_like(self.train_set.labels, -1), [])
             self.eval_set = ImageSet(self.eval_set.images, torch.full_like(self.eval_set.labels, -1), [])
         for name, k in (("train_set", hp.max_train_images), ("eval_set", hp.max_eval_images)):
@@ -210,7 +239,7 @@ class ImageDataModule(L.LightningDataModule):
         """``ROOT/selfsup.json`` of a streamed dataset (a download when ROOT is a bucket): read
         once, at construction, and kept."""
         if self._meta is None:
-            self._meta = read_stream_meta(self.hparams.root)
+            self._meta = read_stream_meta(self.hp.root)
         return self._meta
 
     def _load_stream(self) -> None:
@@ -218,8 +247,11 @@ class ImageDataModule(L.LightningDataModule):
         :class:`~selfsup.data.streaming.LazyImages` (nothing decoded) with their labels."""
         from selfsup.data.litdata.dataset import LazyImages  # optional extra: litdata
 
-        hp = self.hparams
+        hp = self.hp
         meta = self._stream_meta()
+        # The constructor stopped a stream without either (read_stream_meta's root, the image_size check).
+        root, size = hp.root, hp.image_size
+        assert root is not None and size is not None
         evals = [k for k in meta["splits"] if k != "train"]
         if not evals:
             raise SelfsupError(
@@ -231,12 +263,11 @@ class ImageDataModule(L.LightningDataModule):
         def split(name: str) -> ImageSet:
             n = meta["splits"][name]["written"]
             labels = (
-                torch.as_tensor(read_stream_labels(hp.root, name), dtype=torch.long)
-                if classes
-                else torch.full((n,), -1)
+                torch.as_tensor(read_stream_labels(root, name), dtype=torch.long) if classes else torch.full((n,), -1)
             )
-            images = LazyImages(join_uri(hp.root, name), hp.image_size, workers=hp.num_workers, length=n)
-            return ImageSet(images, labels, classes)
+            images = LazyImages(join_uri(root, name), size, workers=hp.num_workers, length=n)
+            # LazyImages is indexed like the uint8 tensor an ImageSet holds (see ImageSet).
+            return ImageSet(cast(torch.Tensor, images), labels, classes)
 
         self.train_set, self.eval_set, self.eval_split = split("train"), split(evals[0]), evals[0]
         say(
@@ -250,7 +281,7 @@ class ImageDataModule(L.LightningDataModule):
         their labels: scanned once (a listing, nothing decoded) and kept."""
         if self._layout is not None:
             return self._layout
-        hp = self.hparams
+        hp = self.hp
         if hp.root is None:
             raise SelfsupError("data.source=folder needs data.root")
         root = Path(hp.root).expanduser()
@@ -264,7 +295,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._layout
 
     def _load_folder(self) -> None:
-        hp = self.hparams
+        hp = self.hp
         train_dir, eval_dir, scan, choice = self._folder_layout()
         kind = (
             f"labelled by {choice.reason}"
@@ -343,7 +374,7 @@ class ImageDataModule(L.LightningDataModule):
         if label_fraction is not None:
             if not train.labelled:
                 raise SelfsupError("label_fraction needs labelled training images")
-            train = train.subset(label_fraction_subset(train.labels, label_fraction, self.hparams.seed))
+            train = train.subset(label_fraction_subset(train.labels, label_fraction, self.hp.seed))
         dm.train_set, dm.eval_set, dm.eval_split, dm.reports = train, evals, self.eval_split, self.reports
         dm._layout = self._layout
         return dm
@@ -377,19 +408,20 @@ class ImageDataModule(L.LightningDataModule):
     def _report(self) -> None:
         ev = self._evaluation
         if ev is not None:
+            ev_train, ev_eval = ev.splits()
             say(
-                f"data: evaluation data {ev.hparams.root}: {len(ev.train_set):,} train / {len(ev.eval_set):,} "
+                f"data: evaluation data {ev.hp.root}: {len(ev_train):,} train / {len(ev_eval):,} "
                 f"eval images ({ev.eval_split}), {ev.num_classes} classes"
             )
         smaller = sum(r.smaller for r in self.all_reports)
         if smaller:
-            say(f"data: {smaller:,} images smaller than {self.hparams.image_size} px were upscaled to it")
+            say(f"data: {smaller:,} images smaller than {self.hp.image_size} px were upscaled to it")
         bad = self.bad_files()
         if not bad:
             return
         total = sum(r.found for r in self.all_reports)
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
-        stop = self.hparams.bad_files == "stop"
+        stop = self.hp.bad_files == "stop"
         listed = "full list: bad_files.txt in the run folder"
         if self.run_dir is not None:
             listed = f"full list: {Path(self.run_dir) / BAD_FILES_NAME}"
@@ -427,6 +459,10 @@ class ImageDataModule(L.LightningDataModule):
         assert self.train_set is not None and self.eval_set is not None
         return self.train_set, self.eval_set
 
+    def splits(self) -> tuple[ImageSet, ImageSet]:
+        """The training and evaluation splits (:meth:`setup` loads them first if it has not)."""
+        return self._require()
+
     @property
     def num_classes(self) -> int | None:
         """Classes of the training images' labels; None when they have none. Known without
@@ -434,7 +470,7 @@ class ImageDataModule(L.LightningDataModule):
         model's ``num_classes`` when both are built."""
         if self.train_set is not None:
             return len(self.train_set.classes) if self.train_set.labelled else None
-        if self.hparams.labels == "none":
+        if self.hp.labels == "none":
             return None
         src = self.source
         if src == "folder":
@@ -455,11 +491,11 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, s: ImageSet, train: bool) -> DataLoader:
-        hp = self.hparams
+        hp = self.hp
         bs = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
         if train and hp.drop_last and len(s) < bs:
             raise SelfsupError(f"batch_size {bs} is larger than the {len(s)} training images; lower data.batch_size")
-        common = {
+        common: dict[str, Any] = {
             "batch_size": bs,
             "num_workers": hp.num_workers,
             "collate_fn": collate,
@@ -474,9 +510,10 @@ class ImageDataModule(L.LightningDataModule):
         # the middle of the epoch continues (Lightning keeps a DistributedSampler as it is).
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset = TensorImageDataset(s)
         return ResumableLoader(
-            TensorImageDataset(s),
-            sampler=ResumableSampler(s, world, rank, seed=hp.seed),
+            dataset,
+            sampler=ResumableSampler(dataset, world, rank, seed=hp.seed),
             drop_last=hp.drop_last,
             trained_batches=self._trained_batches,
             **common,
@@ -488,13 +525,14 @@ class ImageDataModule(L.LightningDataModule):
         asks (its ``stream_sample(image_size)``: e.g. SimCLR's crops cut from the full image),
         the trained position saved with each checkpoint."""
         from selfsup.data.litdata.dataset import (  # optional extra: litdata
+            LazyImages,
             StreamedDataset,
             TrainedPositionLoader,
         )
 
-        hp = self.hparams
+        hp = self.hp
         module = self.trainer.lightning_module if self.trainer is not None else None
-        sample = (
+        sample: SampleFn = (
             module.stream_sample(hp.image_size) if isinstance(module, StreamsSamples) else CentreImage(hp.image_size)
         )
         extra: dict[str, Any] = {}
@@ -505,7 +543,9 @@ class ImageDataModule(L.LightningDataModule):
         # Under DDP every rank needs as many batches: LitData gives the remainder to the last
         # rank unless it drops it.
         drop_last = hp.drop_last or self._world_size() > 1
-        ds = StreamedDataset(s.images.directory, sample, shuffle=True, seed=hp.seed, drop_last=drop_last)
+        images = s.images
+        assert isinstance(images, LazyImages)  # _loader streams only a LazyImages' whole split
+        ds = StreamedDataset(images.directory, sample, shuffle=True, seed=hp.seed, drop_last=drop_last)
         return TrainedPositionLoader(
             ds,
             batch_size=batch_size,
@@ -524,6 +564,7 @@ class ImageDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``decode_on: device``: decode a streamed training batch on the training device."""
         if isinstance(batch, dict) and "jpeg" in batch:
+            assert self.trainer is not None  # Lightning calls this hook from the trainer it attached
             return decode_batch_on_device(batch, self._device_sample, self.trainer.strategy.root_device)
         return batch
 

@@ -92,7 +92,9 @@ def _decode(path: str | Path | bytes, image_size: int | None) -> tuple[np.ndarra
             w, h = im.size
             s = image_size / min(w, h)
             nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
-            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+            # Pillow sets Image.BICUBIC at import, from its enums, and types only those (Image.Resampling,
+            # which needs Pillow 9.1).
+            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)  # type: ignore[attr-defined]
             left, top = (nw - image_size) // 2, (nh - image_size) // 2
             im = im.crop((left, top, left + image_size, top + image_size))
         return np.asarray(im, dtype=np.uint8), side
@@ -105,7 +107,9 @@ def why_unreadable(path: str | Path | bytes, e: BaseException) -> str:
     if isinstance(e, Image.DecompressionBombError):
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         over = f"{int(pixels.group(1)):,} pixels, " if pixels else ""
-        return f"decompression bomb ({over}over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,})"
+        limit = Image.MAX_IMAGE_PIXELS  # None turns the check, and so this error, off
+        of = f" of {2 * limit:,}" if limit is not None else ""
+        return f"decompression bomb ({over}over Pillow's limit{of})"
     if isinstance(e, Image.UnidentifiedImageError):
         return "not an image Pillow can read"
     if isinstance(e, FileNotFoundError):

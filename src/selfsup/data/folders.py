@@ -119,7 +119,8 @@ def resolve_labels(scan: FolderScan, labels: Labels, classes: list[str] | None =
         if extra:
             raise SelfsupError(f"{scan.directory} has classes not in the training split: {', '.join(extra[:5])}")
         found = classes
-    index = {c: i for i, c in enumerate(found)}
+    # Every top is a class folder here (loose images returned or raised above).
+    index: dict[str | None, int] = {c: i for i, c in enumerate(found)}
     return LabelChoice([index[t] for t in tops], found, "folders", f"{len(found)} class folders")
 
 

@@ -80,6 +80,9 @@ class ResumableLoader(DataLoader):
         Other arguments as DataLoader's; ``sampler`` must be a ResumableSampler.
     """
 
+    # Checked in __init__; a DataLoader's sampler cannot be replaced after it.
+    sampler: ResumableSampler
+
     def __init__(self, *args: Any, trained_batches: Callable[[], int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, ResumableSampler):
@@ -88,6 +91,7 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         trained = self.trained_batches() if self.trained_batches is not None else 0
+        assert self.batch_size is not None  # the DataModule gives a batch size, not a batch sampler
         return {"epoch": int(self.sampler.epoch), "batches": int(trained), "batch_size": int(self.batch_size)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

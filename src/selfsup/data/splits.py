@@ -6,6 +6,7 @@ Every draw takes an explicit seed, so that every stage, process and re-run sees 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -19,6 +20,7 @@ class ImageSet:
     ``LazyImages`` that decode when read; labels: int64 (N,), -1 when the images have no
     labels; classes: the class names (empty without labels)."""
 
+    # Typed as the tensor that a LazyImages stands in for (it is indexed like one).
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
@@ -31,8 +33,8 @@ class ImageSet:
         return len(self.classes) > 0
 
     def subset(self, idx: torch.Tensor) -> ImageSet:
-        # Streamed images (selfsup.data.streaming.LazyImages) stay undecoded.
-        images = self.images.subset(idx) if isinstance(self.images, LazyRows) else self.images[idx]
+        # Streamed images (selfsup.data.streaming.LazyImages) stay undecoded, indexed like a tensor.
+        images = cast(torch.Tensor, self.images.subset(idx)) if isinstance(self.images, LazyRows) else self.images[idx]
         return ImageSet(images, self.labels[idx], self.classes)
 
 

@@ -108,8 +108,8 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     channel is ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with k = (n + 6 h') mod 6, n = 5, 3,
     1 for R, G, B and h' the shifted hue (the closed form of HSV to RGB, c = v - v s clamp(min(k,
     4 - k), 0, 1), as v s is the chroma); a gray pixel (chroma 0) stays as it is, as in
-    torchvision. Branch-free: the largest channel is picked by 0/1 float masks and the turn wrapped with ``floor``, as ``where`` and
-    ``remainder`` are several times slower than arithmetic on the CPU."""
+    torchvision. Branch-free: the largest channel is picked by 0/1 float masks and the turn wrapped
+    with ``floor``, as ``where`` and ``remainder`` are several times slower than arithmetic on the CPU."""
     r, g, b = x.unbind(1)
     maxc = torch.maximum(torch.maximum(r, g), b)
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
@@ -142,7 +142,7 @@ def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     if fn.__name__ in _COMPILED:
         return _COMPILED[fn.__name__]
     # Inductor's errors (no C++ compiler, a failed build) derive from BackendCompilerFailed.
-    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._dynamo.exc import BackendCompilerFailed  # a second to import: only views.compile needs it
 
     state = {"fn": torch.compile(fn, dynamic=True)}
 
@@ -280,14 +280,16 @@ class SimCLRViews(nn.Module):
     ) -> None:
         super().__init__()
         self.image_size = image_size
-        self.scale = tuple(scale)
-        self.ratio = tuple(ratio)
+        # Pairs, also where a config gives lists.
+        self.scale = (scale[0], scale[1])
+        self.ratio = (ratio[0], ratio[1])
         self.jitter = tuple(v * jitter_strength for v in (0.4, 0.4, 0.4, 0.1))
         self.jitter_p = jitter_p
         self.gray_p = gray_p
         self.blur = blur
         self.mean, self.std = tuple(mean), tuple(std)
-        self.compile = compile
+        # Not self.compile: that would hide nn.Module.compile().
+        self.compile_colour = compile
 
     def view(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalised."""
@@ -303,12 +305,12 @@ class SimCLRViews(nn.Module):
         size = x.shape[-1]
         b, c, s, h = self.jitter
         # The compiled functions are looked up, not kept: the module stays picklable.
-        x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator, ops=colour_ops(self.compile))
+        x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator, ops=colour_ops(self.compile_colour))
         gray = _draw_gray(x, self.gray_p, generator)
         if self.blur if self.blur is not None else size > 32:
             x = random_gaussian_blur(mix_gray(x, gray), generator=generator)
             return normalize(x, self.mean, self.std)
-        tail = compiled(gray_and_normalize) if self.compile else gray_and_normalize
+        tail = compiled(gray_and_normalize) if self.compile_colour else gray_and_normalize
         return tail(x, gray, *standardisation(x, self.mean, self.std))
 
     @torch.no_grad()

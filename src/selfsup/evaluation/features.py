@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import lightning as L
 import torch
@@ -16,7 +16,7 @@ from selfsup.config import PlainData
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
 from selfsup.data.views import normalize, random_resized_crop, to_float
-from selfsup.models.backbones import BackboneSpec
+from selfsup.models.backbones import AnyBackbone, BackboneSpec
 from selfsup.models.weights import load_backbone
 from selfsup.protocols import LazyRows
 
@@ -50,7 +50,7 @@ class Features(PlainData):
     stage: int = -1
 
 
-def transfer_backbone(backbone: BackboneSpec | dict | None, features: Features) -> nn.Module:
+def transfer_backbone(backbone: BackboneSpec | dict | None, features: Features) -> AnyBackbone:
     """The backbone of a transfer stage, with the ``backbone.*`` weights of ``features.checkpoint``
     loaded strictly (None: the random initialisation, the baseline)."""
     model = BackboneSpec.of(backbone).build()
@@ -59,16 +59,27 @@ def transfer_backbone(backbone: BackboneSpec | dict | None, features: Features) 
     return model
 
 
-def require_labels(module: L.LightningModule, dm: object) -> None:
+class _ClassCount(Protocol):
+    num_classes: int | None
+
+
+class TrainsOnLabels(Protocol):
+    """A transfer stage whose hyperparameters name its class count (LinearProbe, FineTune, KNNEvaluation)."""
+
+    @property
+    def hp(self) -> _ClassCount: ...
+
+
+def require_labels(module: TrainsOnLabels, dm: object) -> None:
     """Stop before training when the data have no labels to train on, or the module was built
     without a class count (``hparams.num_classes``; one line, the fix)."""
     if isinstance(dm, ImageDataModule) and not dm.has_labels:
         raise SelfsupError(
-            f"{type(module).__name__} trains on labels, but the images of {dm.hparams.root} have none "
-            f"(data.labels={dm.hparams.labels}); point --data.root at labelled images (ROOT/<class>/<image>), "
+            f"{type(module).__name__} trains on labels, but the images of {dm.hp.root} have none "
+            f"(data.labels={dm.hp.labels}); point --data.root at labelled images (ROOT/<class>/<image>), "
             "or set --data.labels folders if its folders are the classes"
         )
-    if module.hparams.num_classes is None:
+    if module.hp.num_classes is None:
         raise SelfsupError(
             f"{type(module).__name__} was built without num_classes: selfsup fit links it from "
             "the data; in Python pass num_classes=dm.num_classes"
@@ -109,8 +120,8 @@ def embed_all(
 
 
 def _rows(images: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Rows lo..hi of a tensor, or of streamed images without decoding them."""
-    return images.rows(lo, hi) if isinstance(images, LazyRows) else images[lo:hi]
+    """Rows lo..hi of a tensor, or of streamed images without decoding them (indexed like a tensor)."""
+    return cast(torch.Tensor, images.rows(lo, hi)) if isinstance(images, LazyRows) else images[lo:hi]
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
 import lightning as L
 import torch
 
@@ -12,6 +14,19 @@ from selfsup.evaluation.linear import Classifier
 from selfsup.media import ConfusionFigure
 from selfsup.models.backbones import BackboneSpec
 from selfsup.optim.optimizer import OptimizerSpec, param_groups
+
+
+class FineTuneHparams(Protocol):
+    """:class:`FineTune`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the typed
+    groups as plain dicts), read through :attr:`FineTune.hp`."""
+
+    num_classes: int | None
+    backbone: dict[str, Any]
+    features: dict[str, Any]
+    augment: bool
+    crop_min_scale: float
+    optimizer: dict[str, Any]
+    backbone_lr: float | None
 
 
 class FineTune(L.LightningModule):
@@ -50,6 +65,16 @@ class FineTune(L.LightningModule):
         # features made lr 0.1 diverge, see Classifier).
         self.classifier = Classifier(self.backbone.num_features, num_classes, None) if num_classes is not None else None
 
+    @property
+    def hp(self) -> FineTuneHparams:
+        """The hyperparameters, typed (Lightning types ``hparams`` as a plain mapping)."""
+        return cast(FineTuneHparams, self.hparams)
+
+    def _trained_classifier(self) -> Classifier:
+        # setup's require_labels stops a module built without num_classes before any step.
+        assert self.classifier is not None
+        return self.classifier
+
     def check_data(self, dm: L.LightningDataModule) -> None:
         require_labels(self, dm)
 
@@ -58,24 +83,25 @@ class FineTune(L.LightningModule):
 
     def features(self, batch: dict, split: str) -> torch.Tensor:
         """Features of the batch's images (B, F): randomly cropped in training with ``augment``."""
-        crop = self.hparams.crop_min_scale if split == "train" and self.hparams.augment else None
+        crop = self.hp.crop_min_scale if split == "train" and self.hp.augment else None
         return self.backbone(training_view(batch["image"], self.features_spec.input_norm, crop))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.classifier.step(self, self.features(batch, "train"), batch["label"], "train")
+        return self._trained_classifier().step(self, self.features(batch, "train"), batch["label"], "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.classifier.step(self, self.features(batch, "val"), batch["label"], "val")
+        self._trained_classifier().step(self, self.features(batch, "val"), batch["label"], "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.classifier.step(self, self.features(batch, "test"), batch["label"], "test")
+        self._trained_classifier().step(self, self.features(batch, "test"), batch["label"], "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        spec = OptimizerSpec.of(self.hparams.optimizer)
-        if self.hparams.backbone_lr is None:
-            return spec.build([self.backbone, self.classifier])
-        backbone = [{**g, "lr": self.hparams.backbone_lr} for g in param_groups([self.backbone], spec.weight_decay)]
-        return spec.build([self.classifier], backbone)
+        spec = OptimizerSpec.of(self.hp.optimizer)
+        classifier = self._trained_classifier()
+        if self.hp.backbone_lr is None:
+            return spec.build([self.backbone, classifier])
+        backbone = [{**g, "lr": self.hp.backbone_lr} for g in param_groups([self.backbone], spec.weight_decay)]
+        return spec.build([classifier], backbone)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [ConfusionFigure()]

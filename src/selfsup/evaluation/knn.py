@@ -47,7 +47,7 @@ def knn_scores_multi(
     ``{k: (Q, num_classes) scores}``."""
     b = F.normalize(bank.float(), dim=1)
     k_max = min(max(ks), b.shape[0])
-    out = {k: [] for k in ks}
+    out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for i in range(0, query.shape[0], query_chunk):
         q = F.normalize(query[i : i + query_chunk].float(), dim=1)
         # Running top-k over bank chunks: the best k of (best so far + this chunk).

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from selfsup import SelfsupError
 from selfsup.config import save_plain_hyperparameters
+from selfsup.data.datamodule import ImageDataModule
 from selfsup.evaluation.features import (
     Features,
     embed_all_ranks,
@@ -19,6 +24,18 @@ from selfsup.evaluation.features import (
 from selfsup.evaluation.knn import knn_scores_multi
 from selfsup.media import log_image, neighbours_grid, spread
 from selfsup.models.backbones import BackboneSpec
+from selfsup.trainer_attrs import datamodule_of
+
+
+class KNNEvaluationHparams(Protocol):
+    """:class:`KNNEvaluation`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the
+    typed groups as plain dicts), read through :attr:`KNNEvaluation.hp`."""
+
+    num_classes: int | None
+    backbone: dict[str, Any]
+    features: dict[str, Any]
+    k: tuple[int, ...]
+    temperature: float
 
 
 class KNNEvaluation(L.LightningModule):
@@ -58,6 +75,18 @@ class KNNEvaluation(L.LightningModule):
             self.top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def hp(self) -> KNNEvaluationHparams:
+        """The hyperparameters, typed (Lightning types ``hparams`` as a plain mapping)."""
+        return cast(KNNEvaluationHparams, self.hparams)
+
+    def _data(self) -> ImageDataModule:
+        """The trainer's ImageDataModule: its training split is the bank."""
+        dm = datamodule_of(self.trainer)
+        if not isinstance(dm, ImageDataModule):
+            raise SelfsupError("KNNEvaluation reads its bank from an ImageDataModule's training split: run it with one")
+        return dm
+
     def check_data(self, dm: L.LightningDataModule) -> None:
         require_labels(self, dm)
 
@@ -70,22 +99,24 @@ class KNNEvaluation(L.LightningModule):
         return frozen_features(self.backbone, images, self.features_spec)
 
     def on_validation_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
         self._bank = None
         if not self.trainer.sanity_checking:  # every training image, each embedded once
+            train = self._data().splits()[0]
             self._bank = (
-                embed_all_ranks(self.trainer, self.embed, dm.train_set.images, self.device),
-                dm.train_set.labels.to(self.device),
+                embed_all_ranks(self.trainer, self.embed, train.images, self.device),
+                train.labels.to(self.device),
             )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self._bank is None:
             return
         y = batch["label"]
+        assert self.num_classes is not None  # setup's require_labels
         scores = knn_scores_multi(
-            self.embed(batch["image"]), *self._bank, self.num_classes, self.ks, self.hparams.temperature
+            self.embed(batch["image"]), *self._bank, self.num_classes, self.ks, self.hp.temperature
         )
-        for i, (k, metric) in enumerate(zip(self.ks, self.top1, strict=True)):
+        for i, (k, module) in enumerate(zip(self.ks, self.top1, strict=True)):
+            metric = cast(Metric, module)  # ModuleList types its items as Module
             metric(scores[k], y)
             self.log("val/top1" if i == 0 else f"val/top1_k{k}", metric, prog_bar=i == 0)
         if self.top5 is not None:
@@ -101,18 +132,18 @@ class KNNEvaluation(L.LightningModule):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective call: every rank
         if not self.trainer.is_global_zero:
             return
-        dm = self.trainer.datamodule
-        pick = spread(len(dm.eval_set), min(8, len(dm.eval_set)))
-        queries = dm.eval_set.images[pick]
+        train, evals = self._data().splits()
+        pick = spread(len(evals), min(8, len(evals)))
+        queries = evals.images[pick]
         bank, bank_labels = self._bank
         sims = F.normalize(self.embed(queries.to(self.device)).float(), dim=1) @ F.normalize(bank, dim=1).T
         nearest = sims.topk(min(8, len(bank)), dim=1).indices.cpu()
-        correct = dm.train_set.labels[nearest] == dm.eval_set.labels[pick][:, None]
+        correct = train.labels[nearest] == evals.labels[pick][:, None]
         log_image(
             self.trainer,
             log_dir,
             "val/neighbours",
-            neighbours_grid(queries, dm.train_set.images[nearest], correct),
+            neighbours_grid(queries, train.images[nearest], correct),
             "left: evaluation image; right: its nearest training images (green: same class)",
         )
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from typing import Literal
+from typing import Any, Literal, Protocol, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from selfsup import SelfsupError
@@ -38,6 +39,7 @@ from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
 from selfsup.optim.schedules import lr_factor
+from selfsup.trainer_attrs import callbacks_of, datamodule_of
 
 
 def linear_head(num_features: int, num_classes: int, standardise: Literal["batch", "layer"] | None) -> nn.Module:
@@ -107,12 +109,26 @@ class Classifier(nn.Module):
             sync_dist=not train,
         )
         for name in ("top1", f"top{self.top_k}") if self.top_k else ("top1",):
-            metric = self.metrics[f"{split}_{name}"]
+            metric = cast(Metric, self.metrics[f"{split}_{name}"])  # ModuleDict types its items as Module
             metric(logits, labels)
             module.log(f"{split}/{name}", metric, prog_bar=name == "top1", on_step=train, on_epoch=True)
         if split == "val":
             self.confusion.update(logits.detach(), labels)
         return loss
+
+
+class LinearProbeHparams(Protocol):
+    """:class:`LinearProbe`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the
+    typed groups as plain dicts), read through :attr:`LinearProbe.hp`."""
+
+    num_classes: int | None
+    backbone: dict[str, Any]
+    features: dict[str, Any]
+    cache_features: bool
+    augment: bool
+    crop_min_scale: float
+    search: dict[str, Any]
+    optimizer: dict[str, Any]
 
 
 class LinearProbe(L.LightningModule):
@@ -172,6 +188,16 @@ class LinearProbe(L.LightningModule):
         #: The setting the search chose (None: no search run).
         self.chosen: SearchResult | None = None
 
+    @property
+    def hp(self) -> LinearProbeHparams:
+        """The hyperparameters, typed (Lightning types ``hparams`` as a plain mapping)."""
+        return cast(LinearProbeHparams, self.hparams)
+
+    def _trained_classifier(self) -> Classifier:
+        # setup's require_labels stops a probe built without num_classes before any step.
+        assert self.classifier is not None
+        return self.classifier
+
     def check_data(self, dm: L.LightningDataModule) -> None:
         require_labels(self, dm)
 
@@ -192,15 +218,18 @@ class LinearProbe(L.LightningModule):
         """Frozen features of the batch's images (B, F), from the cache when computed before
         (a streamed batch then carries no images: :meth:`stream_sample`)."""
         images = batch.get("image")
-        if split == "train" and self.hparams.augment:
-            return self._compute(images, self.hparams.crop_min_scale)
+        if split == "train" and self.hp.augment:
+            assert images is not None  # stream_sample sends the images whenever the probe augments
+            return self._compute(images, self.hp.crop_min_scale)
         # The cache is indexed by the image's row in its split, which ImageDataModule provides.
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if not self.hparams.cache_features or not isinstance(dm, ImageDataModule):
+        dm = datamodule_of(self.trainer) if self._trainer is not None else None
+        if not self.hp.cache_features or not isinstance(dm, ImageDataModule):
+            assert images is not None  # only cached features come without their images
             return self._compute(images)
         idx = batch["index"]
         if split not in self._cache:
-            n = len(dm.train_set if split == "train" else dm.eval_set)
+            train, evals = dm.splits()
+            n = len(train if split == "train" else evals)
             f = self.backbone.stage_features(self.features_spec.stage)
             self._cache[split] = (
                 torch.zeros(n, f, device=idx.device),
@@ -209,6 +238,7 @@ class LinearProbe(L.LightningModule):
         store, filled = self._cache[split]
         todo = ~filled[idx]
         if todo.any():
+            assert images is not None  # a streamed batch of labels only has every feature cached
             store[idx[todo]] = self._compute(images[todo]).to(store.dtype)  # bf16 under autocast
             filled[idx[todo]] = True
         return store[idx]
@@ -218,15 +248,15 @@ class LinearProbe(L.LightningModule):
         the features of every training image are cached already (the search computed them),
         else the centre square."""
         cached = self._cache.get("train")
-        if not self.hparams.augment and cached is not None and bool(cached[1].all()):
+        if not self.hp.augment and cached is not None and bool(cached[1].all()):
             return LabelOnly()
         return CentreImage(image_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.classifier.step(self, self.features(batch, "train"), batch["label"], "train")
+        return self._trained_classifier().step(self, self.features(batch, "train"), batch["label"], "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.classifier.step(self, self.features(batch, "val"), batch["label"], "val")
+        self._trained_classifier().step(self, self.features(batch, "val"), batch["label"], "val")
 
     def on_validation_epoch_end(self) -> None:
         if self.chosen is not None:  # so that trainer.validate returns the chosen setting too
@@ -234,7 +264,7 @@ class LinearProbe(L.LightningModule):
                 self.log(f"search/{key}", float(getattr(self.chosen, key)))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.classifier.step(self, self.features(batch, "test"), batch["label"], "test")
+        self._trained_classifier().step(self, self.features(batch, "test"), batch["label"], "test")
 
     def run_search(self) -> SearchResult:
         """Choose the rate and weight decay (``search``) on held-out training images: every
@@ -242,27 +272,31 @@ class LinearProbe(L.LightningModule):
         probe's batch, epochs, rate scaling and schedule; the training split's features stay in
         the cache for the probe itself."""
         trainer = self.trainer
-        dm = trainer.datamodule
+        dm = datamodule_of(trainer)
+        assert isinstance(dm, ImageDataModule)  # configure_optimizers searches only with one
+        train = dm.splits()[0]
         if trainer.is_global_zero:
             print(
-                f"probe search: features of {len(dm.train_set)} training images, then "
+                f"probe search: features of {len(train)} training images, then "
                 f"{len(self.search_spec.settings())} heads side by side",
                 flush=True,
             )
         # Under DDP each rank computes an equal share and every rank gets all of them.
-        feats = embed_all_ranks(trainer, self._compute, dm.train_set.images, self.device)
-        labels = dm.train_set.labels.to(self.device)
-        if self.hparams.cache_features:
+        feats = embed_all_ranks(trainer, self._compute, train.images, self.device)
+        labels = train.labels.to(self.device)
+        if self.hp.cache_features:
             self._cache["train"] = (feats, torch.ones(len(feats), dtype=torch.bool, device=feats.device))
         batch = per_device_batch_size(trainer)
         global_batch = global_batch_size(trainer, batch)
         epochs = search_epochs(trainer, len(feats), global_batch)
+        num_classes = self.hp.num_classes
+        assert num_classes is not None  # setup's require_labels
         result = search_probe(
             feats,
             labels,
-            lambda: linear_head(feats.shape[1], self.hparams.num_classes, self.standardise),
+            lambda: linear_head(feats.shape[1], num_classes, self.standardise),
             self.search_spec,
-            OptimizerSpec.of(self.hparams.optimizer),
+            OptimizerSpec.of(self.hp.optimizer),
             epochs=epochs,
             batch_size=global_batch,
             lr_at=trainer_schedule(trainer, batch, epochs),
@@ -272,7 +306,7 @@ class LinearProbe(L.LightningModule):
         return trainer.strategy.broadcast(result, src=0)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        spec = OptimizerSpec.of(self.hparams.optimizer)
+        spec = OptimizerSpec.of(self.hp.optimizer)
         if self.search_spec.enabled and isinstance(getattr(self.trainer, "datamodule", None), ImageDataModule):
             self.chosen = self.run_search()
             report_search(self.trainer, self.chosen)
@@ -282,7 +316,7 @@ class LinearProbe(L.LightningModule):
                 "the probe's search reads the training split of an ImageDataModule, and this fit has "
                 f"none: it trains with optimizer.lr={spec.lr!r} instead"
             )
-        return spec.build([self.classifier])
+        return spec.build([self._trained_classifier()])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.chosen is not None:  # a checkpoint found later says which setting trained it
@@ -305,8 +339,8 @@ def search_epochs(trainer: L.Trainer, n_train: int, global_batch: int) -> int:
 def trainer_schedule(trainer: L.Trainer, batch_per_device: int, epochs: int) -> Callable[[float, int, int], float]:
     """(base rate, step, total steps of ``epochs``) -> the rate the trainer's LearningRateScaling
     and Warmup callbacks would set at that optimizer step (the base rate alone without them)."""
-    scaling = next((cb for cb in trainer.callbacks if isinstance(cb, LearningRateScaling)), None)
-    warmup = next((cb for cb in trainer.callbacks if isinstance(cb, Warmup)), None)
+    scaling = next((cb for cb in callbacks_of(trainer) if isinstance(cb, LearningRateScaling)), None)
+    warmup = next((cb for cb in callbacks_of(trainer) if isinstance(cb, Warmup)), None)
     bounded = (trainer.max_epochs or 0) > 0 or (trainer.max_steps or 0) > 0
 
     def lr_at(base: float, step: int, total: int) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import lightning as L
 import torch
@@ -27,6 +28,8 @@ from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.evaluation.features import embed_all, embed_all_ranks
 from selfsup.evaluation.knn import knn_scores
+from selfsup.evaluation.probe_search import fit_heads
+from selfsup.protocols import HasOnline
 
 
 def evaluation_due(epoch: int, max_epochs: int | None, every: int) -> bool:
@@ -78,10 +81,8 @@ def frozen_evaluation(
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
             head.bias.zero_()
         opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
-        for _ in range(linear_steps):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head(train), ytr.clone()).backward()
-            opt.step()
+        # Full-batch: one step an epoch over every training feature.
+        fit_heads(nn.ModuleList([head]), opt, train, ytr.clone(), linear_steps, len(train), seed=seed)
         with torch.no_grad():
             linear = float((head(test).argmax(1) == yte).float().mean())
     return {"knn_top1": correct / max(1, len(test)), "linear_top1": linear}
@@ -143,13 +144,17 @@ class OnlineEvaluation(nn.Module):
         self.knn_t, self.knn_bank_size = knn_temperature, knn_bank_size
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
         # Labelled data apart from the pretraining images (data.eval_root), and its figures.
-        self.separate = None
+        self.separate: ImageDataModule | None = None
         self._separate_metrics: dict[str, float] = {}
 
     @property
     def trains_head(self) -> bool:
         """Whether the head trains on the pretraining batches' labels."""
         return self.head is not None and self.separate is None
+
+    def _trained_head(self) -> nn.Module:
+        assert self.head is not None  # its callers check trains_head first
+        return self.head
 
     # -- set-up -------------------------------------------------------------------------
     def attach(self, dm: object) -> None:
@@ -167,9 +172,10 @@ class OnlineEvaluation(nn.Module):
             self.separate = ev
             if self.head is not None:  # its figures would mix with the separate ones: it rests
                 self.head.requires_grad_(False)
+            ev_train, ev_eval = ev.splits()
             say(
-                f"online evaluation on {ev.hparams.root} ({len(ev.train_set):,} train / "
-                f"{len(ev.eval_set):,} eval images, {ev.num_classes} classes): kNN and a linear "
+                f"online evaluation on {ev.hp.root} ({len(ev_train):,} train / "
+                f"{len(ev_eval):,} eval images, {ev.num_classes} classes): kNN and a linear "
                 f"classifier on frozen features every {self.spec.knn_every} epochs"
             )
         elif self.head is None:
@@ -183,7 +189,14 @@ class OnlineEvaluation(nn.Module):
         adaptation, the online rate."""
         if not self.trains_head:
             return []
-        return [{"params": list(self.head.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": self.spec.lr}]
+        return [
+            {
+                "params": list(self._trained_head().parameters()),
+                "weight_decay": 0.0,
+                "lars_exclude": True,
+                "lr": self.spec.lr,
+            }
+        ]
 
     # -- steps ------------------------------------------------------------------------
     def training_loss(self, module: L.LightningModule, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -191,7 +204,7 @@ class OnlineEvaluation(nn.Module):
         backbone. Logs ``train/online_top1``; 0 when no head trains."""
         if not self.trains_head:
             return features.new_zeros(())
-        logits = self.head(features.detach().float())
+        logits = self._trained_head()(features.detach().float())
         self.train_top1.update(logits.detach(), labels)
         module.log("train/online_top1", self.train_top1, on_step=False, on_epoch=True)
         return F.cross_entropy(logits, labels)
@@ -201,10 +214,11 @@ class OnlineEvaluation(nn.Module):
         """Accumulate and log the head's validation accuracy, and kNN's when a bank was built."""
         if not self.trains_head:
             return
-        self.online_top1.update(self.head(features.float()), labels)
+        self.online_top1.update(self._trained_head()(features.float()), labels)
         module.log("val/online_top1", self.online_top1, prog_bar=True)
         if self._bank is not None:
             bank, bank_labels = self._bank
+            assert self.num_classes is not None  # a head is built for its classes
             self.knn_top1.update(
                 knn_scores(features, bank, bank_labels, self.num_classes, self.spec.knn_k, self.knn_t), labels
             )
@@ -223,13 +237,16 @@ class OnlineEvaluation(nn.Module):
             return
         ev = self.separate
         if ev is not None:
+            ev_train, ev_eval = ev.splits()
+            # ImageDataModule.setup stops separate data of fewer than 2 classes.
+            assert ev.num_classes is not None
             with trainer.precision_plugin.forward_context():  # as embed_all_ranks: the run's precision
                 self._separate_metrics = frozen_evaluation(
                     embed,
-                    ev.train_set.images,
-                    ev.train_set.labels,
-                    ev.eval_set.images,
-                    ev.eval_set.labels,
+                    ev_train.images,
+                    ev_train.labels,
+                    ev_eval.images,
+                    ev_eval.labels,
                     ev.num_classes,
                     device,
                     knn_k=self.spec.knn_k,
@@ -238,7 +255,7 @@ class OnlineEvaluation(nn.Module):
             return
         dm = getattr(trainer, "datamodule", None)
         if self.trains_head and isinstance(dm, ImageDataModule):
-            bank = dm.train_set
+            bank = dm.splits()[0]
             if self.knn_bank_size is not None and len(bank) > self.knn_bank_size:
                 bank = bank.subset(
                     torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: self.knn_bank_size]
@@ -259,10 +276,17 @@ class OnlineHooks(L.Callback):
     returns it from ``configure_callbacks`` and calls ``embed`` (uint8 images -> features)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.online.attach(getattr(trainer, "datamodule", None))
+        _online(pl_module).attach(getattr(trainer, "datamodule", None))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.online.epoch_start(trainer, pl_module.embed, pl_module.device)
+        embed = cast(HasOnline, pl_module).embed  # a module that holds the evaluator embeds
+        _online(pl_module).epoch_start(trainer, embed, pl_module.device)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.online.epoch_end(pl_module)
+        _online(pl_module).epoch_end(pl_module)
+
+
+def _online(pl_module: L.LightningModule) -> OnlineEvaluation:
+    """The evaluator of a module that returns OnlineHooks (``HasOnline.online``); nn.Module types
+    a submodule it looks up as ``Tensor | Module``."""
+    return cast(OnlineEvaluation, pl_module.online)

@@ -78,6 +78,52 @@ class SearchResult:
         return line
 
 
+def fit_heads(
+    heads: nn.ModuleList,
+    optimizer: torch.optim.Optimizer,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr_at: Callable[[float, int, int], float] | None = None,
+    drop_last: bool = True,
+    seed: int = 0,
+) -> None:
+    """Train linear heads side by side on frozen features: the one loop behind the probe's
+    search and the online evaluator's frozen classifier.
+
+    Each epoch visits the rows in a seeded order, ``batch_size`` at a time; the heads' summed
+    cross-entropies are minimised together (each head's gradient is its own loss's).
+
+    Args:
+        heads: (B, F) -> (B, C) logits each; optimizer: over their parameters.
+        features: (N, F) float; labels: (N,) int64.
+        lr_at: (group's ``base_lr``, step, total steps) -> the rate of that step; None keeps
+            the optimiser's rates.
+        drop_last: leave out the last incomplete batch of an epoch, as the probe's loader does.
+    """
+    batch = min(batch_size, len(features))
+    per_epoch = len(features) // batch if drop_last else math.ceil(len(features) / batch)
+    total = epochs * per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    heads.train()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(features), generator=generator).to(features.device)
+        for i in range(per_epoch):
+            rows = order[i * batch : (i + 1) * batch]
+            x, y = features[rows], labels[rows]
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(group["base_lr"], step, total)
+            loss = sum(F.cross_entropy(head(x), y) for head in heads)
+            assert isinstance(loss, torch.Tensor)  # one head or more: never the empty sum 0
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+
 def search_probe(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -118,25 +164,7 @@ def search_probe(
         for g in param_groups([head], wd):
             groups.append({**g, "lr": lr, "base_lr": lr})
     opt = replace(optimizer, lr=settings[0][0]).build([], groups)
-    batch = min(batch_size, len(fit))
-    per_epoch = len(fit) // batch if drop_last else math.ceil(len(fit) / batch)
-    total = epochs * per_epoch
-    g = torch.Generator().manual_seed(search.seed)
-    heads.train()
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(fit), generator=g).to(device)
-        for i in range(per_epoch):
-            rows = order[i * batch : (i + 1) * batch]
-            x, y = fit_x[rows], fit_y[rows]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(group["base_lr"], step, total)
-            # Summed losses: each head's gradient is its own loss's.
-            loss = sum(F.cross_entropy(head(x), y) for head in heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    fit_heads(heads, opt, fit_x, fit_y, epochs, batch_size, lr_at, drop_last, search.seed)
     heads.eval()
     with torch.no_grad():
         accs = [(head(held_x).argmax(1) == held_y).float().mean().item() for head in heads]

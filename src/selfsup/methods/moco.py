@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any, Protocol, cast
 
 import lightning as L
 import torch
@@ -19,6 +20,23 @@ from selfsup.metrics import embedding_spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
+
+
+class MoCoHparams(Protocol):
+    """:class:`MoCo`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the typed
+    groups as plain dicts), read through :attr:`MoCo.hp`."""
+
+    backbone: dict[str, Any]
+    proj_hidden: int
+    proj_dim: int
+    queue_size: int
+    key_momentum: float
+    temperature: float
+    symmetric: bool
+    views: dict[str, Any]
+    optimizer: dict[str, Any]
+    online: dict[str, Any]
+    num_classes: int | None
 
 
 class MoCo(L.LightningModule):
@@ -40,6 +58,10 @@ class MoCo(L.LightningModule):
         symmetric: also use view 1 as query against view 0's key (twice the compute).
         views / optimizer / online / num_classes: as in ``SimCLR``.
     """
+
+    # Buffers (register_buffer), which nn.Module's attribute lookup types as Tensor | Module.
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
 
     def __init__(
         self,
@@ -69,6 +91,11 @@ class MoCo(L.LightningModule):
         self.views = ViewSpec.of(views).build()
         self.online = OnlineEvaluation(OnlineSpec.of(online), self.backbone.num_features, num_classes)
 
+    @property
+    def hp(self) -> MoCoHparams:
+        """The hyperparameters, typed (Lightning types ``hparams`` as a plain mapping)."""
+        return cast(MoCoHparams, self.hparams)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Query-encoder features of plain uint8 images (no augmentation): (B, F)."""
         return self.backbone(normalize(to_float(images)))
@@ -77,7 +104,7 @@ class MoCo(L.LightningModule):
     def momentum_update(self) -> None:
         """key = m * key + (1 - m) * query, for every weight; BatchNorm statistics are copied
         the same way (they are buffers of the encoder)."""
-        m = self.hparams.key_momentum
+        m = self.hp.key_momentum
         for q_mod, k_mod in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
             for q, k in zip(q_mod.state_dict().values(), k_mod.state_dict().values(), strict=True):
                 if k.dtype.is_floating_point:
@@ -96,13 +123,13 @@ class MoCo(L.LightningModule):
 
     def info_nce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """InfoNCE of queries q against their keys k (B, D, normalised) and the queue."""
-        return info_nce(q, k, self.queue, self.hparams.temperature)
+        return info_nce(q, k, self.queue, self.hp.temperature)
 
     def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE of queries from ``v0`` against keys from ``v1`` (and the reverse when
         symmetric), views (B, 3, S, S). Returns the loss, the query backbone's features of ``v0``
         (B, F) and the keys of ``v0``'s images (B, D), the next entries of the queue."""
-        symmetric = self.hparams.symmetric
+        symmetric = self.hp.symmetric
         h = self.backbone(torch.cat([v0, v1]) if symmetric else v0)
         q = F.normalize(self.projector(h).float(), dim=1)
         with torch.no_grad():
@@ -139,9 +166,7 @@ class MoCo(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The key encoder follows by momentum, never by gradient.
-        return OptimizerSpec.of(self.hparams.optimizer).build(
-            [self.backbone, self.projector], self.online.param_groups()
-        )
+        return OptimizerSpec.of(self.hp.optimizer).build([self.backbone, self.projector], self.online.param_groups())
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [OnlineHooks(), ViewsFigure()]

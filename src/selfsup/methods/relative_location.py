@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Protocol, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup import SelfsupError
@@ -32,6 +33,26 @@ from selfsup.media import draw_patches, log_training_figure, spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
+
+
+class RelativeLocationHparams(Protocol):
+    """:class:`RelativeLocation`'s hyperparameters as ``save_plain_hyperparameters`` stores them
+    (the typed groups as plain dicts), read through :attr:`RelativeLocation.hp`."""
+
+    backbone: dict[str, Any]
+    grid: Literal["doersch", "kolesnikov"]
+    patch: int | None
+    gap: int | None
+    jitter: int | None
+    gap_max: int | None
+    per_patch_norm: bool
+    color: Literal["drop", "gray", "none"]
+    gray_p: float
+    pixelate_p: float
+    pairs: Literal["all", "one"]
+    head_hidden: int
+    dropout: float
+    optimizer: dict[str, Any]
 
 
 class RelativeLocation(L.LightningModule):
@@ -90,8 +111,13 @@ class RelativeLocation(L.LightningModule):
             {f"{k}_top1": MulticlassAccuracy(8, average="micro") for k in ("train", "val")}
         )
 
+    @property
+    def hp(self) -> RelativeLocationHparams:
+        """The hyperparameters, typed (Lightning types ``hparams`` as a plain mapping)."""
+        return cast(RelativeLocationHparams, self.hparams)
+
     def grid_spec(self, image_size: int) -> GridSpec:
-        hp = self.hparams
+        hp = self.hp
         preset = grid_preset(image_size, hp.grid)
         return GridSpec(
             patch=hp.patch if hp.patch is not None else preset.patch,
@@ -103,7 +129,7 @@ class RelativeLocation(L.LightningModule):
     @property
     def probe_input_norm(self) -> Literal["channel", "per_image"]:
         """How a probe should normalise inputs for this backbone: as it saw its patches."""
-        return "per_image" if self.hparams.per_patch_norm else "channel"
+        return "per_image" if self.hp.per_patch_norm else "channel"
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features of whole uint8 images (B, 3, H, W), normalised as the patches were: (B, F)."""
@@ -115,7 +141,7 @@ class RelativeLocation(L.LightningModule):
         size = getattr(dm, "image_size", None)
         if size is None:
             return
-        hp = self.hparams
+        hp = self.hp
         try:
             spec = self.grid_spec(size)
         except ValueError:  # no preset fits: the smallest preset's size is what works
@@ -146,7 +172,7 @@ class RelativeLocation(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample and preprocess the 9 patches of each image: uint8 (B, 3, H, W) ->
         float (B, 9, 3, p, p) ready for the backbone, and the corners (B, 9, 2)."""
-        hp = self.hparams
+        hp = self.hp
         if hp.color == "gray":
             images = random_grayscale_images(images, hp.gray_p, generator)
         # Cut first, convert after: the patches hold fewer pixels than the images.
@@ -169,7 +195,7 @@ class RelativeLocation(L.LightningModule):
         centre = feats[:, CENTRE : CENTRE + 1]
         neighbours = feats[:, list(NEIGHBOURS)]  # label order
         labels = pair_labels(b, images.device).view(b, 8)
-        if self.hparams.pairs == "one":
+        if self.hp.pairs == "one":
             gdev = generator.device if generator is not None else images.device
             pick = torch.randint(0, 8, (b, 1), generator=generator, device=gdev).to(images.device)
             neighbours = neighbours.gather(1, pick[..., None].expand(-1, -1, feats.shape[-1]))
@@ -192,9 +218,10 @@ class RelativeLocation(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, labels = self(batch["image"])
         loss = F.cross_entropy(logits, labels)
-        self.pretext_top1["train_top1"](logits, labels)
+        top1 = cast(Metric, self.pretext_top1["train_top1"])  # ModuleDict types its items as Module
+        top1(logits, labels)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train/pretext_top1", self.pretext_top1["train_top1"], prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/pretext_top1", top1, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -203,9 +230,10 @@ class RelativeLocation(L.LightningModule):
         logits, labels = self(batch["image"], g)
         loss = F.cross_entropy(logits, labels)
         n = batch["image"].shape[0]
-        self.pretext_top1["val_top1"](logits, labels)
+        top1 = cast(Metric, self.pretext_top1["val_top1"])
+        top1(logits, labels)
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("val/pretext_top1", self.pretext_top1["val_top1"], prog_bar=True)
+        self.log("val/pretext_top1", top1, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return OptimizerSpec.of(self.hparams.optimizer).build([self.backbone, self.head])
+        return OptimizerSpec.of(self.hp.optimizer).build([self.backbone, self.head])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
 import lightning as L
 import torch
 
@@ -15,6 +17,20 @@ from selfsup.metrics import embedding_spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
+
+
+class SimCLRHparams(Protocol):
+    """:class:`SimCLR`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the typed
+    groups as plain dicts), read through :attr:`SimCLR.hp`."""
+
+    backbone: dict[str, Any]
+    proj_hidden: int
+    proj_dim: int
+    temperature: float
+    views: dict[str, Any]
+    optimizer: dict[str, Any]
+    online: dict[str, Any]
+    num_classes: int | None
 
 
 class SimCLR(L.LightningModule):
@@ -54,6 +70,11 @@ class SimCLR(L.LightningModule):
         self.criterion = NTXentLoss(temperature)
         self.views = ViewSpec.of(views).build()
         self.online = OnlineEvaluation(OnlineSpec.of(online), self.backbone.num_features, num_classes)
+
+    @property
+    def hp(self) -> SimCLRHparams:
+        """The hyperparameters, typed (Lightning types ``hparams`` as a plain mapping)."""
+        return cast(SimCLRHparams, self.hparams)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float images (B, 3, S, S) -> projections (B, proj_dim)."""
@@ -96,9 +117,7 @@ class SimCLR(L.LightningModule):
         self.online.validation_update(self, self.embed(images), batch["label"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return OptimizerSpec.of(self.hparams.optimizer).build(
-            [self.backbone, self.projector], self.online.param_groups()
-        )
+        return OptimizerSpec.of(self.hp.optimizer).build([self.backbone, self.projector], self.online.param_groups())
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [OnlineHooks(), ViewsFigure()]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torchvision
@@ -201,14 +201,16 @@ class TimmBackbone(nn.Module):
     def __init__(self, model_name: str) -> None:
         super().__init__()
         try:
-            import timm
+            import timm  # optional extra: selfsup[timm]
         except ImportError:
             raise SelfsupError(f"backbone timm:{model_name} needs timm: pip install 'selfsup[timm]'") from None
         try:
             self.model = timm.create_model(model_name, pretrained=False, num_classes=0)
         except RuntimeError as e:  # timm's "Unknown model"
             raise SelfsupError(f"timm has no model {model_name!r} ({e}); see timm.list_models()") from None
-        self.num_features = int(self.model.num_features)
+        # timm types its models as nn.Module, which declares neither num_features (every timm model
+        # has it) nor forward_intermediates (most have it).
+        self.num_features = int(cast(int, self.model.num_features))
         info = getattr(self.model, "feature_info", None) or []
         staged = hasattr(self.model, "forward_intermediates") and len(info) > 1
         self._channels = [int(f["num_chs"]) for f in info] if staged else [self.num_features]
@@ -224,7 +226,8 @@ class TimmBackbone(nn.Module):
             check_batch_norm_batch(self)
         if s == self.num_stages - 1:
             return self.model(x)
-        (maps,) = self.model.forward_intermediates(x, indices=[s], intermediates_only=True)
+        intermediates = cast(Callable[..., list[torch.Tensor]], self.model.forward_intermediates)
+        (maps,) = intermediates(x, indices=[s], intermediates_only=True)
         return maps.mean(dim=(2, 3))  # NCHW, also for ViTs (tokens reshaped to their grid)
 
     def stage_features(self, stage: int = -1) -> int:
@@ -235,8 +238,12 @@ class TimmBackbone(nn.Module):
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "torchvision:<arch>", "timm:<name>")
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 
+#: Any backbone :func:`build_backbone` makes: each has ``num_features``, ``num_stages``,
+#: ``stage_features(k)`` and ``forward(x, stage=k)``.
+AnyBackbone = Backbone | PooledBackbone | TimmBackbone
 
-def _torchvision(arch: str, cifar_stem: bool, norm: Norm) -> nn.Module:
+
+def _torchvision(arch: str, cifar_stem: bool, norm: Norm) -> Backbone | PooledBackbone:
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise SelfsupError(
             f"torchvision has no classification model {arch!r}; see "
@@ -251,7 +258,7 @@ def _torchvision(arch: str, cifar_stem: bool, norm: Norm) -> nn.Module:
 
 def build_backbone(
     name: str = "small_cnn", cifar_stem: bool = False, width: int = 32, norm: Norm = "batch"
-) -> nn.Module:
+) -> AnyBackbone:
     """Build a backbone by name (see the module docstring for the names).
 
     Args:
@@ -289,7 +296,7 @@ class BackboneSpec(PlainData):
     width: int = 32
     norm: Norm = "batch"
 
-    def build(self) -> nn.Module:
+    def build(self) -> AnyBackbone:
         return build_backbone(self.name, self.cifar_stem, self.width, self.norm)
 
     @classmethod

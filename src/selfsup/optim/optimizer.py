@@ -19,7 +19,8 @@ OptimizerName = Literal["adam", "adamw", "sgd", "lars"]
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
     """Split parameters so that biases and normalisation weights (1-d tensors) get no weight
     decay, as in SimCLR and Goyal et al. (2017)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for m in modules:
         for p in m.parameters():
             if p.requires_grad:

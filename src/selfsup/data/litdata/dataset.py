@@ -190,7 +190,13 @@ class LazyImages:
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The images in order, ``batch_size`` at a time (decoded in ``workers`` processes)."""
-        yield from DataLoader(_Rows(self), batch_size=batch_size, num_workers=self.workers, collate_fn=_as_is)
+        # torch types collate_fn as taking a list of samples; _Rows.__getitems__ hands it one batch tensor.
+        yield from DataLoader(
+            _Rows(self),
+            batch_size=batch_size,
+            num_workers=self.workers,
+            collate_fn=_as_is,  # type: ignore[arg-type]
+        )
 
 
 def _as_rows(idx: torch.Tensor | list[int]) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _read_text(root: str | Path, name: str) -> str:
         if not path.is_file():
             raise SelfsupError(f"{path} not found: is {root} a folder written by selfsup data optimize?")
         return path.read_text()
-    from litdata.streaming.fs_provider import _get_fs_provider
+    from litdata.streaming.fs_provider import _get_fs_provider  # optional extra: only for a bucket
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, name)
@@ -59,7 +59,7 @@ def read_stream_labels(root: str | Path, split: str) -> list[int]:
 
 def _litdata() -> Any:
     try:
-        import litdata
+        import litdata  # optional extra: selfsup[stream]
     except ImportError:
         raise SelfsupError(
             "streaming datasets need LitData: pip install 'selfsup[stream]' (or pip install litdata)"

@@ -57,9 +57,11 @@ def decode_crops(
         out = []
         for (x0, y0, bw, bh), flip in zip(boxes, flips, strict=True):
             region = (x0 * s_x, y0 * s_y, (x0 + bw) * s_x, (y0 + bh) * s_y)
-            crop = im.resize((size, size), Image.BILINEAR, box=region, reducing_gap=None)
+            # Pillow sets Image.BILINEAR and FLIP_LEFT_RIGHT at import, from its enums, and types only those
+            # (Image.Resampling, Image.Transpose, which need Pillow 9.1).
+            crop = im.resize((size, size), Image.BILINEAR, box=region, reducing_gap=None)  # type: ignore[attr-defined]
             if flip:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)  # type: ignore[attr-defined]
             out.append(np.asarray(crop, dtype=np.uint8))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 

@@ -48,7 +48,9 @@ def encode_sample(item: tuple[str, int], max_side: int | None, bad_dir: str) -> 
                 return {"image": data, "label": label, "height": h, "width": w}
             rgb = to_rgb(im)
         if max_side is not None and max(rgb.size) > max_side:
-            rgb.thumbnail((max_side, max_side), Image.BICUBIC)
+            # Pillow sets Image.BICUBIC at import, from its enums, and types only those (Image.Resampling,
+            # which needs Pillow 9.1).
+            rgb.thumbnail((max_side, max_side), Image.BICUBIC)  # type: ignore[attr-defined]
         out = io.BytesIO()
         rgb.save(out, format="JPEG", quality=95)
         w, h = rgb.size
@@ -85,7 +87,8 @@ def optimize_split(
             start_method="fork" if os.name == "posix" else None,
         )
         for part in sorted(Path(bad_dir).glob("*.txt")):
-            bad += [tuple(line.split("\t", 1)) for line in part.read_text().splitlines() if line]
+            lines = [line.split("\t", 1) for line in part.read_text().splitlines() if line]
+            bad += [(path, why) for path, why in lines]
     return len(litdata.StreamingDataset(str(out)))
 
 
@@ -144,8 +147,8 @@ def optimize_folder(
     counts = {}
     for name, files, ys in splits:
         where = eval_dir if eval_dir is not None and name != "train" else train_dir
-        held = f" (held out: {val_fraction:.0%})" if eval_dir is None and name == "val" else ""
-        print(f"selfsup data optimize: {name}: {len(files):,} files of {where}{held}", flush=True)
+        held_note = f" (held out: {val_fraction:.0%})" if eval_dir is None and name == "val" else ""
+        print(f"selfsup data optimize: {name}: {len(files):,} files of {where}{held_note}", flush=True)
         counts[name] = {"found": len(files), "written": optimize_split(files, ys, out / name, max_side, workers, bad)}
         if choice.mode == "folders":
             (out / labels_name(name)).write_text(json.dumps(stored_labels(out / name)) + "\n")
