@@ -58,7 +58,7 @@ def find_selfsup_error(e: BaseException | None) -> SelfsupError | None:
 # not as classes chosen by class_path.
 @dataclass(frozen=True)
 class PlainData:
-    """For the typed argument groups of the stage modules (backbone, optimiser, online
+    """For the typed argument groups of the stage modules (backbone, optimizer, online
     evaluation): frozen dataclasses that a module keeps as plain dicts in its hyperparameters,
     so that checkpoints load with ``torch.load(weights_only=True)``, and rebuilds with :meth:`of`.
     In a config each is a nested section (``optimizer: {name: sgd, lr: 0.1}``); on the command
@@ -90,7 +90,7 @@ def _plain_group(hint: Any) -> type[PlainData] | None:
 
 def save_plain_hyperparameters(module: Any) -> None:
     """``module.save_hyperparameters()`` for the calling ``__init__``, with the typed argument
-    groups (backbone, optimiser, ...; :class:`selfsup.config.PlainData`) stored as complete
+    groups (backbone, optimizer, ...; :class:`selfsup.config.PlainData`) stored as complete
     plain dicts, however they were given (a spec, a partial dict, a name, None), so that
     checkpoints load with ``torch.load(weights_only=True)`` and configs stay YAML."""
     here = inspect.currentframe()

@@ -11,7 +11,7 @@ def is_initialized() -> bool:
 
 
 def world_size() -> int:
-    """Number of processes in the default group; 1 when torch.distributed is not initialised."""
+    """Number of processes in the default group; 1 when torch.distributed is not initialized."""
     return dist.get_world_size() if is_initialized() else 1
 
 
@@ -44,7 +44,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (N, ...) from all ranks along dim 0 -> (W*N, ...), differentiable.
 
-    The per-rank batch must be the same size on every rank. Without an initialised
+    The per-rank batch must be the same size on every rank. Without an initialized
     process group this returns ``x`` itself.
     """
     if world_size() == 1:

@@ -85,7 +85,7 @@ def convert(spec: BackboneSpec, state: dict[str, torch.Tensor], fmt: Format) -> 
 
 
 def target_model(fmt: Format, arch: str) -> nn.Module:
-    """The library's model the export is for, at its random initialisation (nothing downloaded)."""
+    """The library's model the export is for, at its random initialization (nothing downloaded)."""
     if fmt == "torchvision":
         return torchvision.models.get_model(arch, weights=None)
     try:

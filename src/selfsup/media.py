@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from selfsup.data.patches import CENTRE, NEIGHBOURS
+from selfsup.data.patches import CENTER, NEIGHBORS
 from selfsup.data.views import IMAGENET_MEAN, IMAGENET_STD
 from selfsup.protocols import HasClassifier, HasViews
 from selfsup.tracking import WandbLogger
@@ -23,14 +23,14 @@ from selfsup.trainer_attrs import datamodule_of
 def denormalize(
     x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
-    """Normalised float (B, 3, H, W) -> uint8 for display."""
+    """Normalized float (B, 3, H, W) -> uint8 for display."""
     m = x.new_tensor(mean).view(1, -1, 1, 1)
     s = x.new_tensor(std).view(1, -1, 1, 1)
     return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def view_pairs_grid(images: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, scale: int = 3) -> torch.Tensor:
-    """One column per image: the original (uint8), then its two normalised views.
+    """One column per image: the original (uint8), then its two normalized views.
 
     Returns uint8 (3, H, W), upscaled ``scale`` times (nearest) so 32-pixel images are visible.
     """
@@ -76,16 +76,16 @@ def log_image(trainer, log_dir: str | None, key: str, image: torch.Tensor, capti
     return path
 
 
-#: Colours of the 8 neighbour labels 0..7 and of the centre patch in patch-grid figures.
+#: Colors of the 8 neighbor labels 0..7 and of the center patch in patch-grid figures.
 LABEL_COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
-CENTRE_COLOR = "#ffffff"
+CENTER_COLOR = "#ffffff"
 
 
 def patch_grid_figure(
     images: torch.Tensor, corners: torch.Tensor, patch: int, patches: torch.Tensor, scale: int = 4
 ) -> torch.Tensor:
-    """For each image: the image with its 3x3 grid of patches outlined (centre white,
-    neighbours coloured and labelled 0..7 in the fixed label order), and below it the 9
+    """For each image: the image with its 3x3 grid of patches outlined (center white,
+    neighbors colored and labeled 0..7 in the fixed label order), and below it the 9
     patches as the network receives them (after preprocessing, rescaled for display).
 
     Args:
@@ -100,8 +100,8 @@ def patch_grid_figure(
         big = images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
         c = corners[i].float() * scale
         boxes = torch.stack([c[:, 1], c[:, 0], c[:, 1] + patch * scale - 1, c[:, 0] + patch * scale - 1], dim=1)
-        labels = ["C" if k == CENTRE else str(NEIGHBOURS.index(k)) for k in range(9)]
-        colors = [CENTRE_COLOR if k == CENTRE else LABEL_COLORS[NEIGHBOURS.index(k)] for k in range(9)]
+        labels = ["C" if k == CENTER else str(NEIGHBORS.index(k)) for k in range(9)]
+        colors = [CENTER_COLOR if k == CENTER else LABEL_COLORS[NEIGHBORS.index(k)] for k in range(9)]
         drawn = draw_bounding_boxes(big, boxes, labels=labels, colors=colors, width=2)
         # The patches as the network sees them, each min-max scaled, in their grid positions.
         p = patches[i].float()
@@ -167,26 +167,26 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], cell: int = 28) -
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
-def neighbours_grid(
-    queries: torch.Tensor, neighbours: torch.Tensor, correct: torch.Tensor, scale: int = 2
+def neighbors_grid(
+    queries: torch.Tensor, neighbors: torch.Tensor, correct: torch.Tensor, scale: int = 2
 ) -> torch.Tensor:
     """One row per query: the query image, then its nearest training images, most similar first,
     each framed green when its class is the query's, red when not.
 
     Args:
-        queries: uint8 (Q, 3, H, W); neighbours: uint8 (Q, K, 3, H, W); correct: bool (Q, K).
+        queries: uint8 (Q, 3, H, W); neighbors: uint8 (Q, K, 3, H, W); correct: bool (Q, K).
     Returns:
         uint8 (3, H', W'), upscaled ``scale`` times.
     """
     q, k = correct.shape
-    framed = neighbours.clone()
-    colour = torch.where(
+    framed = neighbors.clone()
+    color = torch.where(
         correct[..., None], torch.tensor([0, 170, 0], dtype=torch.uint8), torch.tensor([200, 0, 0], dtype=torch.uint8)
     )[..., None, None]  # (Q, K, 3, 1, 1)
     for edge in (framed[..., :2, :], framed[..., -2:, :]):
-        edge[:] = colour
+        edge[:] = color
     for edge in (framed[..., :, :2], framed[..., :, -2:]):
-        edge[:] = colour
+        edge[:] = color
     rows = torch.cat([queries[:, None], framed], dim=1).flatten(0, 1)
     grid = make_grid(rows.cpu(), nrow=k + 1, padding=3, pad_value=255)
     return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)

@@ -11,11 +11,11 @@ The pipeline is two ordered lists of stages, each described by a ``selfsup fit``
 The pipeline's shared sections (``data``, ``backbone``, ``trainer``, ``lr_scaling``) apply to
 every stage, and a stage's own entries (``model``, ``warmup``, epochs) override both. The class
 count comes from the data; an evaluation also gets the checkpoint, depth and input
-normalisation of the backbone it evaluates (its ``features`` section).
+normalization of the backbone it evaluates (its ``features`` section).
 
-Pretraining reads ``data.root`` (labelled or not); evaluations train and measure on the labelled
+Pretraining reads ``data.root`` (labeled or not); evaluations train and measure on the labeled
 evaluation data: ``data.eval_root`` when given, else ``data.root``'s own labels. With both (an
-``eval_root`` and a labelled ``root``) every evaluation runs on each, side by side: transfer
+``eval_root`` and a labeled ``root``) every evaluation runs on each, side by side: transfer
 (``linear_top1``: on ``eval_root``) and in-domain (``linear_indomain_top1``: on ``root``'s own
 held-apart split); ``--in_domain false`` leaves the in-domain ones out.
 
@@ -70,7 +70,7 @@ class Stage:
             (class_path and init_args) and ``warmup`` sections describe the stage. A relative
             path is read from the working directory, else from the pipeline config's folders.
         model: init_args that override the config's (merged key by key into nested sections,
-            e.g. ``optimizer: {lr: 0.1}`` keeps the config's optimiser name).
+            e.g. ``optimizer: {lr: 0.1}`` keeps the config's optimizer name).
         warmup: Warmup arguments that override the config's.
         max_epochs / max_time: the stage's budget (max_time in seconds); 0 epochs: an evaluation
             that trains nothing (kNN) is only validated.
@@ -125,7 +125,7 @@ def build_parser() -> ArgumentParser:
         "--in_domain",
         type=bool,
         default=True,
-        help="with data.eval_root and a labelled data.root, evaluate on data.root's own labels too "
+        help="with data.eval_root and a labeled data.root, evaluate on data.root's own labels too "
         "(in-domain figures beside the transfer ones)",
     )
     p.add_argument(
@@ -258,7 +258,7 @@ class Pipeline:
     def build(
         self, name: str, stage: Namespace, num_classes: int | None, extra: dict[str, Any] | None = None
     ) -> tuple[LightningModule, dict]:
-        """A stage's module (seeded, so each stage starts from the same initialisation stream)."""
+        """A stage's module (seeded, so each stage starts from the same initialization stream)."""
         L.seed_everything(self.cfg.seed, verbose=False)
         return stage_model(name, stage, merge(self.shared, extra or {}), self.config_dirs, num_classes)
 
@@ -324,16 +324,16 @@ class Pipeline:
         depths: list[int],
     ) -> dict[str, float | None]:
         """Every evaluation stage on one backbone (``checkpoint``; None: untrained) at each depth,
-        on each labelled dataset of ``targets`` (``(suffix, data)``; :meth:`targets`):
+        on each labeled dataset of ``targets`` (``(suffix, data)``; :meth:`targets`):
         ``{evaluation}_top1``, ``{evaluation}_top5`` (None with 5 classes or fewer),
         ``{evaluation}_top1_stage{k}`` for the earlier depths, with ``_{suffix}`` after the
         evaluation's name for the other datasets (``linear_indomain_top1``)."""
         results: dict[str, float | None] = {}
-        for suffix, labelled in targets:
+        for suffix, labeled in targets:
             for ev_name, ev in self.cfg.evaluations.items():
                 if not ev.enabled:
                     continue
-                data = self.evaluation_data(labelled, ev_name, ev, suffix)
+                data = self.evaluation_data(labeled, ev_name, ev, suffix)
                 key = f"{ev_name}_{suffix}" if suffix else ev_name
                 takes_depth = True
                 for depth in [-1, *depths]:
@@ -361,28 +361,28 @@ class Pipeline:
         return results
 
     def targets(self, dm: ImageDataModule) -> list[tuple[str, ImageDataModule]]:
-        """The labelled data the evaluations run on, as ``(suffix, data)``: the evaluation data
+        """The labeled data the evaluations run on, as ``(suffix, data)``: the evaluation data
         (``""``), and ``("indomain", dm)`` when those are a separate ``eval_root`` and the
         pretraining images have labels of their own (``--in_domain``)."""
-        labelled = dm.evaluation_data
-        assert labelled is not None  # run() stops first when there are none
-        out = [("", labelled)]
+        labeled = dm.evaluation_data
+        assert labeled is not None  # run() stops first when there are none
+        out = [("", labeled)]
         if self.cfg.data.eval_root and dm.has_labels and self.cfg.in_domain:
             out.append(("indomain", dm))
         return out
 
-    def evaluation_data(self, labelled: ImageDataModule, name: str, ev: Namespace, suffix: str = "") -> ImageDataModule:
-        """The labelled data an evaluation trains and measures on: ``labelled``, or (with the
+    def evaluation_data(self, labeled: ImageDataModule, name: str, ev: Namespace, suffix: str = "") -> ImageDataModule:
+        """The labeled data an evaluation trains and measures on: ``labeled``, or (with the
         stage's ``data``) a share of its labels, made once so every backbone gets the same images."""
         if not ev.data:
-            return labelled
+            return labeled
         if (name, suffix) not in self._evaluation_data:
             unknown = set(ev.data) - {"label_fraction", "batch_size"}
             if unknown:
                 raise SelfsupError(
                     f"evaluations.{name}.data takes label_fraction and batch_size, not {', '.join(sorted(unknown))}"
                 )
-            dm = labelled.derived(**ev.data)
+            dm = labeled.derived(**ev.data)
             train = dm.splits()[0]
             if dm.hp.drop_last and len(train) < dm.hp.batch_size:
                 raise SelfsupError(
@@ -400,11 +400,11 @@ class Pipeline:
         dm.run_dir = str(self.out)
         # Every check before the first stage: a stop leaves no half-run pipeline behind.
         dm.setup("fit")
-        labelled = dm.evaluation_data
-        if labelled is None:
+        labeled = dm.evaluation_data
+        if labeled is None:
             raise SelfsupError(
-                f"the pipeline's evaluations need labelled images, but {cfg.data.root} has none (data.labels="
-                f"{cfg.data.labels}); give labelled evaluation data with --data.eval_root DIR (DIR/<class>/<image>)"
+                f"the pipeline's evaluations need labeled images, but {cfg.data.root} has none (data.labels="
+                f"{cfg.data.labels}); give labeled evaluation data with --data.eval_root DIR (DIR/<class>/<image>)"
             )
         stages = [name for name, st in cfg.stages.items() if st.enabled]
         # Every stage's config parses and fits its data before anything trains.
@@ -434,8 +434,8 @@ class Pipeline:
             model, warmup = self.build(name, cfg.stages[name], dm.num_classes)
             metrics = self.run_stage(name, cfg.stages[name], model, warmup, dm, checkpoint=True)
             extra = {"pretext_top1": metrics["val/pretext_top1"]} if "val/pretext_top1" in metrics else {}
-            # Evaluate with the inputs the backbone was trained on (per-patch standardised for
-            # relative location), and at earlier depths too: pretext tasks over-specialise the last one.
+            # Evaluate with the inputs the backbone was trained on (per-patch standardized for
+            # relative location), and at earlier depths too: pretext tasks over-specialize the last one.
             norm = model.probe_input_norm if isinstance(model, ProbeInputNorm) else "channel"
             ckpt = self.out / name / "checkpoints" / "last.ckpt"
             evaluated = self.evaluate(targets, name, ckpt, norm, list(cfg.stages[name].probe_stages))
@@ -445,19 +445,19 @@ class Pipeline:
             return str(Path(root).expanduser().resolve()) if root else "(embedded sample)"
 
         pretrain_train, pretrain_eval = dm.splits()
-        labelled_train, labelled_eval = labelled.splits()
+        labeled_train, labeled_eval = labeled.splits()
         summary = {
             "data_root": where(cfg.data.root),
             "eval_root": where(cfg.data.eval_root) if cfg.data.eval_root else where(cfg.data.root),
             "labels": "folders" if dm.has_labels else "none",
             "image_size": dm.image_size,
-            "num_classes": labelled.num_classes,
+            "num_classes": labeled.num_classes,
             "pretrain_images": len(pretrain_train),
-            "train_images": len(labelled_train),
-            "eval_images": len(labelled_eval),
+            "train_images": len(labeled_train),
+            "eval_images": len(labeled_eval),
             # Training images of each evaluation (fewer where it trains on a share of the labels).
             "evaluation_train_images": {
-                name: len(self.evaluation_data(labelled, name, ev).splits()[0])
+                name: len(self.evaluation_data(labeled, name, ev).splits()[0])
                 for name, ev in cfg.evaluations.items()
                 if ev.enabled
             },
@@ -473,7 +473,7 @@ class Pipeline:
             "wall_seconds": time.time() - t_start,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = summary_markdown(summary, labelled.eval_split, [n for n, e in cfg.evaluations.items() if e.enabled])
+        table = summary_markdown(summary, labeled.eval_split, [n for n, e in cfg.evaluations.items() if e.enabled])
         (self.out / "summary.md").write_text(table)
         print("\n" + table)
         return summary
@@ -510,7 +510,7 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
         *(
             [
                 f"Pretrained on {s['pretrain_images']} images of {s['data_root']} "
-                f"({'labelled' if s['labels'] == 'folders' else 'unlabeled'}); "
+                f"({'labeled' if s['labels'] == 'folders' else 'unlabeled'}); "
                 f"evaluated on {s['eval_root']}.",
                 "",
             ]

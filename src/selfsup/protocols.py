@@ -5,6 +5,11 @@ A new pretraining method provides :class:`PretrainingMethod`'s members (``tests/
 test_protocols.py`` checks every registered method against it); the optional ones below are
 looked for with ``isinstance`` (each protocol is ``runtime_checkable``), never with ``hasattr``.
 Plain typing: importing this module imports no Lightning.
+
+Each stage module implements these hooks, and Lightning's (``setup``, ``check_data``, the
+``*_step`` methods, the typed ``hp`` property), in its own file, so that one method's whole loop
+reads in one place: two modules' hook bodies may read alike, and are the one kind of repeated
+block the code allows (``duplicates --repo src`` lists only such pairs).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class Embeds(Protocol):
 class StreamsSamples(Protocol):
     """What a streamed dataset's workers should make of each training image for this module
     (two crops of the full image for SimCLR, a random square for relative location, ...);
-    without it the workers cut the centre square."""
+    without it the workers cut the center square."""
 
     def stream_sample(self, image_size: int) -> SampleFn: ...
 
@@ -45,7 +50,7 @@ class ChecksData(Protocol):
 
 @runtime_checkable
 class ProbeInputNorm(Protocol):
-    """How an evaluation should normalise the inputs of this method's backbone: ``channel``
+    """How an evaluation should normalize the inputs of this method's backbone: ``channel``
     (ImageNet statistics) or ``per_image`` (as relative location saw its patches)."""
 
     @property
@@ -79,7 +84,7 @@ class HasClassifier(Protocol):
 @runtime_checkable
 class PretrainingMethod(Embeds, StreamsSamples, ProbeInputNorm, Protocol):
     """Everything a pretraining method offers: features for the evaluators, its streamed
-    samples, its probes' input normalisation, and the ``backbone`` the next stage and
+    samples, its probes' input normalization, and the ``backbone`` the next stage and
     ``selfsup export`` take (keys under ``backbone.`` in its checkpoints). A data check
     (:class:`ChecksData`) is optional."""
 
@@ -99,3 +104,30 @@ class LazyRows(Protocol):
     def subset(self, idx: torch.Tensor) -> LazyRows: ...
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]: ...
+
+
+class StageHparams(Protocol):
+    """What every stage module keeps in its hyperparameters (``save_plain_hyperparameters``: the
+    typed groups as plain dicts); each module extends it with its own arguments and reads them
+    through a typed ``hp`` property (Lightning types ``hparams`` as a plain mapping)."""
+
+    backbone: dict[str, Any]
+    optimizer: dict[str, Any]
+
+
+class TransferHparams(StageHparams, Protocol):
+    """An evaluation stage's: the class count (linked from the data) and the features it reads."""
+
+    num_classes: int | None
+    features: dict[str, Any]
+
+
+class TwoViewHparams(StageHparams, Protocol):
+    """A two-view method's (SimCLR, MoCo): projection head, temperature, views, online evaluator."""
+
+    proj_hidden: int
+    proj_dim: int
+    temperature: float
+    views: dict[str, Any]
+    online: dict[str, Any]
+    num_classes: int | None

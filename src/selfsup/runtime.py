@@ -74,5 +74,5 @@ def native_bf16(accelerator: str = "cpu") -> bool:
 
 def fast_precision(accelerator: str = "cpu") -> str:
     """Lightning's ``precision`` for the fastest sound training on ``accelerator``: bf16 autocast
-    where bf16 is native (weights, optimiser and loss stay fp32), else full fp32."""
+    where bf16 is native (weights, optimizer and loss stay fp32), else full fp32."""
     return "bf16-mixed" if native_bf16(accelerator) else "32-true"

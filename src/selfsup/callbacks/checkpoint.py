@@ -1,6 +1,6 @@
 """Runs that survive: checkpoints written often and atomically, and the random stream saved with them.
 
-A resumed run is the same run: weights, optimiser, the rate's callbacks, the online evaluator
+A resumed run is the same run: weights, optimizer, the rate's callbacks, the online evaluator
 and MoCo's queue come back with the checkpoint (Lightning); the data order continues from the
 middle of the epoch (``selfsup.data.loaders``); and :class:`RandomState` restores the random
 stream the augmentations draw from, so that on the CPU the resumed run ends with the same
@@ -25,13 +25,13 @@ LAST = "last.ckpt"
 
 class RunCheckpoint(ModelCheckpoint):
     """``checkpoints/last.ckpt`` in the run folder, written at every epoch end and every
-    ``every_n_steps`` optimiser steps or ``every_minutes`` of training, whichever is given
+    ``every_n_steps`` optimizer steps or ``every_minutes`` of training, whichever is given
     (default: at most 10 minutes of work lost). Lightning writes it atomically (a temporary file
     moved into place), so a kill while writing leaves the previous ``last.ckpt`` intact.
 
     Args:
         every_minutes: save this often during an epoch; None: only at epoch ends (or steps).
-        every_n_steps: save every this many optimiser steps instead of by time.
+        every_n_steps: save every this many optimizer steps instead of by time.
     """
 
     def __init__(self, every_minutes: float | None = 10.0, every_n_steps: int | None = None) -> None:

@@ -1,8 +1,8 @@
 """The learning rate as a function of the trainer: scaled by the global batch, warmed up per step.
 
 Trainer facts (devices, nodes, accumulation, steps per epoch) are read from the trainer at run
-time, never passed in as model arguments. Each callback records the optimiser's configured
-rates at ``on_fit_start``, before Lightning restores a checkpoint's optimiser state, and sets
+time, never passed in as model arguments. Each callback records the optimizer's configured
+rates at ``on_fit_start``, before Lightning restores a checkpoint's optimizer state, and sets
 ``lr`` from those stored values; nothing is multiplied in place, so a resumed run continues
 the same curve and never scales twice (the pitfall of solo-learn and bolts).
 """
@@ -83,7 +83,7 @@ class LearningRateScaling(L.Callback):
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Before Lightning restores a checkpoint's optimiser state: the configured rates.
+        # Before Lightning restores a checkpoint's optimizer state: the configured rates.
         self.base_lrs = _configured_lrs(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

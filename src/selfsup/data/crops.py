@@ -30,7 +30,7 @@ def crop_boxes(
 ) -> torch.Tensor:
     """Random crop boxes drawn as torchvision's ``RandomResizedCrop.get_params`` draws them, for
     a whole batch at once: area fraction uniform in ``scale``, log aspect ratio uniform in
-    ``log(ratio)``, up to ``attempts`` tries for a box that fits, else the largest centred box
+    ``log(ratio)``, up to ``attempts`` tries for a box that fits, else the largest centered box
     with the aspect ratio clamped to ``ratio``; the position uniform over where the box fits.
 
     Returns:
@@ -51,7 +51,7 @@ def crop_boxes(
     # Position: integer offsets uniform over 0..W-w (torchvision: randint(0, W - w + 1)).
     x0 = torch.floor(u[..., 2].gather(1, pick)[:, 0] * (width - w + 1))
     y0 = torch.floor(u[..., 3].gather(1, pick)[:, 0] * (height - h + 1))
-    # No attempt fitted: the whole image, cut to the nearest allowed aspect ratio, centred.
+    # No attempt fitted: the whole image, cut to the nearest allowed aspect ratio, centered.
     in_ratio = width / height
     if in_ratio < min(ratio):
         fw, fh = width, round(width / min(ratio))
@@ -76,14 +76,14 @@ def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, height: int, width: int, 
     # The box in grid_sample's [-1, 1] coordinates (align_corners=False: pixel edges at +-1).
     # The grid is separable (x depends on the column only, y on the row), so it is built by
     # broadcasting instead of affine_grid's batched matrix product.
-    base = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # output pixel centres
+    base = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # output pixel centers
     gx = (bw / width * sign)[:, None] * base[None] + ((2 * x0 + bw) / width - 1)[:, None]  # (B, S)
     gy = (bh / height)[:, None] * base[None] + ((2 * y0 + bh) / height - 1)[:, None]
     return torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], dim=-1)
 
 
 # -- what a worker makes of one stored sample ----------------------------------------------
-def centre_box(height: int, width: int) -> tuple[int, int, int, int]:
-    """The centred square of side min(H, W): (x0, y0, side, side)."""
+def center_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """The centered square of side min(H, W): (x0, y0, side, side)."""
     side = min(height, width)
     return ((width - side) // 2, (height - side) // 2, side, side)

@@ -2,7 +2,7 @@
 
 Batches are dicts: ``image`` uint8 (B, 3, H, W), ``label`` int64 (B,) (-1 for unlabeled
 images), ``index`` int64 (B,) (the row of the image in its split, used e.g. to cache frozen
-features). Augmentation and normalisation happen later, on the training device (see
+features). Augmentation and normalization happen later, on the training device (see
 ``selfsup.data.views``).
 """
 
@@ -31,7 +31,7 @@ from selfsup.data.folders import (
 )
 from selfsup.data.litdata.format import join_uri, read_stream_labels, read_stream_meta
 from selfsup.data.litdata.samples import (
-    CentreImage,
+    CenterImage,
     CropViews,
     RandomSquare,
     Undecoded,
@@ -98,12 +98,12 @@ class ImageDataModule(L.LightningDataModule):
         labels: ``folders`` (the first folder level below the split is the class), ``none``
             (unlabeled), or ``auto``: class folders when every image sits in one and there are
             two or more, else unlabeled. The choice is printed.
-        eval_root: labelled images (``EVAL/<class>/<image>``, or with ``train/`` and
+        eval_root: labeled images (``EVAL/<class>/<image>``, or with ``train/`` and
             ``val/``/``test/`` splits) for evaluation: the online monitor of the pretraining
             stages and the probes of ``selfsup pipeline``. None: evaluate on ``root``'s labels.
         bad_files: what to do with files that cannot be decoded: ``skip`` them (named on one
             line and listed in ``bad_files.txt``) or ``stop`` before training.
-        image_size: decode images to this square side (shorter side resized, centre crop);
+        image_size: decode images to this square side (shorter side resized, center crop);
             None keeps the native size (all images must then share it).
         batch_size: images per device per step (the global batch is this times devices).
         val_fraction: share of train held out for evaluation when there is no val/test split.
@@ -298,7 +298,7 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hp
         train_dir, eval_dir, scan, choice = self._folder_layout()
         kind = (
-            f"labelled by {choice.reason}"
+            f"labeled by {choice.reason}"
             + (" (set data.labels none if they are not classes)" if hp.labels == "auto" else "")
             if choice.mode == "folders"
             else f"unlabeled ({choice.reason})"
@@ -372,8 +372,8 @@ class ImageDataModule(L.LightningDataModule):
             hp["batch_size"] = batch_size
         dm = ImageDataModule(**hp)
         if label_fraction is not None:
-            if not train.labelled:
-                raise SelfsupError("label_fraction needs labelled training images")
+            if not train.labeled:
+                raise SelfsupError("label_fraction needs labeled training images")
             train = train.subset(label_fraction_subset(train.labels, label_fraction, self.hp.seed))
         dm.train_set, dm.eval_set, dm.eval_split, dm.reports = train, evals, self.eval_split, self.reports
         dm._layout = self._layout
@@ -441,12 +441,12 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def has_labels(self) -> bool:
         """Whether the training images have labels."""
-        return self._require()[0].labelled
+        return self._require()[0].labeled
 
     @property
     def evaluation_data(self) -> ImageDataModule | None:
-        """The labelled data to evaluate on: the separate ``eval_root`` data, this module when
-        its own images are labelled, or None (nothing to evaluate with)."""
+        """The labeled data to evaluate on: the separate ``eval_root`` data, this module when
+        its own images are labeled, or None (nothing to evaluate with)."""
         self._require()
         if self._evaluation is not None:
             return self._evaluation
@@ -469,7 +469,7 @@ class ImageDataModule(L.LightningDataModule):
         decoding (a folder is listed, once), so that ``selfsup fit`` can link it into the
         model's ``num_classes`` when both are built."""
         if self.train_set is not None:
-            return len(self.train_set.classes) if self.train_set.labelled else None
+            return len(self.train_set.classes) if self.train_set.labeled else None
         if self.hp.labels == "none":
             return None
         src = self.source
@@ -533,10 +533,10 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hp
         module = self.trainer.lightning_module if self.trainer is not None else None
         sample: SampleFn = (
-            module.stream_sample(hp.image_size) if isinstance(module, StreamsSamples) else CentreImage(hp.image_size)
+            module.stream_sample(hp.image_size) if isinstance(module, StreamsSamples) else CenterImage(hp.image_size)
         )
         extra: dict[str, Any] = {}
-        if hp.decode_on == "device" and isinstance(sample, CentreImage | CropViews | RandomSquare):
+        if hp.decode_on == "device" and isinstance(sample, CenterImage | CropViews | RandomSquare):
             # The workers draw the boxes; on_before_batch_transfer decodes and cuts on the device.
             self._device_sample, sample = sample, Undecoded(sample)
             extra["collate_fn"] = collate_undecoded

@@ -6,7 +6,7 @@ Conversions, chosen so that the pixels are what an image viewer shows:
 - EXIF orientation is applied (a phone photo taken upright is upright);
 - grayscale, palette, CMYK and YCbCr become RGB; 16-bit and 32-bit integer images are scaled
   to 8 bits (not clipped, which would turn most of them white);
-- transparency (RGBA, LA, palette with a transparent colour) is composited over white.
+- transparency (RGBA, LA, palette with a transparent color) is composited over white.
 
 A file that Pillow cannot decode (truncated, empty, not an image, a decompression bomb) is
 reported with a short reason instead of raising.
@@ -72,7 +72,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_image(path: str | Path | bytes, image_size: int | None) -> np.ndarray:
     """Decode one image to RGB uint8 (H, W, 3). With ``image_size``, resize the shorter side to
-    it (bicubic, antialiased) and centre-crop a square. Raises what Pillow raises for a bad file."""
+    it (bicubic, antialiased) and center-crop a square. Raises what Pillow raises for a bad file."""
     return _decode(path, image_size)[0]
 
 

@@ -86,7 +86,7 @@ def resolve_labels(scan: FolderScan, labels: Labels, classes: list[str] | None =
     ``folders``: every image must sit in a class folder (at any depth below it); a folder holding
     no image is never a class. ``none``: no labels. ``auto``: class folders when every image
     sits directly in one and there are at least two, else none: a folder of photos sorted into
-    year/event subfolders is not taken for a labelled set. ``classes`` forces the label order of another split.
+    year/event subfolders is not taken for a labeled set. ``classes`` forces the label order of another split.
     """
     tops = [r.split("/", 1)[0] if "/" in r else None for r in scan.relative]
     loose = [r for r, t in zip(scan.relative, tops, strict=True) if t is None]

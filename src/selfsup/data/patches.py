@@ -2,17 +2,17 @@
 
 Geometry, per axis, for a 3x3 grid of square patches of side ``patch``:
 
-    cell   = patch + jitter + gap        (pitch between neighbouring cells)
+    cell   = patch + jitter + gap        (pitch between neighboring cells)
     extent = 2 * cell + patch + jitter   (span of the whole grid)
 
 The grid starts at a random offset inside the image; each patch sits at a random offset in
-[0, jitter] inside its cell, drawn independently per patch and per axis. Two neighbouring
+[0, jitter] inside its cell, drawn independently per patch and per axis. Two neighboring
 patches are therefore separated by at least ``gap`` and at most ``gap + 2 * jitter`` pixels,
 never overlap, and every patch lies inside the image. Doersch's 96-pixel patches with gap 48
 and jitter +-7 are ``patch=96, jitter=14, gap=34`` here (cell 144); Kolesnikov et al.'s 85-pixel
 cells with 64-pixel patches jittered by up to 21 are ``patch=64, jitter=21, gap=0``.
 
-Labels of the 8 neighbours, fixed (reading order around the centre C):
+Labels of the 8 neighbors, fixed (reading order around the center C):
 
     0 1 2
     3 C 4
@@ -26,16 +26,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Grid cell k = 3 * row + col; the centre is cell 4 and is never a label.
-CENTRE = 4
-NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
-#: label of the neighbour at (row, col) of the 3x3 grid
-LABEL_OF_CELL = {(k // 3, k % 3): label for label, k in enumerate(NEIGHBOURS)}
+# Grid cell k = 3 * row + col; the center is cell 4 and is never a label.
+CENTER = 4
+NEIGHBORS = (0, 1, 2, 3, 5, 6, 7, 8)
+#: label of the neighbor at (row, col) of the 3x3 grid
+LABEL_OF_CELL = {(k // 3, k % 3): label for label, k in enumerate(NEIGHBORS)}
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    """Patch side, gap between neighbouring cells and jitter range, in pixels.
+    """Patch side, gap between neighboring cells and jitter range, in pixels.
 
     With ``gap_max`` the gap is drawn per image, uniformly from ``gap..gap_max``.
     """
@@ -64,7 +64,7 @@ class GridSpec:
 #: image). ``doersch``: Doersch et al.'s proportions, 96-px patches with a nominal gap of 48
 #: and jitter +-7 (here gap 34..62 px, i.e. gap = patch/3 and jitter = patch/7 scaled).
 #: ``kolesnikov``: Kolesnikov et al. / mmselfsup, 85-px cells holding 64-px patches at a random
-#: offset (gap 0, jitter = a quarter cell: neighbours 0..42 px apart).
+#: offset (gap 0, jitter = a quarter cell: neighbors 0..42 px apart).
 GRID_PRESETS: dict[str, dict[int, GridSpec]] = {
     "doersch": {
         32: GridSpec(patch=7, gap=3, jitter=1),  # cell 11, extent 30
@@ -155,7 +155,7 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Each patch to zero mean and unit variance over its pixels and channels.
 
     Removes patch-level brightness and contrast, a low-level cue the network could use to
-    match neighbours (Doersch 2015; Kolesnikov et al. 2019 use per-image standardisation).
+    match neighbors (Doersch 2015; Kolesnikov et al. 2019 use per-image standardization).
     Shapes: (..., C, p, p) -> same.
     """
     x = patches.reshape(*patches.shape[:-3], -1)
@@ -224,5 +224,5 @@ def random_grayscale_images(
 
 
 def pair_labels(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Labels 0..7 for the 8 (centre, neighbour) pairs of each image, image-major: (batch * 8,)."""
+    """Labels 0..7 for the 8 (center, neighbor) pairs of each image, image-major: (batch * 8,)."""
     return torch.arange(8, device=device).repeat(batch)

@@ -29,7 +29,7 @@ class ImageSet:
         return self.images.shape[0]
 
     @property
-    def labelled(self) -> bool:
+    def labeled(self) -> bool:
         return len(self.classes) > 0
 
     def subset(self, idx: torch.Tensor) -> ImageSet:
@@ -56,7 +56,7 @@ def seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
 
 
 def label_fraction_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Sorted indices of a class-balanced, seeded share of labelled images: per class,
+    """Sorted indices of a class-balanced, seeded share of labeled images: per class,
     ``round(fraction x its images)`` (at least one) drawn at random with ``seed``; the same
     indices for the same labels, fraction and seed (the semi-supervised protocol: SimCLR's 1% and
     10% of ImageNet's labels)."""

@@ -32,7 +32,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-def standardisation(
+def standardization(
     like: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x - mean) / std as ``x * scale + shift``: scale 1 / std and shift -mean / std, each
@@ -44,8 +44,8 @@ def standardisation(
 def normalize(
     x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
-    """Per-channel standardisation of (B, 3, H, W) floats in [0, 1]."""
-    scale, shift = standardisation(x, mean, std)
+    """Per-channel standardization of (B, 3, H, W) floats in [0, 1]."""
+    scale, shift = standardization(x, mean, std)
     # A multiply and an in-place add: three times faster on the CPU than addcmul with its two
     # broadcast operands.
     return (x * scale).add_(shift)
@@ -129,7 +129,7 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 #: The jitter's four operations, in torchvision's order of its factors.
-COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 _COMPILED: dict[str, Callable] = {}
 #: Names of the functions whose compilation failed in this process (they run uncompiled).
 FELL_BACK: set[str] = set()
@@ -161,11 +161,11 @@ def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return call
 
 
-def colour_ops(compile: bool = False) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...]:
+def color_ops(compile: bool = False) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...]:
     """The four jitter operations, compiled or not. Compiled, each is one fused loop over the
     pixels instead of a dozen passes over memory (hue: 8.3 -> 1.8 ms for 400 CIFAR images on one
     CPU thread), after a compilation of about 15 s that Inductor caches on disk for later runs."""
-    return tuple(compiled(op) for op in COLOUR_OPS) if compile else COLOUR_OPS
+    return tuple(compiled(op) for op in COLOR_OPS) if compile else COLOR_OPS
 
 
 def color_jitter(
@@ -190,11 +190,11 @@ def color_jitter(
     factors.append((2 * uniform(b, generator, dev) - 1) * hue)
     order = uniform(4 * b, generator, dev).view(b, 4).argsort(dim=1)  # a uniform permutation per image
     apply = uniform(b, generator, dev) < p
-    ops = ops or COLOUR_OPS
+    ops = ops or COLOR_OPS
     active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
     # Which operation each image gets at each position, 4 for none (not jittered); one stable
     # sort per position lines the images up by it, and one read of the 4 x 5 group sizes is the
-    # only host synchronisation (a nonzero per position and operation made sixteen).
+    # only host synchronization (a nonzero per position and operation made sixteen).
     key = torch.where(apply[:, None], order, 4)
     groups = key.argsort(dim=0, stable=True)  # (B, 4): image indices grouped by operation
     sizes = F.one_hot(key, 5).sum(0).tolist()  # [position][operation]
@@ -222,7 +222,7 @@ def mix_gray(x: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
 
 
 def gray_and_normalize(x: torch.Tensor, gray: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """:func:`mix_gray` then the normalisation ``x * scale + shift`` (scale, shift: (1, 3, 1, 1)):
+    """:func:`mix_gray` then the normalization ``x * scale + shift`` (scale, shift: (1, 3, 1, 1)):
     one function so that, compiled, it is one pass over the pixels."""
     return mix_gray(x, gray) * scale + shift
 
@@ -251,16 +251,16 @@ def random_gaussian_blur(
 
 
 class SimCLRViews(nn.Module):
-    """Two independently augmented, normalised views of a uint8 image batch.
+    """Two independently augmented, normalized views of a uint8 image batch.
 
-    Recipe (SimCLR): random resized crop with scale (0.08, 1) and a horizontal flip, colour
+    Recipe (SimCLR): random resized crop with scale (0.08, 1) and a horizontal flip, color
     jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2, Gaussian blur with p=0.5
-    for images above 32 pixels, then channel normalisation.
+    for images above 32 pixels, then channel normalization.
 
     Args:
         image_size: side S of the output views; None: the side of the input images.
         blur: None means on for views larger than 32 pixels.
-        compile: the colour operations through ``torch.compile`` (:func:`colour_ops`).
+        compile: the color operations through ``torch.compile`` (:func:`color_ops`).
     Shapes:
         (B, 3, H, W) uint8 on any device -> two (B, 3, S, S) float tensors.
     """
@@ -289,29 +289,29 @@ class SimCLRViews(nn.Module):
         self.blur = blur
         self.mean, self.std = tuple(mean), tuple(std)
         # Not self.compile: that would hide nn.Module.compile().
-        self.compile_colour = compile
+        self.compile_color = compile
 
     def view(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalised."""
+        """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalized."""
         size = self.image_size or images.shape[-1]
         x = random_resized_crop(to_float(images), size, self.scale, self.ratio, generator=generator)
         return self.finish(x, generator)
 
     def finish(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The steps after the crop (colour jitter, grayscale, blur, normalisation), for crops
+        """The steps after the crop (color jitter, grayscale, blur, normalization), for crops
         already cut and flipped, e.g. from the full image in the loader's workers
         (``selfsup.data.litdata.samples.CropViews``): (B, 3, S, S) uint8 or float -> float."""
         x = to_float(crops)
         size = x.shape[-1]
         b, c, s, h = self.jitter
         # The compiled functions are looked up, not kept: the module stays picklable.
-        x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator, ops=colour_ops(self.compile_colour))
+        x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator, ops=color_ops(self.compile_color))
         gray = _draw_gray(x, self.gray_p, generator)
         if self.blur if self.blur is not None else size > 32:
             x = random_gaussian_blur(mix_gray(x, gray), generator=generator)
             return normalize(x, self.mean, self.std)
-        tail = compiled(gray_and_normalize) if self.compile_colour else gray_and_normalize
-        return tail(x, gray, *standardisation(x, self.mean, self.std))
+        tail = compiled(gray_and_normalize) if self.compile_color else gray_and_normalize
+        return tail(x, gray, *standardization(x, self.mean, self.std))
 
     @torch.no_grad()
     def forward(
@@ -340,7 +340,7 @@ class ViewSpec(PlainData):
     Args:
         size: side of the views; None: the side of the input images.
         crop_min_scale: smallest area fraction of the random resized crop (SimCLR: 0.08).
-        compile: the colour jitter's operations through ``torch.compile``: 2-4 times faster
+        compile: the color jitter's operations through ``torch.compile``: 2-4 times faster
             each, after a one-off compilation (about 15 s on two CPU cores, cached on disk).
     """
 

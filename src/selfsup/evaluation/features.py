@@ -1,4 +1,4 @@
-"""What an evaluation reads from a backbone: which weights, which depth, normalised how, and the
+"""What an evaluation reads from a backbone: which weights, which depth, normalized how, and the
 passes that embed a whole split (shared out over the job's ranks)."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ InputNorm = Literal["channel", "per_image"]
 
 
 def preprocess(images: torch.Tensor, input_norm: InputNorm) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, normalised as the backbone saw its inputs in pretraining:
-    ImageNet channel statistics, or each image standardised (relative location's per-patch norm)."""
+    """uint8 (B, 3, H, W) -> float, normalized as the backbone saw its inputs in pretraining:
+    ImageNet channel statistics, or each image standardized (relative location's per-patch norm)."""
     x = to_float(images)
     return normalize_patches(x) if input_norm == "per_image" else normalize(x)
 
@@ -37,11 +37,11 @@ class Features(PlainData):
 
     Args:
         checkpoint: a checkpoint of an earlier stage; its ``backbone.*`` weights are loaded
-            strictly. None: the random initialisation (the baseline).
-        input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardisation, as the
+            strictly. None: the random initialization (the baseline).
+        input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardization, as the
             backbone saw its inputs in pretraining (relative location: ``per_image``).
         stage: the backbone stage whose pooled output is read (-1: the last; -2: the one before,
-            e.g. ResNet layer3), since pretext tasks over-specialise the last stage (mmselfsup:
+            e.g. ResNet layer3), since pretext tasks over-specialize the last stage (mmselfsup:
             relative location probes at 40.4% from res5, 51.2% from res4). Fine-tuning reads the last.
     """
 
@@ -52,7 +52,7 @@ class Features(PlainData):
 
 def transfer_backbone(backbone: BackboneSpec | dict | None, features: Features) -> AnyBackbone:
     """The backbone of a transfer stage, with the ``backbone.*`` weights of ``features.checkpoint``
-    loaded strictly (None: the random initialisation, the baseline)."""
+    loaded strictly (None: the random initialization, the baseline)."""
     model = BackboneSpec.of(backbone).build()
     if features.checkpoint:
         load_backbone(model, features.checkpoint)
@@ -76,7 +76,7 @@ def require_labels(module: TrainsOnLabels, dm: object) -> None:
     if isinstance(dm, ImageDataModule) and not dm.has_labels:
         raise SelfsupError(
             f"{type(module).__name__} trains on labels, but the images of {dm.hp.root} have none "
-            f"(data.labels={dm.hp.labels}); point --data.root at labelled images (ROOT/<class>/<image>), "
+            f"(data.labels={dm.hp.labels}); point --data.root at labeled images (ROOT/<class>/<image>), "
             "or set --data.labels folders if its folders are the classes"
         )
     if module.hp.num_classes is None:
@@ -100,7 +100,7 @@ def frozen_features(
     backbone: nn.Module, images: torch.Tensor, features: Features, crop_min_scale: float | None = None
 ) -> torch.Tensor:
     """Pooled features (B, F) at ``features.stage`` of uint8 images (B, 3, H, W) through a frozen
-    backbone, normalised as it saw its inputs in pretraining (:func:`training_view`)."""
+    backbone, normalized as it saw its inputs in pretraining (:func:`training_view`)."""
     # Lightning restores each submodule's recorded train/eval flag around validation, bypassing
     # a module's train(); re-assert eval here so BatchNorm statistics never move.
     if backbone.training:

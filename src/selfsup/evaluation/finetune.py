@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import lightning as L
 import torch
@@ -14,24 +14,20 @@ from selfsup.evaluation.linear import Classifier
 from selfsup.media import ConfusionFigure
 from selfsup.models.backbones import BackboneSpec
 from selfsup.optim.optimizer import OptimizerSpec, param_groups
+from selfsup.protocols import TransferHparams
 
 
-class FineTuneHparams(Protocol):
-    """:class:`FineTune`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the typed
-    groups as plain dicts), read through :attr:`FineTune.hp`."""
+class FineTuneHparams(TransferHparams, Protocol):
+    """:class:`FineTune`'s hyperparameters, read through :attr:`FineTune.hp`."""
 
-    num_classes: int | None
-    backbone: dict[str, Any]
-    features: dict[str, Any]
     augment: bool
     crop_min_scale: float
-    optimizer: dict[str, Any]
     backbone_lr: float | None
 
 
 class FineTune(L.LightningModule):
     """The whole network trains: backbone (from a checkpoint) and a linear head on its pooled
-    features, as torchvision's classifiers; the backbone's own normalisation adapts.
+    features, as torchvision's classifiers; the backbone's own normalization adapts.
 
     With ``augment``, training images get a random resized crop (scale ``crop_min_scale``..1,
     flipped half the time) on the device; evaluation always uses the plain image.
@@ -39,7 +35,7 @@ class FineTune(L.LightningModule):
     Args: as :class:`LinearProbe` (``features.stage`` stays -1), and ``augment`` /
     ``crop_min_scale``; ``backbone_lr``: the backbone's own base rate (None: ``optimizer.lr``,
     the head's), e.g. a tenth of the head's so that few labels do not wash out what pretraining
-    learnt.
+    learned.
     """
 
     def __init__(
@@ -61,7 +57,7 @@ class FineTune(L.LightningModule):
                 f"{self.features_spec.stage}: leave features.stage at -1"
             )
         self.backbone = transfer_backbone(backbone, self.features_spec)
-        # No standardisation: SGD at the usual fine-tuning rates stays stable (standardised
+        # No standardization: SGD at the usual fine-tuning rates stays stable (standardized
         # features made lr 0.1 diverge, see Classifier).
         self.classifier = Classifier(self.backbone.num_features, num_classes, None) if num_classes is not None else None
 

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification of embeddings (Wu et al. 2018, InstDisc), plain torch."""
+"""Weighted k-nearest-neighbor classification of embeddings (Wu et al. 2018, InstDisc), plain torch."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def knn_scores(
 ) -> torch.Tensor:
     """Class scores of each query from its k most cosine-similar bank entries.
 
-    Each neighbour votes for its class with weight exp(similarity / temperature).
+    Each neighbor votes for its class with weight exp(similarity / temperature).
 
     Args:
         query: (Q, F) features; bank: (N, F) features; bank_labels: (N,) int64.
@@ -43,7 +43,7 @@ def knn_scores_multi(
     query_chunk: int = 1024,
     bank_chunk: int = 16384,
 ) -> dict[int, torch.Tensor]:
-    """:func:`knn_scores` for several k at once (one neighbour search for the largest k):
+    """:func:`knn_scores` for several k at once (one neighbor search for the largest k):
     ``{k: (Q, num_classes) scores}``."""
     b = F.normalize(bank.float(), dim=1)
     k_max = min(max(ks), b.shape[0])

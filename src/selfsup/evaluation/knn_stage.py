@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import lightning as L
 import torch
@@ -22,18 +22,15 @@ from selfsup.evaluation.features import (
     transfer_backbone,
 )
 from selfsup.evaluation.knn import knn_scores_multi
-from selfsup.media import log_image, neighbours_grid, spread
+from selfsup.media import log_image, neighbors_grid, spread
 from selfsup.models.backbones import BackboneSpec
+from selfsup.protocols import TransferHparams
 from selfsup.trainer_attrs import datamodule_of
 
 
-class KNNEvaluationHparams(Protocol):
-    """:class:`KNNEvaluation`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the
-    typed groups as plain dicts), read through :attr:`KNNEvaluation.hp`."""
+class KNNEvaluationHparams(TransferHparams, Protocol):
+    """:class:`KNNEvaluation`'s hyperparameters, read through :attr:`KNNEvaluation.hp`."""
 
-    num_classes: int | None
-    backbone: dict[str, Any]
-    features: dict[str, Any]
     k: tuple[int, ...]
     temperature: float
 
@@ -50,7 +47,7 @@ class KNNEvaluation(L.LightningModule):
     Args:
         num_classes: classes of the labels; ``selfsup fit`` / ``validate`` link it from the data.
         backbone / features: as ``LinearProbe``'s (``selfsup.methods.transfer.Features``).
-        k: neighbour counts, the first one reported as ``top1`` (InstDisc: 200; 20 is also common).
+        k: neighbor counts, the first one reported as ``top1`` (InstDisc: 200; 20 is also common).
         temperature: of the vote weights (InstDisc: 0.1).
     """
 
@@ -63,7 +60,7 @@ class KNNEvaluation(L.LightningModule):
         temperature: float = 0.1,
     ) -> None:
         if not k or min(k) < 1:
-            raise ValueError(f"k must name one or more neighbour counts of 1 or more, got {k}")
+            raise ValueError(f"k must name one or more neighbor counts of 1 or more, got {k}")
         super().__init__()
         save_plain_hyperparameters(self)
         self.features_spec = Features.of(features)
@@ -95,7 +92,7 @@ class KNNEvaluation(L.LightningModule):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen features of uint8 images (B, 3, H, W): (B, F), normalised as in pretraining."""
+        """Frozen features of uint8 images (B, 3, H, W): (B, F), normalized as in pretraining."""
         return frozen_features(self.backbone, images, self.features_spec)
 
     def on_validation_epoch_start(self) -> None:
@@ -125,8 +122,8 @@ class KNNEvaluation(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Show what kNN looks at: 8 evaluation images with their 8 nearest training images
-        (framed green when of the query's class, red when not), as ``val/neighbours`` in W&B
-        and ``val_neighbours.png`` in the run folder."""
+        (framed green when of the query's class, red when not), as ``val/neighbors`` in W&B
+        and ``val_neighbors.png`` in the run folder."""
         if self._bank is None:
             return
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective call: every rank
@@ -142,8 +139,8 @@ class KNNEvaluation(L.LightningModule):
         log_image(
             self.trainer,
             log_dir,
-            "val/neighbours",
-            neighbours_grid(queries, train.images[nearest], correct),
+            "val/neighbors",
+            neighbors_grid(queries, train.images[nearest], correct),
             "left: evaluation image; right: its nearest training images (green: same class)",
         )
 

@@ -25,7 +25,7 @@ from selfsup.callbacks.lr import (
 )
 from selfsup.config import save_plain_hyperparameters
 from selfsup.data.datamodule import ImageDataModule
-from selfsup.data.litdata.samples import CentreImage, LabelOnly
+from selfsup.data.litdata.samples import CenterImage, LabelOnly
 from selfsup.evaluation.features import (
     Features,
     embed_all_ranks,
@@ -39,24 +39,25 @@ from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
 from selfsup.optim.schedules import lr_factor
+from selfsup.protocols import TransferHparams
 from selfsup.trainer_attrs import callbacks_of, datamodule_of
 
 
-def linear_head(num_features: int, num_classes: int, standardise: Literal["batch", "layer"] | None) -> nn.Module:
-    """(B, F) features -> (B, C) logits: a linear layer, after a standardisation of the features
-    where ``standardise`` says so (a frozen backbone)."""
+def linear_head(num_features: int, num_classes: int, standardize: Literal["batch", "layer"] | None) -> nn.Module:
+    """(B, F) features -> (B, C) logits: a linear layer, after a standardization of the features
+    where ``standardize`` says so (a frozen backbone)."""
     linear = MLP([num_features, num_classes], init_scale=0.01)
-    if standardise is None:
+    if standardize is None:
         return linear
-    # Standardised features (BN without affine) make one learning rate fit every frozen
+    # Standardized features (BN without affine) make one learning rate fit every frozen
     # backbone; their statistics are fixed, so a cumulative average (momentum=None) gets them
     # exactly. Where the backbone asks for no batch statistics (GroupNorm: batch size 1 must
-    # work) each feature vector is standardised on its own. Standardised features have squared
+    # work) each feature vector is standardized on its own. Standardized features have squared
     # norm F, which multiplies the head's step by F under SGD: the probe configs use Adam,
     # which does not care.
     norm = (
         nn.LayerNorm(num_features, elementwise_affine=False)
-        if standardise == "layer"
+        if standardize == "layer"
         else nn.BatchNorm1d(num_features, affine=False, momentum=None)
     )
     return nn.Sequential(norm, linear)
@@ -70,15 +71,15 @@ class Classifier(nn.Module):
     the epoch, synced across ranks (torchmetrics).
 
     Args:
-        standardise: ``batch`` or ``layer`` standardisation of the features before the linear
+        standardize: ``batch`` or ``layer`` standardization of the features before the linear
             layer (a frozen backbone), or None (fine-tuning).
     """
 
-    def __init__(self, num_features: int, num_classes: int, standardise: Literal["batch", "layer"] | None) -> None:
+    def __init__(self, num_features: int, num_classes: int, standardize: Literal["batch", "layer"] | None) -> None:
         super().__init__()
         if num_classes < 2:
             raise SelfsupError(f"a classifier needs at least 2 classes, got {num_classes}")
-        self.head = linear_head(num_features, num_classes, standardise)
+        self.head = linear_head(num_features, num_classes, standardize)
         self.top_k: int | None = 5 if num_classes > 5 else None
         ks = [("top1", 1)] + ([(f"top{self.top_k}", self.top_k)] if self.top_k else [])
         self.metrics = nn.ModuleDict(
@@ -117,18 +118,13 @@ class Classifier(nn.Module):
         return loss
 
 
-class LinearProbeHparams(Protocol):
-    """:class:`LinearProbe`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the
-    typed groups as plain dicts), read through :attr:`LinearProbe.hp`."""
+class LinearProbeHparams(TransferHparams, Protocol):
+    """:class:`LinearProbe`'s hyperparameters, read through :attr:`LinearProbe.hp`."""
 
-    num_classes: int | None
-    backbone: dict[str, Any]
-    features: dict[str, Any]
     cache_features: bool
     augment: bool
     crop_min_scale: float
     search: dict[str, Any]
-    optimizer: dict[str, Any]
 
 
 class LinearProbe(L.LightningModule):
@@ -144,7 +140,7 @@ class LinearProbe(L.LightningModule):
         num_classes: classes of the labels; ``selfsup fit`` links it from the DataModule.
         backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
         features: :class:`Features`: the checkpoint (None: the random-init baseline), the input
-            normalisation and the backbone stage probed.
+            normalization and the backbone stage probed.
         cache_features: compute each image's features once.
         augment: the classic probe instead (``cache_features: false``): every epoch each
             training image is randomly cropped (scale ``crop_min_scale``..1) and flipped, then
@@ -178,9 +174,9 @@ class LinearProbe(L.LightningModule):
         self.search_spec = ProbeSearch.of(search)
         self.backbone = transfer_backbone(backbone, self.features_spec).requires_grad_(False)
         # A GroupNorm backbone asks for no batch statistics anywhere: neither does its probe.
-        self.standardise: Literal["batch", "layer"] = "layer" if BackboneSpec.of(backbone).norm == "group" else "batch"
+        self.standardize: Literal["batch", "layer"] = "layer" if BackboneSpec.of(backbone).norm == "group" else "batch"
         self.classifier = (
-            Classifier(self.backbone.stage_features(self.features_spec.stage), num_classes, self.standardise)
+            Classifier(self.backbone.stage_features(self.features_spec.stage), num_classes, self.standardize)
             if num_classes is not None
             else None
         )
@@ -243,14 +239,14 @@ class LinearProbe(L.LightningModule):
             filled[idx[todo]] = True
         return store[idx]
 
-    def stream_sample(self, image_size: int) -> CentreImage | LabelOnly:
+    def stream_sample(self, image_size: int) -> CenterImage | LabelOnly:
         """What a streamed dataset's workers make of each training image: only its label when
         the features of every training image are cached already (the search computed them),
-        else the centre square."""
+        else the center square."""
         cached = self._cache.get("train")
         if not self.hp.augment and cached is not None and bool(cached[1].all()):
             return LabelOnly()
-        return CentreImage(image_size)
+        return CenterImage(image_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._trained_classifier().step(self, self.features(batch, "train"), batch["label"], "train")
@@ -294,7 +290,7 @@ class LinearProbe(L.LightningModule):
         result = search_probe(
             feats,
             labels,
-            lambda: linear_head(feats.shape[1], num_classes, self.standardise),
+            lambda: linear_head(feats.shape[1], num_classes, self.standardize),
             self.search_spec,
             OptimizerSpec.of(self.hp.optimizer),
             epochs=epochs,

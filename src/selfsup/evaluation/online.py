@@ -1,13 +1,13 @@
 """Online evaluation of a pretraining module: a linear head on detached features, trained by
-the module's own optimiser alongside the self-supervised loss, and a kNN monitor; or, when the
-labelled images are separate from the pretraining images, kNN and a linear classifier fitted
+the module's own optimizer alongside the self-supervised loss, and a kNN monitor; or, when the
+labeled images are separate from the pretraining images, kNN and a linear classifier fitted
 on frozen features.
 
 The evaluator is a part the module holds (``module.online``) and calls from its steps; its
 per-epoch work runs from :class:`OnlineHooks`, which the module returns from
 ``configure_callbacks``. The head lives in the LightningModule (not in a callback with its own
-optimiser), so it follows the module through DDP (part of the DDP-wrapped module; metrics sync
-through torchmetrics) and through checkpoints and resume (weights and optimiser state saved
+optimizer), so it follows the module through DDP (part of the DDP-wrapped module; metrics sync
+through torchmetrics) and through checkpoints and resume (weights and optimizer state saved
 with everything else; the kNN bank is rebuilt from the training images when needed).
 """
 
@@ -53,11 +53,11 @@ def frozen_evaluation(
     linear_steps: int = 300,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Evaluate a frozen backbone on labelled data that it was not trained on: weighted kNN
+    """Evaluate a frozen backbone on labeled data that it was not trained on: weighted kNN
     (InstDisc: cosine, k=200, t=0.1, the whole training split as the bank) and a linear
-    classifier fitted on standardised features (full-batch Adam, seeded).
+    classifier fitted on standardized features (full-batch Adam, seeded).
 
-    Used when the pretraining images have no labels and labelled evaluation data are given
+    Used when the pretraining images have no labels and labeled evaluation data are given
     separately, so that no head can train alongside the pretext loss.
 
     Args:
@@ -94,11 +94,11 @@ class OnlineSpec(PlainData):
 
     Args:
         enabled: train a linear head on detached features alongside (``val/online_top1``) and
-            run the kNN monitor (``val/knn_top1``); with separate labelled data
+            run the kNN monitor (``val/knn_top1``); with separate labeled data
             (``data.eval_root``), kNN and a linear classifier on frozen features instead.
         lr: base learning rate of the online head (scaled with the batch as the others).
         knn_every: evaluate kNN (and the separate data) every this many epochs and on the last; 0: never.
-        knn_k: neighbours of the weighted kNN (InstDisc: 200).
+        knn_k: neighbors of the weighted kNN (InstDisc: 200).
     """
 
     enabled: bool = True
@@ -111,7 +111,7 @@ class OnlineEvaluation(nn.Module):
     """The online evaluator of a pretraining module with ``num_features`` pooled features.
 
     The module calls :meth:`training_loss` and :meth:`validation_update` from its steps and adds
-    :meth:`param_groups` to its optimiser; :class:`OnlineHooks` does the per-epoch work. A head
+    :meth:`param_groups` to its optimizer; :class:`OnlineHooks` does the per-epoch work. A head
     is built when ``num_classes`` (linked from the DataModule by ``selfsup fit``) is 2 or more.
 
     Args:
@@ -143,7 +143,7 @@ class OnlineEvaluation(nn.Module):
             self.knn_top1 = MulticlassAccuracy(self.num_classes, average="micro")
         self.knn_t, self.knn_bank_size = knn_temperature, knn_bank_size
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Labelled data apart from the pretraining images (data.eval_root), and its figures.
+        # Labeled data apart from the pretraining images (data.eval_root), and its figures.
         self.separate: ImageDataModule | None = None
         self._separate_metrics: dict[str, float] = {}
 
@@ -159,13 +159,13 @@ class OnlineEvaluation(nn.Module):
     # -- set-up -------------------------------------------------------------------------
     def attach(self, dm: object) -> None:
         """Choose what to evaluate on from the DataModule (one line says it): the pretraining
-        images' own labels, separate labelled data, or nothing."""
+        images' own labels, separate labeled data, or nothing."""
         if not self.spec.enabled or not isinstance(dm, ImageDataModule):
             return
         ev = dm.evaluation_data
         if ev is None:  # no labels anywhere: nothing to evaluate, and no head of one class per image
             say(
-                "online evaluation off: the pretraining images have no labels; give labelled "
+                "online evaluation off: the pretraining images have no labels; give labeled "
                 "images with --data.eval_root DIR to monitor kNN and linear accuracy"
             )
         elif ev is not dm:
@@ -185,7 +185,7 @@ class OnlineEvaluation(nn.Module):
             )
 
     def param_groups(self) -> list[dict]:
-        """The head's parameters for the module's optimiser: no weight decay, no LARS
+        """The head's parameters for the module's optimizer: no weight decay, no LARS
         adaptation, the online rate."""
         if not self.trains_head:
             return []

@@ -34,7 +34,7 @@ class ProbeSearch(PlainData):
             the probe trains with ``optimizer.lr`` and ``optimizer.weight_decay``.
         weight_decays: tried with every rate.
         holdout: share of each class's training images held out to compare the settings.
-        seed: of the held-out draw, the heads' initialisation and the batch order.
+        seed: of the held-out draw, the heads' initialization and the batch order.
     """
 
     lrs: tuple[float, ...] = ()
@@ -93,13 +93,13 @@ def fit_heads(
     search and the online evaluator's frozen classifier.
 
     Each epoch visits the rows in a seeded order, ``batch_size`` at a time; the heads' summed
-    cross-entropies are minimised together (each head's gradient is its own loss's).
+    cross-entropies are minimized together (each head's gradient is its own loss's).
 
     Args:
         heads: (B, F) -> (B, C) logits each; optimizer: over their parameters.
         features: (N, F) float; labels: (N,) int64.
         lr_at: (group's ``base_lr``, step, total steps) -> the rate of that step; None keeps
-            the optimiser's rates.
+            the optimizer's rates.
         drop_last: leave out the last incomplete batch of an epoch, as the probe's loader does.
     """
     batch = min(batch_size, len(features))
@@ -141,8 +141,8 @@ def search_probe(
     Args:
         features: (N, F) frozen features of the training images only; labels: (N,) int64.
         make_head: a fresh head, (B, F) -> (B, C) logits, as the probe builds it (its
-            standardisation included).
-        optimizer: the probe's optimiser; its ``lr`` and ``weight_decay`` are what is searched.
+            standardization included).
+        optimizer: the probe's optimizer; its ``lr`` and ``weight_decay`` are what is searched.
         epochs / batch_size: as the probe will train (``batch_size``: the global batch).
         lr_at: (base rate, step, total steps) -> the rate of that optimizer step, the probe's own
             batch scaling and schedule.

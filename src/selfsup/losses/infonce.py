@@ -10,8 +10,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
     """Mean over queries of ``-log( exp(q.k+ / t) / (exp(q.k+ / t) + sum_j exp(q.k_j / t)) )``.
 
     Args:
-        q: (B, D) L2-normalised queries; k: (B, D) their positive keys (normalised), row by row.
-        queue: (K, D) normalised negatives (no gradient flows into them).
+        q: (B, D) L2-normalized queries; k: (B, D) their positive keys (normalized), row by row.
+        queue: (K, D) normalized negatives (no gradient flows into them).
         temperature: t > 0 (MoCo v2: 0.2).
     Returns:
         a scalar; the positive sits in column 0 of the (B, 1 + K) logits.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import lightning as L
 import torch
@@ -20,35 +20,27 @@ from selfsup.metrics import embedding_spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
+from selfsup.protocols import TwoViewHparams
 
 
-class MoCoHparams(Protocol):
-    """:class:`MoCo`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the typed
-    groups as plain dicts), read through :attr:`MoCo.hp`."""
+class MoCoHparams(TwoViewHparams, Protocol):
+    """:class:`MoCo`'s hyperparameters, read through :attr:`MoCo.hp`."""
 
-    backbone: dict[str, Any]
-    proj_hidden: int
-    proj_dim: int
     queue_size: int
     key_momentum: float
-    temperature: float
     symmetric: bool
-    views: dict[str, Any]
-    optimizer: dict[str, Any]
-    online: dict[str, Any]
-    num_classes: int | None
 
 
 class MoCo(L.LightningModule):
     """Queries from the trained encoder, keys from its momentum (EMA) copy; negatives from a
     queue of past keys, so small per-device batches (one GPU, a CPU) still see many negatives.
 
-    Loss for each query q with its key k+ and queue entries k_j (all L2-normalised):
+    Loss for each query q with its key k+ and queue entries k_j (all L2-normalized):
     ``-log( exp(q.k+ / t) / (exp(q.k+ / t) + sum_j exp(q.k_j / t)) )``. Keys are gathered
     from every rank without gradient before they enter the queue, so the queue is identical
     on all ranks. The key encoder's BatchNorm sees only the local batch (no shuffle-BN).
 
-    Views, the online evaluator and the optimiser are SimCLR's parts, with the same arguments.
+    Views, the online evaluator and the optimizer are SimCLR's parts, with the same arguments.
 
     Args:
         backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
@@ -122,7 +114,7 @@ class MoCo(L.LightningModule):
         self.queue_ptr.fill_(int((self.queue_ptr + keys.shape[0]) % k))
 
     def info_nce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """InfoNCE of queries q against their keys k (B, D, normalised) and the queue."""
+        """InfoNCE of queries q against their keys k (B, D, normalized) and the queue."""
         return info_nce(q, k, self.queue, self.hp.temperature)
 
     def loss(self, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, cast
+from typing import Literal, Protocol, cast
 
 import lightning as L
 import torch
@@ -15,9 +15,9 @@ from selfsup import SelfsupError
 from selfsup.config import save_plain_hyperparameters
 from selfsup.data.litdata.samples import RandomSquare
 from selfsup.data.patches import (
-    CENTRE,
+    CENTER,
     GRID_PRESETS,
-    NEIGHBOURS,
+    NEIGHBORS,
     GridSpec,
     color_drop,
     grid_preset,
@@ -33,13 +33,12 @@ from selfsup.media import draw_patches, log_training_figure, spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
+from selfsup.protocols import StageHparams
 
 
-class RelativeLocationHparams(Protocol):
-    """:class:`RelativeLocation`'s hyperparameters as ``save_plain_hyperparameters`` stores them
-    (the typed groups as plain dicts), read through :attr:`RelativeLocation.hp`."""
+class RelativeLocationHparams(StageHparams, Protocol):
+    """:class:`RelativeLocation`'s hyperparameters, read through :attr:`RelativeLocation.hp`."""
 
-    backbone: dict[str, Any]
     grid: Literal["doersch", "kolesnikov"]
     patch: int | None
     gap: int | None
@@ -52,15 +51,14 @@ class RelativeLocationHparams(Protocol):
     pairs: Literal["all", "one"]
     head_hidden: int
     dropout: float
-    optimizer: dict[str, Any]
 
 
 class RelativeLocation(L.LightningModule):
-    """Predict where a neighbour patch sits relative to the centre patch (8 classes).
+    """Predict where a neighbor patch sits relative to the center patch (8 classes).
 
     Per image, a 3x3 grid of patches with a gap and jitter is cut on the training device;
-    each of the 9 patches goes through the shared backbone once, and the centre's features
-    are paired with each neighbour's (all 8 pairs, or one random neighbour), concatenated
+    each of the 9 patches goes through the shared backbone once, and the center's features
+    are paired with each neighbor's (all 8 pairs, or one random neighbor), concatenated
     and classified by an MLP. Labels follow ``selfsup.data.patches`` (0..7 in reading order).
 
     Args:
@@ -69,13 +67,13 @@ class RelativeLocation(L.LightningModule):
             ``selfsup.data.patches.GRID_PRESETS``).
         patch / gap / jitter: grid geometry in pixels; None takes the preset's value.
         gap_max: draw the gap per image from ``gap..gap_max`` (None: fixed gap).
-        per_patch_norm: standardise each patch (closes the low-level statistics shortcut);
-            otherwise channel normalisation.
+        per_patch_norm: standardize each patch (closes the low-level statistics shortcut);
+            otherwise channel normalization.
         color: chromatic-aberration remedy: ``drop`` (Doersch: one random channel kept per
             patch, the others replaced by noise), ``gray`` (Kolesnikov: whole image to gray
             with probability ``gray_p``) or ``none``.
         pixelate_p: probability per patch of being downsampled and upsampled back (Doersch 1/3).
-        pairs: ``all`` 8 pairs per image, or ``one`` random neighbour per image.
+        pairs: ``all`` 8 pairs per image, or ``one`` random neighbor per image.
         head_hidden / dropout: the pair classifier, ``2F -> head_hidden (BN, ReLU, dropout) -> 8``.
         optimizer: ``selfsup.optim.OptimizerSpec`` (lr at the reference batch).
     The typed arguments are stored as plain dicts in the hyperparameters.
@@ -128,11 +126,11 @@ class RelativeLocation(L.LightningModule):
 
     @property
     def probe_input_norm(self) -> Literal["channel", "per_image"]:
-        """How a probe should normalise inputs for this backbone: as it saw its patches."""
+        """How a probe should normalize inputs for this backbone: as it saw its patches."""
         return "per_image" if self.hp.per_patch_norm else "channel"
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features of whole uint8 images (B, 3, H, W), normalised as the patches were: (B, F)."""
+        """Backbone features of whole uint8 images (B, 3, H, W), normalized as the patches were: (B, F)."""
         return self.backbone(preprocess(images, self.probe_input_norm))
 
     def check_data(self, dm: L.LightningDataModule) -> None:
@@ -192,15 +190,15 @@ class RelativeLocation(L.LightningModule):
         b = images.shape[0]
         patches, _ = self.patches(images, generator)  # (B, 9, 3, p, p)
         feats = self.backbone(patches.flatten(0, 1)).view(b, 9, -1)  # each patch through the backbone once
-        centre = feats[:, CENTRE : CENTRE + 1]
-        neighbours = feats[:, list(NEIGHBOURS)]  # label order
+        center = feats[:, CENTER : CENTER + 1]
+        neighbors = feats[:, list(NEIGHBORS)]  # label order
         labels = pair_labels(b, images.device).view(b, 8)
         if self.hp.pairs == "one":
             gdev = generator.device if generator is not None else images.device
             pick = torch.randint(0, 8, (b, 1), generator=generator, device=gdev).to(images.device)
-            neighbours = neighbours.gather(1, pick[..., None].expand(-1, -1, feats.shape[-1]))
+            neighbors = neighbors.gather(1, pick[..., None].expand(-1, -1, feats.shape[-1]))
             labels = pick
-        pairs = torch.cat([centre.expand_as(neighbours), neighbours], dim=-1)  # (B, P, 2F)
+        pairs = torch.cat([center.expand_as(neighbors), neighbors], dim=-1)  # (B, P, 2F)
         logits = self.head(pairs.flatten(0, 1))
         return logits, labels.flatten()
 
@@ -212,7 +210,7 @@ class RelativeLocation(L.LightningModule):
             return draw_patches(self, train_set.images[spread(len(train_set), 6)].to(self.device))
 
         log_training_figure(
-            self.trainer, "train/patches", draw, "grid: C centre, 0-7 labels; below: the patches fed in"
+            self.trainer, "train/patches", draw, "grid: C center, 0-7 labels; below: the patches fed in"
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

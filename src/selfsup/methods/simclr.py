@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import cast
 
 import lightning as L
 import torch
@@ -17,20 +17,10 @@ from selfsup.metrics import embedding_spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
+from selfsup.protocols import TwoViewHparams
 
-
-class SimCLRHparams(Protocol):
-    """:class:`SimCLR`'s hyperparameters as ``save_plain_hyperparameters`` stores them (the typed
-    groups as plain dicts), read through :attr:`SimCLR.hp`."""
-
-    backbone: dict[str, Any]
-    proj_hidden: int
-    proj_dim: int
-    temperature: float
-    views: dict[str, Any]
-    optimizer: dict[str, Any]
-    online: dict[str, Any]
-    num_classes: int | None
+#: :class:`SimCLR`'s hyperparameters, read through :attr:`SimCLR.hp`.
+SimCLRHparams = TwoViewHparams
 
 
 class SimCLR(L.LightningModule):
@@ -77,7 +67,7 @@ class SimCLR(L.LightningModule):
         return cast(SimCLRHparams, self.hparams)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float images (B, 3, S, S) -> projections (B, proj_dim)."""
+        """Normalized float images (B, 3, S, S) -> projections (B, proj_dim)."""
         return self.projector(self.backbone(x))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ depths). Names:
 - ``timm:<name>``, with timm installed (``pip install selfsup[timm]``): any timm model, e.g.
   ``timm:resnet50``, ``timm:vit_small_patch16_224``; stages from timm's ``feature_info``.
 
-Nothing is downloaded: every model starts from its random initialisation.
+Nothing is downloaded: every model starts from its random initialization.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _norm_layer(norm: Norm) -> Callable[[int], nn.Module]:
 def check_batch_norm_batch(model: nn.Module) -> None:
     """Raise a SelfsupError if ``model`` would train BatchNorm on a batch of one sample.
 
-    BatchNorm normalises each channel by the statistics of the batch; with one sample per device
+    BatchNorm normalizes each channel by the statistics of the batch; with one sample per device
     those are the sample's own (and a (1, C) input has none at all), so training diverges from
     evaluation or crashes deep inside torch. GroupNorm does not depend on the batch. A
     SyncBatchNorm across several processes still sees several samples and is allowed.
@@ -54,7 +54,7 @@ def check_batch_norm_batch(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, _BatchNorm) and m.training and not (synced and isinstance(m, nn.SyncBatchNorm)):
             raise SelfsupError(
-                "BatchNorm cannot train on a batch of 1 sample per device (it would normalise each image "
+                "BatchNorm cannot train on a batch of 1 sample per device (it would normalize each image "
                 "by its own statistics): use GroupNorm, which does not depend on the batch "
                 "(backbone norm: group, e.g. --model.init_args.backbone.norm group), or a per-device batch "
                 "of at least 2"

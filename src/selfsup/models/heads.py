@@ -39,7 +39,7 @@ class MLP(nn.Sequential):
 
     Args:
         sizes: layer widths, at least two.
-        init / init_scale: weight initialisation, see :func:`init_linear`.
+        init / init_scale: weight initialization, see :func:`init_linear`.
         batch_norm: BatchNorm1d after each hidden Linear (its bias is then dropped).
         dropout: dropout probability after each hidden activation.
 

@@ -1,4 +1,4 @@
-"""Optimisers and schedules in plain torch."""
+"""Optimizers and schedules in plain torch."""
 
 from selfsup.optim.lars import LARS
 from selfsup.optim.optimizer import OptimizerSpec

@@ -11,7 +11,7 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor is scaled by the trust ratio
     ``eta * ||w|| / ||g + wd * w||``.
 
-    Parameter groups with ``lars_exclude=True`` (biases and normalisation weights, as in
+    Parameter groups with ``lars_exclude=True`` (biases and normalization weights, as in
     SimCLR) get neither the trust ratio nor weight decay: plain SGD with momentum.
 
     Args:

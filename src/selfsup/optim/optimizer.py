@@ -1,4 +1,4 @@
-"""The optimiser of a stage as plain data, and the parameter groups every stage uses."""
+"""The optimizer of a stage as plain data, and the parameter groups every stage uses."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ OptimizerName = Literal["adam", "adamw", "sgd", "lars"]
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Split parameters so that biases and normalisation weights (1-d tensors) get no weight
+    """Split parameters so that biases and normalization weights (1-d tensors) get no weight
     decay, as in SimCLR and Goyal et al. (2017)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -34,11 +34,11 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 
 @dataclass(frozen=True)
 class OptimizerSpec(PlainData):
-    """The optimiser of a stage, one typed argument of every stage module (stored as a dict).
+    """The optimizer of a stage, one typed argument of every stage module (stored as a dict).
 
     ``lr`` is the base rate at the reference batch: the LearningRateScaling and Warmup callbacks
     (selfsup.callbacks) set the rate of every step from it and the trainer's facts. Biases and
-    normalisation weights get no weight decay (and no LARS adaptation), as in SimCLR.
+    normalization weights get no weight decay (and no LARS adaptation), as in SimCLR.
 
     Args:
         name: ``adam``, ``adamw``, ``sgd`` (Nesterov when momentum > 0) or ``lars``.
@@ -53,7 +53,7 @@ class OptimizerSpec(PlainData):
     momentum: float = 0.9
 
     def build(self, modules: Iterable[nn.Module], extra_groups: Iterable[dict] = ()) -> torch.optim.Optimizer:
-        """The optimiser over the trainable parameters of ``modules``; ``extra_groups`` (e.g. an
+        """The optimizer over the trainable parameters of ``modules``; ``extra_groups`` (e.g. an
         online probe with its own ``lr``) join it."""
         groups = [g for g in param_groups(modules, self.weight_decay) + list(extra_groups) if g["params"]]
         if self.name != "lars":

@@ -1,4 +1,4 @@
-"""Learning-rate rules and schedules as pure functions (no Lightning, no optimiser)."""
+"""Learning-rate rules and schedules as pure functions (no Lightning, no optimizer)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import torch
 from litdata.streaming.sampler import ChunkedIndex
 from torch.utils.data import DataLoader, Dataset
 
-from selfsup.data.litdata.samples import CentreImage, SampleFn
+from selfsup.data.litdata.samples import CenterImage, SampleFn
 
 
 class StreamedDataset(litdata.StreamingDataset):
@@ -34,7 +34,7 @@ class StreamedDataset(litdata.StreamingDataset):
 
     Args:
         directory: the split's folder, local or a URI LitData reads (s3://, gs://, ...).
-        sample_fn: stored sample -> tensors (:class:`CentreImage`, :class:`CropViews`, ...).
+        sample_fn: stored sample -> tensors (:class:`CenterImage`, :class:`CropViews`, ...).
         shuffle / seed: LitData's per-epoch shuffle (chunks, then samples within them),
             the same order on every rank for a given seed and epoch.
         drop_last: equal shares on every rank (DDP needs as many batches on each).
@@ -44,7 +44,7 @@ class StreamedDataset(litdata.StreamingDataset):
         self, directory: str, sample_fn: SampleFn, shuffle: bool = False, seed: int = 0, drop_last: bool | None = None
     ) -> None:
         # A full permutation within each chunk: LitData's default shuffles fixed blocks of 256
-        # neighbouring samples, so a batch would hold the same neighbours every epoch.
+        # neighboring samples, so a batch would hold the same neighbors every epoch.
         super().__init__(
             directory, shuffle=shuffle, seed=seed, drop_last=drop_last, item_shuffle_window="full" if shuffle else None
         )
@@ -119,7 +119,7 @@ class TrainedPositionLoader(litdata.StreamingDataLoader):
 
 class LazyImages:
     """The images of a streamed split, indexed like a uint8 (N, 3, S, S) tensor and decoded
-    (centre square of side ``size``) when read. ``subset`` and ``rows`` stay lazy; ``batches``
+    (center square of side ``size``) when read. ``subset`` and ``rows`` stay lazy; ``batches``
     decodes in order in ``workers`` processes.
 
     Args:
@@ -143,7 +143,7 @@ class LazyImages:
     def _dataset(self) -> StreamedDataset:
         # One reader per process: a forked worker must not reuse its parent's reader threads.
         if self._reader is None or self._reader[0] != os.getpid():
-            self._reader = (os.getpid(), StreamedDataset(self.directory, CentreImage(self.size)))
+            self._reader = (os.getpid(), StreamedDataset(self.directory, CenterImage(self.size)))
         return self._reader[1]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """What a loader worker makes of one stored sample, as the training stage asks for it.
 
-A centre square (evaluation, probes), random resized crops cut from the full image (SimCLR,
-MoCo; colour and blur follow batched on the device), a random square of the full image for the
+A center square (evaluation, probes), random resized crops cut from the full image (SimCLR,
+MoCo; color and blur follow batched on the device), a random square of the full image for the
 patch grid (relative location), the label only (a probe with cached features), or the boxes
 alone with the JPEG left encoded, for decoding on the training device.
 """
@@ -21,13 +21,13 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from selfsup.data.crops import centre_box, crop_boxes
+from selfsup.data.crops import center_box, crop_boxes
 from selfsup.data.decode import to_rgb
 
 
 def decode_sample(data: bytes, image_size: int | None) -> torch.Tensor:
     """JPEG bytes -> RGB uint8 (3, H, W); with ``image_size``, the shorter side resized to it
-    (bilinear, antialiased) and a centre square cut, as the in-memory path stores images."""
+    (bilinear, antialiased) and a center square cut, as the in-memory path stores images."""
     img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     if image_size is None:
         return img
@@ -67,15 +67,15 @@ def decode_crops(
 
 
 @dataclass(frozen=True)
-class CentreImage:
-    """The image's shorter side resized to ``size`` and a centre square cut: ``image`` uint8
+class CenterImage:
+    """The image's shorter side resized to ``size`` and a center square cut: ``image`` uint8
     (3, S, S), as the in-memory path stores images (``size`` None: the whole image)."""
 
     size: int | None
     key = "image"
 
     def boxes(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor([centre_box(height, width)], dtype=torch.float), torch.zeros(1, dtype=torch.bool)
+        return torch.tensor([center_box(height, width)], dtype=torch.float), torch.zeros(1, dtype=torch.bool)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         return {"image": decode_sample(sample["image"], self.size), "label": sample["label"]}
@@ -85,7 +85,7 @@ class CentreImage:
 class CropViews:
     """``n`` random resized crops, each drawn against the image's own size and decoded from the
     full image (:meth:`cut`), flipped with ``flip_p``: ``views`` uint8 (n, 3, S, S).
-    SimCLR's and MoCo's crop step, moved into the workers; colour and blur follow batched on
+    SimCLR's and MoCo's crop step, moved into the workers; color and blur follow batched on
     the device."""
 
     n: int
@@ -157,7 +157,7 @@ class Undecoded:
     image's own size, the JPEG left encoded (``jpeg``: its bytes as uint8 (L,); ``boxes`` (n, 4);
     ``flips`` (n,)). :func:`decode_batch_on_device` makes ``inner``'s output from them."""
 
-    inner: CentreImage | CropViews | RandomSquare
+    inner: CenterImage | CropViews | RandomSquare
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         boxes, flips = self.inner.boxes(int(sample["height"]), int(sample["width"]))
@@ -178,7 +178,7 @@ def collate_undecoded(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def decode_batch_on_device(
-    batch: dict[str, Any], sample_fn: CentreImage | CropViews | RandomSquare, device: torch.device
+    batch: dict[str, Any], sample_fn: CenterImage | CropViews | RandomSquare, device: torch.device
 ) -> dict[str, Any]:
     """Decode a batch of :class:`Undecoded` samples on ``device`` (torchvision's batched
     ``decode_jpeg``: nvJPEG on a GPU) and cut their boxes there, resized to ``sample_fn.size``

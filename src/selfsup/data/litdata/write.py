@@ -3,7 +3,7 @@
 Each split of an image folder (``ROOT/<image>``, ``ROOT/<class>/<image>`` or ``ROOT/train/...``
 with ``ROOT/val/...`` or ``test/``) becomes a LitData dataset (``selfsup.data.litdata.format``).
 JPEG files are kept byte for byte where a decoder reads them as a viewer shows them (RGB or
-grey, upright); other files, and images with a side above ``max_side``, are decoded as the
+gray, upright); other files, and images with a side above ``max_side``, are decoded as the
 in-memory path decodes them and re-encoded (quality 95). Files that cannot be decoded are
 skipped and named with the reason in ``OUT/bad_files.txt``, as the in-memory path does.
 Without a val/test split, a seeded ``val_fraction`` of the images is written as ``val``.
