@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from selfsup.data.decode import _decode
-from selfsup.data.litdata.samples import CentreImage, CropViews, decode_crops
+from selfsup.data.litdata.samples import CenterImage, CropViews, decode_crops
 
 
 def decode_image(path: str | Path | bytes, image_size: int | None) -> np.ndarray:
     """Decode one image to RGB uint8 (H, W, 3) as the decoding workers do; with ``image_size``
-    the shorter side resized to it and a centre square cut. Raises what Pillow raises."""
+    the shorter side resized to it and a center square cut. Raises what Pillow raises."""
     return _decode(path, image_size)[0]
 
 
@@ -65,10 +65,10 @@ def random_crops(
 
 
 def streamed_images(directory: str | Path, image_size: int | None = None, shuffle: bool = False, seed: int = 0) -> Any:
-    """A split written by ``selfsup data optimize`` read back as centre squares with labels."""
+    """A split written by ``selfsup data optimize`` read back as center squares with labels."""
     from selfsup.data.litdata.dataset import StreamedDataset  # litdata: an optional extra
 
-    return StreamedDataset(str(directory), CentreImage(image_size), shuffle=shuffle, seed=seed)
+    return StreamedDataset(str(directory), CenterImage(image_size), shuffle=shuffle, seed=seed)
 
 
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:

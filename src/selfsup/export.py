@@ -35,14 +35,14 @@ FORMATS = ("torchvision", "timm", "plain")
 
 
 def _resnet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """selfsup's ResNet layout (stem.0 conv1, stem.1 bn1, stages.i layer{i+1}) -> torchvision's names."""
+    """selfsup's ResNet layout (stem.0 conv1, stem.1 bn1, layers.i layer{i+1}) -> torchvision's names."""
     out = {}
     for key, value in state.items():
         head, _, rest = key.partition(".")
         if head == "stem":
             index, _, rest = rest.partition(".")
             out[{"0": "conv1", "1": "bn1"}[index] + "." + rest] = value
-        elif head == "stages":
+        elif head == "layers":
             index, _, rest = rest.partition(".")
             out[f"layer{int(index) + 1}.{rest}"] = value
         else:
@@ -59,7 +59,7 @@ def convert(spec: BackboneSpec, state: dict[str, torch.Tensor], fmt: Format) -> 
         return dict(state), name
     arch = name.split(":", 1)[-1]
     resnet = name in ("resnet18", "resnet50") or (
-        name.startswith("torchvision:") and "stages.0.0.conv1.weight" in state
+        name.startswith("torchvision:") and "layers.0.0.conv1.weight" in state
     )
     if name == "small_cnn":
         raise SelfsupError(

@@ -5,7 +5,7 @@ The pipeline is two ordered lists of stages, each described by a ``selfsup fit``
 
 - ``stages``: pretraining (relative location, SimCLR, MoCo, any stage module);
 - ``evaluations``: run on every backbone, the untrained one first (the ``baseline`` entry,
-  ``random``) and each pretraining stage's at the depths it names (``probe_stages``); the
+  ``random``) and each pretraining stage's at the depths it names (``probe_depths``); the
   linear probe (``configs/linear_probe/...``) is the one the configs ship with.
 
 The pipeline's shared sections (``data``, ``backbone``, ``trainer``, ``lr_scaling``) apply to
@@ -74,8 +74,8 @@ class Stage:
         warmup: Warmup arguments that override the config's.
         max_epochs / max_time: the stage's budget (max_time in seconds); 0 epochs: an evaluation
             that trains nothing (kNN) is only validated.
-        probe_stages: of a pretraining stage: earlier backbone stages to evaluate too (e.g. -2:
-            ResNet layer3), besides the last.
+        probe_depths: of a pretraining stage: earlier backbone depths to evaluate too (e.g. -2:
+            ResNet layer3), besides the last; ``probe_stages``: their name before selfsup 0.2.
         enabled: run this stage (and, for pretraining, its evaluations).
         data: of an evaluation: ``label_fraction`` (train on a class-balanced, seeded share of the
             labels, the same for every backbone) and ``batch_size``.
@@ -86,7 +86,8 @@ class Stage:
     warmup: dict[str, Any] = field(default_factory=dict)
     max_epochs: int = 10
     max_time: float | None = None
-    probe_stages: list[int] = field(default_factory=list)
+    probe_depths: list[int] = field(default_factory=list)
+    probe_stages: list[int] | None = None
     enabled: bool = True
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -342,12 +343,12 @@ class Pipeline:
                     features = {
                         "checkpoint": str(checkpoint) if checkpoint else None,
                         "input_norm": input_norm,
-                        "stage": depth,
+                        "depth": depth,
                     }
                     model, warmup = self.build(ev_name, ev, data.num_classes, {"features": features})
                     takes_depth = not isinstance(model, FineTune)
                     # Every evaluation stage holds a selfsup backbone; nn.Module types it as Tensor | Module.
-                    index = depth % cast(AnyBackbone, model.backbone).num_stages
+                    index = depth % cast(AnyBackbone, model.backbone).num_depths
                     run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                     run += ("" if depth == -1 else f"_stage{index}") + (f"_{suffix}" if suffix else "")
                     metrics = self.run_stage(run, ev, model, warmup, data)
@@ -438,7 +439,9 @@ class Pipeline:
             # relative location), and at earlier depths too: pretext tasks over-specialize the last one.
             norm = model.probe_input_norm if isinstance(model, ProbeInputNorm) else "channel"
             ckpt = self.out / name / "checkpoints" / "last.ckpt"
-            evaluated = self.evaluate(targets, name, ckpt, norm, list(cfg.stages[name].probe_stages))
+            stage = cfg.stages[name]
+            depths = stage.probe_depths or stage.probe_stages or []  # probe_stages: the name before 0.2
+            evaluated = self.evaluate(targets, name, ckpt, norm, depths)
             results[name] = {**extra, **evaluated, "seconds": time.time() - t0}
 
         def where(root: str | None) -> str:
@@ -545,14 +548,14 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
         lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {cells} | {r['seconds']:.0f} |")
         for e in keyed:
             by_stage = [
-                f"stage {k.removeprefix(f'{e}_top1_stage')} {pct(v)}"
+                f"depth {k.removeprefix(f'{e}_top1_stage')} {pct(v)}"
                 for k, v in r.items()
                 if k.startswith(f"{e}_top1_stage")
             ]
             if by_stage:
                 what = e.replace("_indomain", " in-domain")
                 notes.append(
-                    f"{names.get(key, key)}, {what} top-1 from earlier backbone stages: {', '.join(by_stage)}."
+                    f"{names.get(key, key)}, {what} top-1 from earlier backbone depths: {', '.join(by_stage)}."
                 )
     for e in keyed:
         rates = [f"{names.get(key, key)} {r[f'{e}_lr']:g}" for key, r in s["results"].items() if r.get(f"{e}_lr")]

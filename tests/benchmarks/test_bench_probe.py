@@ -1,4 +1,4 @@
-"""scripts/bench_probe.py end to end at toy size: both probes run and the comparison is written."""
+"""``python -m benchmarks probe`` end to end at toy size: both probes run and the comparison is written."""
 
 from __future__ import annotations
 
@@ -10,16 +10,38 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
-@pytest.mark.slow
 def test_bench_probe_writes_the_comparison(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_probe.py"), "--backbone", "small_cnn",
-                        "--width", "8", "--train-images", "300", "--eval-images", "100", "--epochs", "2",
-                        "--json", str(tmp_path / "probe.json"), "--out", str(tmp_path / "runs")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "probe",
+            "--backbone",
+            "small_cnn",
+            "--width",
+            "8",
+            "--train-images",
+            "300",
+            "--eval-images",
+            "100",
+            "--epochs",
+            "2",
+            "--json",
+            str(tmp_path / "probe.json"),
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads((tmp_path / "probe.json").read_text())
     (c,) = result["comparisons"]
@@ -28,5 +50,5 @@ def test_bench_probe_writes_the_comparison(tmp_path: Path) -> None:
     # The classic probe trains with the setting the search chose for ours.
     assert result["ours"]["lr"] in result["setup"]["search"]["lrs"]
     assert 0 <= result["classic"]["top1"] <= 1 and result["setup"]["train_images"] == 300
-    assert result["machine"]["cores"] >= 1
+    assert result["machine"]["cores"] >= 1 and result["commit"]["hash"]
     assert "x faster" in p.stdout and "| classic: augmented images" in p.stdout

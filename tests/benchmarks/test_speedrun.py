@@ -1,4 +1,4 @@
-"""scripts/speedrun_cifar10.py end to end at toy size: the curve, its picture, where the time went."""
+"""``python -m benchmarks speedrun`` end to end at toy size: the curve, its picture, where the time went."""
 
 from __future__ import annotations
 
@@ -9,18 +9,22 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def speedrun(tmp_path: Path, *extra: str) -> dict:
-    p = subprocess.run([sys.executable, str(REPO / "scripts" / "speedrun_cifar10.py"), "--toy", "--out", str(tmp_path),
-                        *extra], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "speedrun", "--toy", "--out", str(tmp_path), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "speedrun: " in p.stdout and "step time: views" in p.stdout
     return json.loads((tmp_path / "curve.json").read_text())
 
 
-@pytest.mark.slow
 def test_speedrun_logs_knn_against_time_and_stops_at_its_budget_or_target(tmp_path: Path) -> None:
     r = speedrun(tmp_path / "a")
     assert (r["train_images"], r["test_images"]) == (512, 256) and r["epochs"] == 2  # --toy: 2 epochs
@@ -30,6 +34,7 @@ def test_speedrun_logs_knn_against_time_and_stops_at_its_budget_or_target(tmp_pa
     assert set(r["share_by_phase"]) == {"views", "forward_loss", "backward", "optimizer"}
     assert sum(r["share_by_phase"].values()) == pytest.approx(1.0)
     assert (tmp_path / "a" / "curve.png").stat().st_size > 1000
+    assert r["machine"]["cores"] >= 1 and r["commit"]["hash"]
     # A target below chance is met at the first evaluation, and the run stops there.
     r = speedrun(tmp_path / "b", "--target", "0.01", "--eval-every", "0")
     assert r["seconds_to_target"] == r["curve"][0]["seconds"] and len(r["curve"]) == 1 and r["steps"] == 1

@@ -84,7 +84,7 @@ def test_resnet18_export_loads_into_torchvision_and_timm_with_the_same_features(
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(resnet_ckpt)(x)
-    # The exported weights are the trained ones, not an initialisation: they differ from a fresh model's.
+    # The exported weights are the trained ones, not an initialization: they differ from a fresh model's.
     assert not torch.allclose(expected, build_backbone("resnet18").eval()(x), atol=1e-3)
 
     tv_file = tmp_path / "resnet18_tv.pt"

@@ -88,5 +88,5 @@ def test_knn_evaluation_stage_through_selfsup_validate(image_folder: Path, tmp_p
     expected = (knn_scores(feats, bank, labels, 3, k=10).argmax(1) == dm.eval_set.labels).float().mean()
     assert float(m["val/top1"]) == pytest.approx(float(expected), abs=1e-6)
     # The picture: 8 evaluation images, each with its 8 nearest training images (32 px, doubled).
-    grid = read_image(str(tmp_path / "val_neighbours.png"))
+    grid = read_image(str(tmp_path / "val_neighbors.png"))
     assert grid.shape[0] == 3 and grid.shape[1] >= 8 * 64 and grid.shape[2] >= 9 * 64

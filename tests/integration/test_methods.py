@@ -106,7 +106,7 @@ def test_handoff_errors_name_the_problem(tmp_path: Path) -> None:
     torch.save({"state_dict": src.state_dict()}, path)
     with pytest.raises(SelfsupError, match="shape mismatches") as e:
         LinearProbe(features=Features(checkpoint=str(path)), **TINY)
-    assert "missing keys 0" in str(e.value) and "stages.0.0.weight" in str(e.value)
+    assert "missing keys 0" in str(e.value) and "layers.0.0.weight" in str(e.value)
     other = SimCLR(backbone="resnet18")
     torch.save({"state_dict": other.state_dict()}, path)
     with pytest.raises(SelfsupError, match=r"missing keys \d+ \(.*unexpected keys \d+ \(layer|unexpected keys"):
@@ -129,9 +129,13 @@ def test_linear_probe_under_bf16_autocast(tmp_path: Path, dm: ImageDataModule) -
     assert 0 <= t.validate(probe, datamodule=dm, verbose=False)[0]["val/top1"] <= 1
 
 
-def test_probe_at_an_earlier_stage(tmp_path: Path, dm: ImageDataModule) -> None:
-    probe = LinearProbe(num_classes=3, features=Features(stage=-2), **TINY)
-    assert probe.classifier.head[1][0].in_features == 16  # small_cnn width 8: stages of 8, 16, 32 channels
+def test_probe_at_an_earlier_depth(tmp_path: Path, dm: ImageDataModule) -> None:
+    probe = LinearProbe(num_classes=3, features=Features(depth=-2), **TINY)
+    assert probe.classifier.head[1][0].in_features == 16  # small_cnn width 8: layers of 8, 16, 32 channels
+    # The name the depth had before 0.2 still reads; both at once must agree.
+    assert Features(stage=-2) == Features(depth=-2)
+    with pytest.raises(SelfsupError, match="old name of features.depth"):
+        Features(stage=-2, depth=-3)
     t = trainer(tmp_path, max_epochs=1)
     t.fit(probe, datamodule=dm)
     assert probe._cache["train"][0].shape == (120, 16)
@@ -139,13 +143,13 @@ def test_probe_at_an_earlier_stage(tmp_path: Path, dm: ImageDataModule) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, stage", [("torchvision:resnet34", -2), ("timm:resnet18", -2), ("torchvision:mobilenet_v3_small", -1)]
+    "name, depth", [("torchvision:resnet34", -2), ("timm:resnet18", -2), ("torchvision:mobilenet_v3_small", -1)]
 )
 def test_named_backbone_pretrains_one_step_and_is_probed(
-    name: str, stage: int, tmp_path: Path, dm: ImageDataModule
+    name: str, depth: int, tmp_path: Path, dm: ImageDataModule
 ) -> None:
     """Any torchvision or timm model as the backbone: one SimCLR step, then a probe from the
-    checkpoint (at an intermediate stage where the model has stages) whose weights match."""
+    checkpoint (at an intermediate depth where the model has several) whose weights match."""
     pre = SimCLR(backbone=name, proj_hidden=16, proj_dim=8, online=OnlineSpec(enabled=False))
     before = {k: v.clone() for k, v in pre.backbone.state_dict().items()}
     t = trainer(tmp_path / "pre", max_steps=1, limit_val_batches=0)
@@ -153,7 +157,7 @@ def test_named_backbone_pretrains_one_step_and_is_probed(
     assert any(not torch.equal(before[k], v) for k, v in pre.backbone.state_dict().items())
     ckpt = tmp_path / "pre.ckpt"
     t.save_checkpoint(ckpt)
-    probe = LinearProbe(num_classes=3, backbone=name, features=Features(checkpoint=str(ckpt), stage=stage))
+    probe = LinearProbe(num_classes=3, backbone=name, features=Features(checkpoint=str(ckpt), depth=depth))
     for k, v in pre.backbone.state_dict().items():
         assert torch.equal(probe.backbone.state_dict()[k], v), k
     t2 = trainer(tmp_path / "probe", max_epochs=1, limit_train_batches=2)
@@ -165,7 +169,7 @@ def test_named_backbone_pretrains_one_step_and_is_probed(
     assert png.shape[0] == 3 and png.shape[1] > 3 * 28 and png.shape[2] > 3 * 28
     assert 0 <= metrics["val/top1"] <= 1
     (linear,) = [m for m in probe.classifier.modules() if isinstance(m, torch.nn.Linear)]
-    assert linear.in_features == pre.backbone.stage_features(stage)  # the probed depth feeds the head
+    assert linear.in_features == pre.backbone.depth_features(depth)  # the probed depth feeds the head
 
 
 def test_pretext_accuracy_counts_every_pair_of_the_epoch(tmp_path: Path, image_folder: Path) -> None:

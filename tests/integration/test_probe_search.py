@@ -87,11 +87,11 @@ def test_search_never_sees_the_evaluation_split(tmp_path: Path, image_folder: Pa
     assert again.chosen.table == probe.chosen.table
 
 
-def test_search_picks_the_setting_that_generalises() -> None:
+def test_search_picks_the_setting_that_generalizes() -> None:
     g = torch.Generator().manual_seed(0)
-    centres = torch.randn(4, 16, generator=g) * 3
+    centers = torch.randn(4, 16, generator=g) * 3
     labels = torch.arange(400) % 4
-    features = centres[labels] + torch.randn(400, 16, generator=g)
+    features = centers[labels] + torch.randn(400, 16, generator=g)
     result = search_probe(
         features,
         labels,

@@ -1,5 +1,5 @@
 """The views against torchvision at scale: the jitter's distributions over thousands of draws, and
-the compiled colour steps against the eager ones (a compilation of seconds)."""
+the compiled color steps against the eager ones (a compilation of seconds)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def image_stats(x: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def test_color_jitter_shifts_images_as_torchvision_does() -> None:
-    """One real colourful image jittered 3,000 times: the per-image brightness, saturation and
+    """One real colorful image jittered 3,000 times: the per-image brightness, saturation and
     hue shifts have the distributions of torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1)
     (random order of the four operations included)."""
 
@@ -55,7 +55,7 @@ def test_color_jitter_shifts_images_as_torchvision_does() -> None:
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="Inductor needs a C++ compiler")
 def test_compiled_views_equal_the_eager_ones() -> None:
-    """``compile=True`` (the colour steps through torch.compile, any batch size) gives the eager
+    """``compile=True`` (the color steps through torch.compile, any batch size) gives the eager
     views from the same draws, for two batch sizes, compiled (no fallback to eager)."""
 
     eager, fast = SimCLRViews(16), SimCLRViews(16, compile=True)

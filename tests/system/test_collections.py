@@ -1,5 +1,5 @@
 """Image collections as people have them: unlabeled folders at any depth, imperfect files,
-separate labelled evaluation data, one decode per job. Real image files throughout."""
+separate labeled evaluation data, one decode per job. Real image files throughout."""
 
 from __future__ import annotations
 
@@ -78,10 +78,10 @@ def test_scan_is_recursive_follows_links_skips_hidden_and_keeps_a_fixed_order(tm
 
 
 def test_label_choice(tmp_path: Path) -> None:
-    labelled = write_image_folder(tmp_path / "l", {"train": 4})
-    (labelled / "train" / "empty_class").mkdir()
-    (labelled / "train" / "empty_class" / "readme.txt").write_text("no images")
-    scan = scan_folder(labelled / "train")
+    labeled = write_image_folder(tmp_path / "l", {"train": 4})
+    (labeled / "train" / "empty_class").mkdir()
+    (labeled / "train" / "empty_class" / "readme.txt").write_text("no images")
+    scan = scan_folder(labeled / "train")
     auto = resolve_labels(scan, "auto")
     assert auto.mode == "folders" and auto.classes == ["airplane", "automobile", "bird"]  # empty folder: no class
     assert sorted(set(auto.labels)) == [0, 1, 2]
@@ -94,8 +94,8 @@ def test_label_choice(tmp_path: Path) -> None:
     write_unlabeled(one, 3)
     assert resolve_labels(scan_folder(tmp_path / "one"), "auto").mode == "none"  # one folder is no class set
     # A loose image among class folders: auto reads the whole split as unlabeled.
-    (labelled / "train" / "loose.jpg").write_bytes(sample_jpegs(1)[0])
-    assert resolve_labels(scan_folder(labelled / "train"), "auto").mode == "none"
+    (labeled / "train" / "loose.jpg").write_bytes(sample_jpegs(1)[0])
+    assert resolve_labels(scan_folder(labeled / "train"), "auto").mode == "none"
 
 
 @pytest.mark.parametrize("layout", ["flat", "nested", "train_subfolder"])
@@ -128,7 +128,7 @@ def exif_rotated_jpeg() -> bytes:
 
 
 def write_imperfect_folder(root: Path) -> tuple[set[str], int]:
-    """A labelled folder holding every case a real collection has: returns the relative paths
+    """A labeled folder holding every case a real collection has: returns the relative paths
     of the unreadable files and the number of readable images."""
     good = sample_jpegs(30)
     a, b = root / "train" / "a", root / "train" / "b"
@@ -273,7 +273,7 @@ def test_stop_policy_ends_before_any_logger_and_skip_trains(
     assert len((config.parent / "bad_files.txt").read_text().splitlines()) == len(bad)  # beside the run's config
 
 
-# -- every pretraining stage without labels, and with separate labelled evaluation data -------------
+# -- every pretraining stage without labels, and with separate labeled evaluation data -------------
 METHOD_ARGS = {
     "relative_location": [
         "--config",
@@ -343,7 +343,7 @@ def test_every_stage_pretrains_on_an_unlabeled_folder(
         assert cli.model.hparams.num_classes is None and cli.model.online.head is None
 
 
-def test_fit_with_separate_labelled_evaluation_data(flat: Path, image_folder: Path, tmp_path: Path) -> None:
+def test_fit_with_separate_labeled_evaluation_data(flat: Path, image_folder: Path, tmp_path: Path) -> None:
     args = [
         "fit",
         *METHOD_ARGS["simclr"],
@@ -367,7 +367,7 @@ def test_fit_with_separate_labelled_evaluation_data(flat: Path, image_folder: Pa
     ]
     cli = SelfsupCLI(args)
     m = cli.trainer.callback_metrics
-    # The monitor ran on the labelled root: 3 classes, so accuracies are fractions of its 30 eval images.
+    # The monitor ran on the labeled root: 3 classes, so accuracies are fractions of its 30 eval images.
     assert {"val/knn_top1", "val/online_top1", "val/loss"} <= set(m)
     for key in ("val/knn_top1", "val/online_top1"):
         assert 0 <= float(m[key]) <= 1 and float(m[key]) * 30 == pytest.approx(round(float(m[key]) * 30), abs=1e-4)
@@ -428,7 +428,7 @@ PIPE_TINY = [
 ]
 
 
-def test_pipeline_pretrains_unlabeled_and_probes_a_labelled_root(tmp_path: Path, image_folder: Path) -> None:
+def test_pipeline_pretrains_unlabeled_and_probes_a_labeled_root(tmp_path: Path, image_folder: Path) -> None:
     photos = write_unlabeled(tmp_path / "photos", 64, nested=True)
     (photos / "2019" / "broken.jpg").write_bytes(b"")
     out = tmp_path / "out"

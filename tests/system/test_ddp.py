@@ -81,7 +81,7 @@ def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, 
         assert r["step_lrs"] == [r["lr"]] * 6  # every step on every rank used it
     line = "lr scaling: base_lr=0.002 global_batch=20 reference=256 rule=linear -> lr=0.00015625"
     assert p.stdout.count("lr scaling:") == 1 and line in p.stdout.splitlines()  # printed once, by rank 0
-    # kNN accuracy is synchronised: both ranks report the same figure.
+    # kNN accuracy is synchronized: both ranks report the same figure.
     assert ranks[0]["knn_top1"] == ranks[1]["knn_top1"]
 
 

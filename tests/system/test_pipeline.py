@@ -191,7 +191,7 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
             "1",
             "--stages.moco.model",
             '{"proj_hidden": 16, "queue_size": 64}',
-            "--stages.moco.probe_stages",
+            "--stages.moco.probe_depths",
             "[-2]",
             "--wandb.enabled",
             "false",
@@ -217,7 +217,7 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
 
 
 def test_transfer_and_in_domain_figures_side_by_side(image_folder: Path, tmp_path: Path) -> None:
-    """Pretraining on labelled images, evaluating on another labelled collection: every
+    """Pretraining on labeled images, evaluating on another labeled collection: every
     evaluation runs on both, each with its own classes and its own held-apart split."""
     other = write_image_folder(tmp_path / "other", {"train": 24, "val": 6}, classes=4, size=28)
     out = tmp_path / "out"

@@ -44,7 +44,7 @@ def read_split(directory: Path) -> list[dict]:
     return [ds[i] for i in range(len(ds))]
 
 
-def test_optimize_a_labelled_folder_keeps_jpegs_and_streams_them_back(
+def test_optimize_a_labeled_folder_keeps_jpegs_and_streams_them_back(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     root = write_image_folder(tmp_path / "images", {"train": 10, "val": 4})
@@ -113,9 +113,9 @@ def sawtooth_jpeg(width: int = 400, height: int = 300) -> bytes:
 
 
 def expected_teeth(start: float, length: float, size: int) -> np.ndarray:
-    """The sawtooth value at the centres of ``size`` output pixels covering [start, start + length)."""
-    centres = start + (np.arange(size) + 0.5) * length / size - 0.5
-    return (np.round(centres) % 8) * 32 + 8
+    """The sawtooth value at the centers of ``size`` output pixels covering [start, start + length)."""
+    centers = start + (np.arange(size) + 0.5) * length / size - 0.5
+    return (np.round(centers) % 8) * 32 + 8
 
 
 def test_a_crop_comes_from_the_full_resolution_image() -> None:
@@ -185,7 +185,7 @@ def streamed(image_folder: Path, tmp_path: Path) -> Path:
 TINY = {"backbone": {"name": "small_cnn", "width": 8}}
 
 
-def test_every_stage_trains_on_a_streamed_labelled_dataset(
+def test_every_stage_trains_on_a_streamed_labeled_dataset(
     streamed: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     dm = ImageDataModule(root=str(streamed), source="stream", image_size=32, batch_size=20, num_workers=1)
@@ -281,7 +281,7 @@ def test_relative_locations_square_is_cut_from_the_full_image() -> None:
         x0, y0, w, h = boxes[0].tolist()
         assert (y0, w, h) == (0, 300, 300) and 0 <= x0 <= 100
         offsets.add(x0)
-    assert len(offsets) > 6  # anywhere along the width, not the centre only
+    assert len(offsets) > 6  # anywhere along the width, not the center only
     torch.manual_seed(1)
     x0 = RandomSquare(300).boxes(300, 400)[0][0, 0].item()
     torch.manual_seed(1)

@@ -56,8 +56,8 @@ def test_backbones_expose_feature_size(name: str, kwargs: dict, features: int) -
         out = net(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, features)
     x = net.stem(torch.randn(1, 3, 32, 32))
-    for stage in net.stages:  # the feature maps after each stage, shallow to deep
-        x = stage(x)
+    for layer in net.layers:  # the feature maps after each stage, shallow to deep
+        x = layer(x)
     assert x.shape[1] == features
 
 
@@ -97,24 +97,24 @@ def test_unknown_backbone() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, features, stages",
+    "name, features, depths",
     [
-        ("torchvision:resnet34", 512, [64, 128, 256, 512]),  # the ResNet family keeps its stages
+        ("torchvision:resnet34", 512, [64, 128, 256, 512]),  # the ResNet family keeps its layers
         ("torchvision:mobilenet_v3_small", 1024, [1024]),  # pooled features only
-        ("timm:resnet18", 512, [64, 64, 128, 256, 512]),  # timm's feature_info: stem, then 4 stages
+        ("timm:resnet18", 512, [64, 64, 128, 256, 512]),  # timm's feature_info: stem, then 4 layers
     ],
 )
-def test_named_backbones_give_pooled_features_and_stages(name: str, features: int, stages: list[int]) -> None:
+def test_named_backbones_give_pooled_features_at_each_depth(name: str, features: int, depths: list[int]) -> None:
     net = build_backbone(name).eval()
     x = torch.randn(2, 3, 32, 32)
-    assert net.num_features == features and net.num_stages == len(stages)
+    assert net.num_features == features and net.num_depths == len(depths)
     with torch.no_grad():
         assert net(x).shape == (2, features)
-        for k, c in enumerate(stages):
-            assert net.stage_features(k) == c and net(x, stage=k).shape == (2, c)
-    if len(stages) == 1:
-        with pytest.raises(SelfsupError, match="pooled features only, not stage -2"):
-            net(x, stage=-2)
+        for k, c in enumerate(depths):
+            assert net.depth_features(k) == c and net(x, depth=k).shape == (2, c)
+    if len(depths) == 1:
+        with pytest.raises(SelfsupError, match="pooled features only, not depth -2"):
+            net(x, depth=-2)
 
 
 def test_sync_batch_norm_backbone() -> None:
@@ -123,7 +123,19 @@ def test_sync_batch_norm_backbone() -> None:
     bn = build_backbone("small_cnn", width=8)
     sync = nn.SyncBatchNorm.convert_sync_batchnorm(bn)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())
-    assert [sync.stage_features(k) for k in range(len(sync.stages))] == [8, 16, 32]
+    assert [sync.depth_features(k) for k in range(len(sync.layers))] == [8, 16, 32]
     sync.train()
     with pytest.raises(SelfsupError, match="GroupNorm"):
         sync(torch.randn(1, 3, 32, 32))
+
+
+def test_weights_saved_before_the_layers_were_renamed_still_load() -> None:
+    """Checkpoints of selfsup before 0.2 name a backbone's layers ``stages.<k>``: they load
+    strictly into ``layers.<k>``, with the same values."""
+    net = build_backbone("small_cnn", width=8)
+    old = {k.replace("layers.", "stages.", 1): v.clone() + 1 for k, v in net.state_dict().items()}
+    assert any(k.startswith("stages.") for k in old)
+    fresh = build_backbone("small_cnn", width=8)
+    fresh.load_state_dict(old, strict=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, old[k.replace("layers.", "stages.", 1)]), k

@@ -1,4 +1,4 @@
-"""Patch-grid geometry: labels, bounds, gaps, overlap, normalisation, seeding."""
+"""Patch-grid geometry: labels, bounds, gaps, overlap, normalization, seeding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from selfsup.data.patches import (
     GRID_PRESETS,
-    LABEL_OF_CELL,
+    NEIGHBORS,
     GridSpec,
     color_drop,
     extract_patches,
@@ -22,6 +22,9 @@ from selfsup.data.patches import (
     sample_patches,
 )
 
+#: The label of the neighbor at (row, col) of the 3x3 grid, from the package's cell order.
+LABEL_OF_CELL = {(k // 3, k % 3): label for label, k in enumerate(NEIGHBORS)}
+
 
 def oracle(b: int, h: int, w: int) -> torch.Tensor:
     """Images whose channel 0 holds the row and channel 1 the column of each pixel."""
@@ -31,7 +34,7 @@ def oracle(b: int, h: int, w: int) -> torch.Tensor:
     return torch.stack([ys, xs, img_id], dim=1).long()
 
 
-def test_label_map_is_reading_order_around_centre() -> None:
+def test_label_map_is_reading_order_around_center() -> None:
     assert LABEL_OF_CELL == {(0, 0): 0, (0, 1): 1, (0, 2): 2, (1, 0): 3, (1, 2): 4, (2, 0): 5, (2, 1): 6, (2, 2): 7}
     assert pair_labels(2).tolist() == list(range(8)) * 2
 
@@ -69,14 +72,14 @@ def check_grid(spec: GridSpec, size: int) -> torch.Tensor:
     # Inside the image.
     assert top.min() >= 0 and left.min() >= 0
     assert (top + p).max() <= size and (left + p).max() <= size
-    # Cell k = 3 * row + col sits at that position of the grid relative to the centre (k = 4):
+    # Cell k = 3 * row + col sits at that position of the grid relative to the center (k = 4):
     # the label map's geometry is checked against the pixels themselves.
     for (r, c), label in LABEL_OF_CELL.items():
         k = 3 * r + c
         dy, dx = top[:, k] - top[:, 4], left[:, k] - left[:, 4]
         assert ((dy < 0) if r == 0 else (dy > 0) if r == 2 else (dy.abs() <= spec.jitter)).all(), label
         assert ((dx < 0) if c == 0 else (dx > 0) if c == 2 else (dx.abs() <= spec.jitter)).all(), label
-    # Gap between horizontal and vertical neighbours within [gap, gap + 2 * jitter]: no overlap.
+    # Gap between horizontal and vertical neighbors within [gap, gap + 2 * jitter]: no overlap.
     tl = torch.stack([top, left], -1).view(b, 3, 3, 2)
     gaps_x = tl[:, :, 1:, 1] - tl[:, :, :-1, 1] - p
     gaps_y = tl[:, 1:, :, 0] - tl[:, :-1, :, 0] - p
@@ -147,7 +150,7 @@ def test_color_drop_keeps_one_channel_per_patch() -> None:
     same = (out == patches).flatten(3).all(-1)  # (6, 9, 3): channel kept untouched
     assert (same.sum(-1) == 1).all()
     dropped = out[~same].flatten(1)
-    assert dropped.std(1).max() < 0.01  # near-constant noise instead of the colour
+    assert dropped.std(1).max() < 0.01  # near-constant noise instead of the color
 
 
 def test_pixelate_blurs_about_a_third_of_patches() -> None:
@@ -155,7 +158,7 @@ def test_pixelate_blurs_about_a_third_of_patches() -> None:
     out = pixelate(patches, p=1 / 3, generator=torch.Generator().manual_seed(0))
     changed = (out - patches).abs().flatten(1).amax(1) > 1e-6
     assert 70 < int(changed.sum()) < 130
-    # Changed patches lost high-frequency detail: neighbouring pixels closer together.
+    # Changed patches lost high-frequency detail: neighboring pixels closer together.
     tv = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean()  # noqa: E731
     assert tv(out[changed]) < 0.7 * tv(patches[changed])
     assert out.shape == patches.shape
@@ -168,7 +171,7 @@ def test_grayscale_images_with_probability() -> None:
     assert 110 < int(gray.sum()) < 155
 
 
-def test_per_patch_normalisation_gives_zero_mean_unit_variance() -> None:
+def test_per_patch_normalization_gives_zero_mean_unit_variance() -> None:
     imgs = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
     patches, _ = sample_patches(imgs, grid_preset(32), torch.Generator().manual_seed(0))
     z = normalize_patches(patches)
@@ -211,6 +214,6 @@ def test_patches_command_draws_grids(tmp_path: Path, image_folder: Path) -> None
     figure = read_image(str(out))
     # 3 columns of a 4x upscaled 32-px image with its 3x3 patch tile below it.
     assert figure.shape[0] == 3 and figure.shape[1] >= 2 * 4 * 32 and figure.shape[2] >= 3 * 4 * 32
-    # The grid outlines use the label colours: the red of label 0 is present.
+    # The grid outlines use the label colors: the red of label 0 is present.
     red = (figure[0] > 200) & (figure[1] < 60) & (figure[2] < 100)
     assert int(red.sum()) > 20

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.data.litdata.samples import CentreImage, CropViews, LabelOnly, RandomSquare
+from selfsup.data.litdata.samples import CenterImage, CropViews, LabelOnly, RandomSquare
 from selfsup.evaluation import EVALUATIONS
 from selfsup.methods import PRETRAINING, RelativeLocation
 from selfsup.protocols import (
@@ -44,7 +44,7 @@ def test_every_pretraining_method_offers_the_pretraining_contract(name: str) -> 
         assert v0.shape == v1.shape == (4, 3, 32, 32)
 
 
-def test_relative_location_probes_read_patches_as_they_were_normalised() -> None:
+def test_relative_location_probes_read_patches_as_they_were_normalized() -> None:
     assert RelativeLocation(backbone=SMALL).probe_input_norm == "per_image"
     assert RelativeLocation(backbone=SMALL, per_patch_norm=False).probe_input_norm == "channel"
     assert isinstance(RelativeLocation(backbone=SMALL), ChecksData)
@@ -55,8 +55,8 @@ def test_every_evaluation_checks_its_data_and_embeds(name: str) -> None:
     module = EVALUATIONS[name](num_classes=3, backbone=SMALL)
     assert isinstance(module, ChecksData) and not isinstance(module, PretrainingMethod)
     assert isinstance(module, HasClassifier) == (name != "knn")
-    if name == "linear":  # the probe streams the centre square until its features are cached
-        assert isinstance(module, StreamsSamples) and isinstance(module.stream_sample(32), CentreImage)
+    if name == "linear":  # the probe streams the center square until its features are cached
+        assert isinstance(module, StreamsSamples) and isinstance(module.stream_sample(32), CenterImage)
         module._cache["train"] = (torch.zeros(2, 32), torch.ones(2, dtype=torch.bool))
         assert isinstance(module.stream_sample(32), LabelOnly)
     if name == "knn":

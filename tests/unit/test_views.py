@@ -27,7 +27,7 @@ def test_views_shapes_and_seeding() -> None:
     assert (v - v[:1]).abs().flatten(1).amax(1)[1:].min() > 0
 
 
-def test_full_crop_without_colour_ops_is_identity_up_to_normalisation() -> None:
+def test_full_crop_without_color_ops_is_identity_up_to_normalization() -> None:
     imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     x = imgs.float() / 255
     out = random_resized_crop(x, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
@@ -70,7 +70,7 @@ from reference import ks_distance, ks_limit, rgb_to_hsv  # noqa: E402
         (adjust_hue, TF.adjust_hue, -0.5, 0.5),
     ],
 )
-def test_colour_operations_equal_torchvision_per_image(ours, theirs, low: float, high: float) -> None:
+def test_color_operations_equal_torchvision_per_image(ours, theirs, low: float, high: float) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(12, 3, 16, 16, generator=g)
     x[0] = 0.5  # a gray image: hue undefined, saturation 0

@@ -70,12 +70,6 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def decode_image(path: str | Path | bytes, image_size: int | None) -> np.ndarray:
-    """Decode one image to RGB uint8 (H, W, 3). With ``image_size``, resize the shorter side to
-    it (bicubic, antialiased) and center-crop a square. Raises what Pillow raises for a bad file."""
-    return _decode(path, image_size)[0]
-
-
 def _decode(path: str | Path | bytes, image_size: int | None) -> tuple[np.ndarray, int]:
     """(RGB uint8 (H, W, 3), shorter side of the file's image).
 
@@ -173,7 +167,7 @@ def decode_files(
 
     Processes, not threads: measured on 2 cores, threads scale to 1.6x on 160-px JPEGs and get
     slower than one thread on 32-px ones, since Pillow holds the GIL in the Python-level parts
-    of open, convert and resize (``scripts/bench_decode.py``). ``workers`` None: every available
+    of open, convert and resize (``python -m benchmarks decode``). ``workers`` None: every available
     core; 1 (or fewer than two chunks of work): decode in this process, with no start-up cost.
     ``progress(n)`` is called with the number of inputs finished after each chunk. With an
     ``image_size`` the images are written into one preallocated array as chunks arrive, so the

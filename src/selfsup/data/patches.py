@@ -29,8 +29,6 @@ import torch.nn.functional as F
 # Grid cell k = 3 * row + col; the center is cell 4 and is never a label.
 CENTER = 4
 NEIGHBORS = (0, 1, 2, 3, 5, 6, 7, 8)
-#: label of the neighbor at (row, col) of the 3x3 grid
-LABEL_OF_CELL = {(k // 3, k % 3): label for label, k in enumerate(NEIGHBORS)}
 
 
 @dataclass(frozen=True)

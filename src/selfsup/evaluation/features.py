@@ -40,14 +40,26 @@ class Features(PlainData):
             strictly. None: the random initialization (the baseline).
         input_norm: ``channel`` (ImageNet statistics) or ``per_image`` standardization, as the
             backbone saw its inputs in pretraining (relative location: ``per_image``).
-        stage: the backbone stage whose pooled output is read (-1: the last; -2: the one before,
-            e.g. ResNet layer3), since pretext tasks over-specialize the last stage (mmselfsup:
+        depth: the backbone layer whose pooled output is read (-1: the last; -2: the one before,
+            e.g. ResNet layer3), since pretext tasks over-specialize the last one (mmselfsup:
             relative location probes at 40.4% from res5, 51.2% from res4). Fine-tuning reads the last.
+        stage: the name ``depth`` had before selfsup 0.2, still read (``features: {stage: -2}``).
     """
 
     checkpoint: str | None = None
     input_norm: InputNorm = "channel"
-    stage: int = -1
+    depth: int = -1
+    stage: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage is not None:
+            if self.depth not in (-1, self.stage):
+                raise SelfsupError(
+                    f"features.stage is the old name of features.depth: give one of them, not both "
+                    f"({self.stage} and {self.depth})"
+                )
+            object.__setattr__(self, "depth", self.stage)
+            object.__setattr__(self, "stage", None)
 
 
 def transfer_backbone(backbone: BackboneSpec | dict | None, features: Features) -> AnyBackbone:
@@ -99,13 +111,13 @@ def training_view(images: torch.Tensor, input_norm: InputNorm, crop_min_scale: f
 def frozen_features(
     backbone: nn.Module, images: torch.Tensor, features: Features, crop_min_scale: float | None = None
 ) -> torch.Tensor:
-    """Pooled features (B, F) at ``features.stage`` of uint8 images (B, 3, H, W) through a frozen
+    """Pooled features (B, F) at ``features.depth`` of uint8 images (B, 3, H, W) through a frozen
     backbone, normalized as it saw its inputs in pretraining (:func:`training_view`)."""
     # Lightning restores each submodule's recorded train/eval flag around validation, bypassing
     # a module's train(); re-assert eval here so BatchNorm statistics never move.
     if backbone.training:
         backbone.eval()
-    return backbone(training_view(images, features.input_norm, crop_min_scale), stage=features.stage)
+    return backbone(training_view(images, features.input_norm, crop_min_scale), depth=features.depth)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ class FineTune(L.LightningModule):
     With ``augment``, training images get a random resized crop (scale ``crop_min_scale``..1,
     flipped half the time) on the device; evaluation always uses the plain image.
 
-    Args: as :class:`LinearProbe` (``features.stage`` stays -1), and ``augment`` /
+    Args: as :class:`LinearProbe` (``features.depth`` stays -1), and ``augment`` /
     ``crop_min_scale``; ``backbone_lr``: the backbone's own base rate (None: ``optimizer.lr``,
     the head's), e.g. a tenth of the head's so that few labels do not wash out what pretraining
     learned.
@@ -51,10 +51,10 @@ class FineTune(L.LightningModule):
         super().__init__()
         save_plain_hyperparameters(self)
         self.features_spec = Features.of(features)
-        if self.features_spec.stage != -1:
+        if self.features_spec.depth != -1:
             raise SelfsupError(
-                f"fine-tuning trains the whole backbone and reads its last stage, not stage "
-                f"{self.features_spec.stage}: leave features.stage at -1"
+                f"fine-tuning trains the whole backbone and reads its last layer, not depth "
+                f"{self.features_spec.depth}: leave features.depth at -1"
             )
         self.backbone = transfer_backbone(backbone, self.features_spec)
         # No standardization: SGD at the usual fine-tuning rates stays stable (standardized

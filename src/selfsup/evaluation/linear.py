@@ -176,7 +176,7 @@ class LinearProbe(L.LightningModule):
         # A GroupNorm backbone asks for no batch statistics anywhere: neither does its probe.
         self.standardize: Literal["batch", "layer"] = "layer" if BackboneSpec.of(backbone).norm == "group" else "batch"
         self.classifier = (
-            Classifier(self.backbone.stage_features(self.features_spec.stage), num_classes, self.standardize)
+            Classifier(self.backbone.depth_features(self.features_spec.depth), num_classes, self.standardize)
             if num_classes is not None
             else None
         )
@@ -226,7 +226,7 @@ class LinearProbe(L.LightningModule):
         if split not in self._cache:
             train, evals = dm.splits()
             n = len(train if split == "train" else evals)
-            f = self.backbone.stage_features(self.features_spec.stage)
+            f = self.backbone.depth_features(self.features_spec.depth)
             self._cache[split] = (
                 torch.zeros(n, f, device=idx.device),
                 torch.zeros(n, dtype=torch.bool, device=idx.device),

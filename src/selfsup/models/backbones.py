@@ -1,16 +1,16 @@
 """Backbones by name: a small CNN, torchvision models and timm models.
 
 Every backbone maps (B, 3, H, W) float images to (B, num_features) pooled features, exposes
-``num_features`` and ``num_stages``, and ``forward(x, stage=k)`` / ``stage_features(k)`` give
-the pooled output of an intermediate stage where the model has stages (for probing at several
-depths). Names:
+``num_features`` and ``num_depths``, and ``forward(x, depth=k)`` / ``depth_features(k)`` give
+the pooled output after layer ``k`` where the model has several (for probing at several
+depths: -1 the last, -2 the one before). Names:
 
 - ``small_cnn``; ``resnet18``, ``resnet50`` (torchvision's, with an optional CIFAR stem);
 - ``torchvision:<arch>``: any torchvision classification model, e.g. ``torchvision:resnet34``,
   ``torchvision:mobilenet_v3_small``, ``torchvision:vit_b_16``. The ResNet family keeps its four
-  stages, the CIFAR stem and GroupNorm; other models give their pooled features only;
+  layers as depths, the CIFAR stem and GroupNorm; other models give their pooled features only;
 - ``timm:<name>``, with timm installed (``pip install selfsup[timm]``): any timm model, e.g.
-  ``timm:resnet50``, ``timm:vit_small_patch16_224``; stages from timm's ``feature_info``.
+  ``timm:resnet50``, ``timm:vit_small_patch16_224``; depths from timm's ``feature_info``.
 
 Nothing is downloaded: every model starts from its random initialization.
 """
@@ -62,42 +62,43 @@ def check_batch_norm_batch(model: nn.Module) -> None:
 
 
 class Backbone(nn.Module):
-    """A stem, a list of stages and global average pooling.
+    """A stem, a list of layers (ResNet's layer1..4) and global average pooling.
 
     Shapes: (B, 3, H, W) -> (B, num_features).
     """
 
-    def __init__(self, stem: nn.Module, stages: list[nn.Module], num_features: int, name: str) -> None:
+    def __init__(self, stem: nn.Module, layers: list[nn.Module], num_features: int, name: str) -> None:
         super().__init__()
         self.stem = stem
-        self.stages = nn.ModuleList(stages)
+        self.layers = nn.ModuleList(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = num_features
         self.name = name
         # channels_last: about 1.4x faster convolutions on CPU (oneDNN) and the layout
         # tensor cores want on GPU; the state dict is unchanged.
         self.to(memory_format=torch.channels_last)
+        self._register_load_state_dict_pre_hook(renamed_layers)
 
     @property
-    def num_stages(self) -> int:
-        return len(self.stages)
+    def num_depths(self) -> int:
+        return len(self.layers)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 1:
             check_batch_norm_batch(self)
         return self.stem(x.contiguous(memory_format=torch.channels_last))
 
-    def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
-        """Pooled features after ``stage`` (index into ``stages``; -1 the last): (B, F_stage)."""
-        last = stage % len(self.stages)
+    def forward(self, x: torch.Tensor, depth: int = -1) -> torch.Tensor:
+        """Pooled features after layer ``depth`` (index into ``layers``; -1 the last): (B, F_depth)."""
+        last = depth % len(self.layers)
         x = self._stem(x)
-        for block in self.stages[: last + 1]:
+        for block in self.layers[: last + 1]:
             x = block(x)
         return self.pool(x).flatten(1)
 
-    def stage_features(self, stage: int = -1) -> int:
-        """Channels after ``stage`` (pooled feature size), read off the stage's last layer."""
-        block = self.stages[stage]
+    def depth_features(self, depth: int = -1) -> int:
+        """Channels after layer ``depth`` (pooled feature size), read off its last normalisation."""
+        block = self.layers[depth]
         # _BatchNorm covers SyncBatchNorm too, which Lightning swaps in under sync_batchnorm.
         channels = [
             m.num_features if isinstance(m, _BatchNorm) else m.num_channels
@@ -116,24 +117,24 @@ def _conv_block(c_in: int, c_out: int, stride: int, norm: Norm) -> nn.Sequential
 
 
 def small_cnn(width: int = 32, norm: Norm = "batch") -> Backbone:
-    """Six 3x3 conv layers in three stages (widths w, 2w, 4w), fast on a couple of CPU cores.
+    """Six 3x3 conv layers in three groups (widths w, 2w, 4w), fast on a couple of CPU cores.
 
     Downsamples by 4 in total, so it works from 8-pixel patches to full images.
     """
     w = width
     stem = _conv_block(3, w, 1, norm)
-    stages: list[nn.Module] = [
+    layers: list[nn.Module] = [
         _conv_block(w, w, 1, norm),
         nn.Sequential(_conv_block(w, 2 * w, 2, norm), _conv_block(2 * w, 2 * w, 1, norm)),
         nn.Sequential(_conv_block(2 * w, 4 * w, 2, norm), _conv_block(4 * w, 4 * w, 1, norm)),
     ]
-    for m in [stem, *stages]:
+    for m in [stem, *layers]:
         for conv in m.modules():
             if isinstance(conv, nn.Conv2d):
                 # He init (as torchvision's ResNets): keeps activations at unit scale through
                 # the ReLUs, so that even the random network gives usable features.
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return Backbone(stem, stages, 4 * w, "small_cnn")
+    return Backbone(stem, layers, 4 * w, "small_cnn")
 
 
 def _resnet(arch: str, cifar_stem: bool, norm: Norm) -> Backbone:
@@ -145,20 +146,28 @@ def _resnet(arch: str, cifar_stem: bool, norm: Norm) -> Backbone:
         net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
-    return Backbone(stem, stages, net.fc.in_features, arch)
+    layers = [net.layer1, net.layer2, net.layer3, net.layer4]
+    return Backbone(stem, layers, net.fc.in_features, arch)
 
 
-def _no_stages(name: str, stage: int) -> SelfsupError:
+def renamed_layers(state_dict: dict[str, Any], prefix: str = "", *args: Any) -> None:
+    """Checkpoints written before selfsup 0.2 call a :class:`Backbone`'s layers ``stages.<k>``:
+    rename those keys (under ``prefix``) to ``layers.<k>``, in place, so that they load."""
+    old = prefix + "stages."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "layers." + key[len(old) :]] = state_dict.pop(key)
+
+
+def _no_depths(name: str, depth: int) -> SelfsupError:
     return SelfsupError(
-        f"backbone {name} gives its pooled features only, not stage {stage}: probe the last "
-        "stage (feature_stage -1), or use a ResNet (torchvision:resnet*) or a timm model "
+        f"backbone {name} gives its pooled features only, not depth {depth}: probe the last "
+        "(features.depth -1), or use a ResNet (torchvision:resnet*) or a timm model "
         "for intermediate depths"
     )
 
 
 class PooledBackbone(nn.Module):
-    """A torchvision classifier without its last linear layer: (B, 3, H, W) -> (B, F), one stage.
+    """A torchvision classifier without its last linear layer: (B, 3, H, W) -> (B, F), one depth.
 
     The classifier's last ``nn.Linear`` becomes the identity, so the features are what the
     model's own head would have read (pooled CNN features, a ViT's class token).
@@ -174,28 +183,28 @@ class PooledBackbone(nn.Module):
         setattr(parent, path.rpartition(".")[2], nn.Identity())
         self.net = net
         self.num_features = linear.in_features
-        self.num_stages = 1
+        self.num_depths = 1
         self.name = name
 
-    def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
-        if stage not in (-1, 0):
-            raise _no_stages(self.name, stage)
+    def forward(self, x: torch.Tensor, depth: int = -1) -> torch.Tensor:
+        if depth not in (-1, 0):
+            raise _no_depths(self.name, depth)
         if self.training and x.shape[0] == 1:
             check_batch_norm_batch(self)
         return self.net(x)
 
-    def stage_features(self, stage: int = -1) -> int:
-        if stage not in (-1, 0):
-            raise _no_stages(self.name, stage)
+    def depth_features(self, depth: int = -1) -> int:
+        if depth not in (-1, 0):
+            raise _no_depths(self.name, depth)
         return self.num_features
 
 
 class TimmBackbone(nn.Module):
     """A timm model without its classifier (``timm.create_model(name, num_classes=0)``).
 
-    The last stage is the model's own pooled output (B, num_features); earlier stages, where
+    The last depth is the model's own pooled output (B, num_features); earlier depths, where
     timm reports them (``feature_info`` and ``forward_intermediates``), are average-pooled
-    feature maps (B, C_k). Stage 0 is timm's first reported feature (often the stem).
+    feature maps (B, C_k). Depth 0 is timm's first reported feature (often the stem).
     """
 
     def __init__(self, model_name: str) -> None:
@@ -212,34 +221,34 @@ class TimmBackbone(nn.Module):
         # has it) nor forward_intermediates (most have it).
         self.num_features = int(cast(int, self.model.num_features))
         info = getattr(self.model, "feature_info", None) or []
-        staged = hasattr(self.model, "forward_intermediates") and len(info) > 1
-        self._channels = [int(f["num_chs"]) for f in info] if staged else [self.num_features]
+        layered = hasattr(self.model, "forward_intermediates") and len(info) > 1
+        self._channels = [int(f["num_chs"]) for f in info] if layered else [self.num_features]
         self.name = f"timm:{model_name}"
 
     @property
-    def num_stages(self) -> int:
+    def num_depths(self) -> int:
         return len(self._channels)
 
-    def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
-        s = stage % self.num_stages
+    def forward(self, x: torch.Tensor, depth: int = -1) -> torch.Tensor:
+        s = depth % self.num_depths
         if self.training and x.shape[0] == 1:
             check_batch_norm_batch(self)
-        if s == self.num_stages - 1:
+        if s == self.num_depths - 1:
             return self.model(x)
         intermediates = cast(Callable[..., list[torch.Tensor]], self.model.forward_intermediates)
         (maps,) = intermediates(x, indices=[s], intermediates_only=True)
         return maps.mean(dim=(2, 3))  # NCHW, also for ViTs (tokens reshaped to their grid)
 
-    def stage_features(self, stage: int = -1) -> int:
-        s = stage % self.num_stages
-        return self.num_features if s == self.num_stages - 1 else self._channels[s]
+    def depth_features(self, depth: int = -1) -> int:
+        s = depth % self.num_depths
+        return self.num_features if s == self.num_depths - 1 else self._channels[s]
 
 
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "torchvision:<arch>", "timm:<name>")
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 
-#: Any backbone :func:`build_backbone` makes: each has ``num_features``, ``num_stages``,
-#: ``stage_features(k)`` and ``forward(x, stage=k)``.
+#: Any backbone :func:`build_backbone` makes: each has ``num_features``, ``num_depths``,
+#: ``depth_features(k)`` and ``forward(x, depth=k)``.
 AnyBackbone = Backbone | PooledBackbone | TimmBackbone
 
 
@@ -264,7 +273,7 @@ def build_backbone(
     Args:
         name: ``small_cnn``, ``resnet18``, ``resnet50``, ``torchvision:<arch>`` or ``timm:<name>``.
         cifar_stem: ResNets only: 3x3 stride-1 first conv and no max-pool, for 32-pixel images.
-        width: small_cnn only: channels of the first stage.
+        width: small_cnn only: channels of the first layer.
         norm: ``batch`` (BatchNorm) or ``group`` (GroupNorm; small_cnn and ResNets).
     """
     if name == "small_cnn":

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from selfsup import SelfsupError
+from selfsup.models.backbones import renamed_layers
 
 
 def load_backbone(backbone: nn.Module, path: str | Path) -> int:
@@ -25,6 +26,7 @@ def load_backbone(backbone: nn.Module, path: str | Path) -> int:
         raise SelfsupError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
     sub = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    renamed_layers(sub)
     if not sub:
         some = ", ".join(list(state)[:4]) or "none"
         raise SelfsupError(f"{path} holds no 'backbone.*' weights (its first keys: {some})")
