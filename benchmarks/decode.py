@@ -8,8 +8,8 @@
    size (PSS: shared pages split between the processes that map them) of the whole process tree,
    sampled every 0.1 s, and the peak of the summed resident sizes (RSS).
 
-    python -m benchmarks decode --root ../shared/data/cifar10 --image-size 32 --images 20000
-    python -m benchmarks decode --root ../shared/data/imagenette160 --image-size 64 --images 5000 --no-memory
+    python -m benchmarks decode --root /path/to/cifar10 --image-size 32 --images 20000
+    python -m benchmarks decode --root /path/to/imagenette160 --image-size 64 --images 5000 --no-memory
 """
 
 from __future__ import annotations

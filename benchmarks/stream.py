@@ -2,7 +2,7 @@
 
 Streaming is measured against decoding everything into memory, and against the usual torchvision loader.
 
-    python -m benchmarks stream --src ../shared/data/imagenette160 [--images 2000] [--steps 30]
+    python -m benchmarks stream --src /path/to/imagenette160 [--images 2000] [--steps 30]
                                 [--workers 2] [--batches 40] [--json FILE]
     python -m benchmarks stream --src DIR --quick   # 300 images, a few steps: a minute
 

@@ -1,11 +1,11 @@
 """Build the embedded demo sample shipped inside the package.
 
-Takes a fixed, seeded selection of CIFAR-10 JPEG files from an ImageFolder copy
-(../shared/data/cifar10 by default) and stores their bytes unchanged in one zip
+Takes a fixed, seeded selection of CIFAR-10 JPEG files from an ImageFolder copy of
+CIFAR-10 (``--src``: ``train/<class>/<file>.jpg``) and stores their bytes unchanged in one zip
 file laid out as ``train/<class>/<file>`` and ``val/<class>/<file>``, the layout
 that ``selfsup.data`` reads for any image folder.
 
-    python scripts/make_sample.py --src ../shared/data/cifar10 --train-per-class 500 --val-per-class 100
+    python scripts/make_sample.py --src /path/to/cifar10 --train-per-class 500 --val-per-class 100
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ DEST = Path(__file__).resolve().parents[1] / "src" / "selfsup" / "data" / "sampl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, default=Path("../shared/data/cifar10"))
+    ap.add_argument("--src", type=Path, required=True, help="an ImageFolder copy of CIFAR-10")
     ap.add_argument("--train-per-class", type=int, default=500)
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,7 @@ All three decay with a cosine to 0 at the last step. Writes OUT/results.json (st
 machine and the commit), OUT/batch_size.png (final top-1 against batch size) and OUT/lr_curves.png
 (the rate of every step).
 
-    python -m benchmarks batch_size --root ../shared/data/cifar10 --out runs/batch_size
+    python -m benchmarks batch_size --root /path/to/cifar10 --out runs/batch_size
     python -m benchmarks batch_size --plot-from runs/batch_size/results.json --out runs/batch_size
 
 The network is trained with labels (the setting of the paper, and the fastest to measure);

@@ -1,6 +1,6 @@
 """Time to accuracy: SimCLR on CIFAR-10, kNN accuracy against wall-clock time.
 
-    python -m benchmarks speedrun --root ../shared/data/cifar10 [--minutes 10] [--target 0.9]
+    python -m benchmarks speedrun --root /path/to/cifar10 [--minutes 10] [--target 0.9]
     python -m benchmarks speedrun --toy     # the embedded sample, a small CNN: a CPU smoke test
 
 SimCLR (ResNet-18 with the CIFAR stem, 2-layer projection head, NT-Xent over the batch) on all

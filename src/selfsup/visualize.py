@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+import yaml
+from jsonargparse import ArgumentParser
 from torchvision.io import write_png
 
+from selfsup import SelfsupError
 from selfsup.config import ConfigErrorMixin
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.media import draw_patches, spread
@@ -23,19 +25,38 @@ class PatchesParser(ConfigErrorMixin, ArgumentParser):
     """Errors become one-line SelfsupErrors."""
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(config: str | None = None) -> ArgumentParser:
+    """The parser, with the ``model`` (init_args) and ``data`` sections of the ``selfsup fit``
+    config ``config`` as its defaults, so that the command line still overrides them."""
     p = PatchesParser(prog="selfsup patches", description=__doc__.splitlines()[0], default_meta=False)
-    p.add_argument("--config", action=ActionConfigFile, help="a relative_location config (its model and data)")
+    p.add_argument(
+        "--config",
+        type=str | None,
+        default=None,
+        help="a relative location fit config, e.g. configs/relative_location/cifar10.yaml (its model and data)",
+    )
     p.add_class_arguments(ImageDataModule, "data")
     p.add_class_arguments(RelativeLocation, "model")
     p.add_argument("--count", type=int, default=6, help="images to draw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=str, default="patches.png")
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise SelfsupError(f"config not found: {path}")
+        fit = yaml.safe_load(path.read_text()) or {}
+        model = fit.get("model") or {}
+        init = model.get("init_args", model) if isinstance(model, dict) else {}
+        p.set_defaults(
+            {f"model.{k}": v for k, v in init.items()} | {f"data.{k}": v for k, v in (fit.get("data") or {}).items()}
+        )
     return p
 
 
 def patches_main(argv: Sequence[str]) -> Path:
-    cfg = build_parser().parse_args(list(argv))
+    args = list(argv)
+    config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    cfg = build_parser(config).parse_args(args)
     model_args = cfg.model.as_dict()
     model_args.pop("__path__", None)
     model = RelativeLocation(**model_args)

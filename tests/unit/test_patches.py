@@ -217,3 +217,21 @@ def test_patches_command_draws_grids(tmp_path: Path, image_folder: Path) -> None
     # The grid outlines use the label colors: the red of label 0 is present.
     red = (figure[0] > 200) & (figure[1] < 60) & (figure[2] < 100)
     assert int(red.sum()) > 20
+
+
+def test_patches_command_reads_a_fit_config_and_the_command_line_overrides_it(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`selfsup patches --config configs/relative_location/cifar10.yaml` takes the fit config's
+    model and data sections (its class_path and other sections are not the command's); an
+    option given on the command line wins over the config's."""
+    from selfsup.visualize import patches_main
+
+    from conftest import REPO
+
+    config = str(REPO / "configs/relative_location/cifar10.yaml")
+    args = ["--config", config, "--data.root", str(image_folder), "--count", "2", "--out", str(tmp_path / "p.png")]
+    patches_main(args)
+    assert "32 px, patch 7, gap 3, jitter 1" in capsys.readouterr().out  # the config's Doersch grid
+    patches_main([*args, "--model.grid", "kolesnikov"])
+    assert "32 px, patch 8, gap 0, jitter 2" in capsys.readouterr().out

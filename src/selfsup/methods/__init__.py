@@ -1,5 +1,5 @@
 """Pretraining methods, one LightningModule each holding its whole loop; what every method
-offers the rest of selfsup is written down in ``selfsup.methods.protocols``."""
+offers the rest of selfsup is written down in ``selfsup.protocols``."""
 
 from selfsup.evaluation import FineTune, KNNEvaluation, LinearProbe
 from selfsup.methods.moco import MoCo
