@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # The fast loop before a commit.
 check: lint typecheck
-	$(PYTEST) -m unit $(PYTEST_ARGS)
+	$(PYTEST) -m unit tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
