@@ -96,7 +96,7 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
         assert stage["knn_top1"] * 30 == pytest.approx(round(stage["knn_top1"] * 30), abs=1e-4)
     table = (out / "summary.md").read_text()
     assert "| SimCLR |" in table and table in capsys.readouterr().out
-    assert "earlier backbone stages: stage 1 " in table
+    assert "earlier backbone depths: depth 1 " in table
     for stage in ("relative_location", "simclr"):
         assert (out / stage / "checkpoints" / "last.ckpt").is_file()
     # Each stage has a CSV of metrics and an offline W&B run carrying the full config.
