@@ -24,6 +24,12 @@ from selfsup.data.sources import SAMPLE_ZIP
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 KINDS = ("unit", "integration", "system", "benchmarks")
+#: `selfsup fit` arguments of a SimCLR run small enough for a test: the CPU trainer, the CIFAR-10
+#: config, and a small CNN of width 8 (append the data, the budget and the run folder).
+SMALL_SIMCLR = [
+    *("--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/simclr/cifar10.yaml")),
+    *("--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8"),
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,6 +10,7 @@ import yaml
 from selfsup.cli import main
 from selfsup.tracking import resolve_offline, wandb_has_account
 
+from conftest import SMALL_SIMCLR
 from wandb_files import logged_config, logged_metric_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,14 +36,7 @@ def test_cli_fit_records_full_config(image_folder: Path, tmp_path: Path, monkeyp
     main(
         [
             "fit",
-            "--config",
-            str(REPO / "configs/trainer/cpu.yaml"),
-            "--config",
-            str(REPO / "configs/simclr/cifar10.yaml"),
-            "--model.init_args.backbone.name",
-            "small_cnn",
-            "--model.init_args.backbone.width",
-            "8",
+            *SMALL_SIMCLR,
             "--model.init_args.temperature",
             "0.3",
             "--data.root",

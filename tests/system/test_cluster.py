@@ -15,6 +15,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from selfsup.callbacks import LearningRateScaling
 from selfsup.cli import SelfsupCLI, main
 
+from conftest import SMALL_SIMCLR
+
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = sorted((REPO / "scripts" / "slurm").glob("*.sbatch"))
 
@@ -139,14 +141,7 @@ def test_torchrun_launcher_two_processes_on_cpu(image_folder: Path, tmp_path: Pa
         [
             "bash",
             str(REPO / "scripts/torchrun.sh"),
-            "--config",
-            str(REPO / "configs/trainer/cpu.yaml"),
-            "--config",
-            str(REPO / "configs/simclr/cifar10.yaml"),
-            "--model.init_args.backbone.name",
-            "small_cnn",
-            "--model.init_args.backbone.width",
-            "8",
+            *SMALL_SIMCLR,
             "--model.init_args.proj_hidden",
             "16",
             "--data.root",

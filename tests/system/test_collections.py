@@ -24,7 +24,7 @@ from selfsup.data.folders import resolve_labels, scan_folder
 from selfsup.data.sources import SAMPLE_ZIP
 from selfsup.pipeline import pipeline_main
 
-from conftest import write_image_folder
+from conftest import SMALL_SIMCLR, write_image_folder
 from reference import decode_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,14 +221,7 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
 
 
 TINY_SIMCLR = [
-    "--config",
-    str(REPO / "configs/trainer/cpu.yaml"),
-    "--config",
-    str(REPO / "configs/simclr/cifar10.yaml"),
-    "--model.init_args.backbone.name",
-    "small_cnn",
-    "--model.init_args.backbone.width",
-    "8",
+    *SMALL_SIMCLR,
     "--model.init_args.proj_hidden",
     "16",
     "--model.init_args.optimizer.name",

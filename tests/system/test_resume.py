@@ -23,6 +23,8 @@ from selfsup.data import ImageDataModule
 from selfsup.evaluation.online import OnlineSpec
 from selfsup.methods import SimCLR
 
+from conftest import SMALL_SIMCLR
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "resume_script.py"
 STEPS = 14  # 2 epochs of 7 batches (120 images, batch 16)
@@ -31,14 +33,7 @@ STEPS = 14  # 2 epochs of 7 batches (120 images, batch 16)
 def fit_args(images: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "fit",
-        "--config",
-        str(REPO / "configs/trainer/cpu.yaml"),
-        "--config",
-        str(REPO / "configs/simclr/cifar10.yaml"),
-        "--model.init_args.backbone.name",
-        "small_cnn",
-        "--model.init_args.backbone.width",
-        "8",
+        *SMALL_SIMCLR,
         "--model.init_args.proj_hidden",
         "16",
         "--model.init_args.online.knn_every",
