@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import CENTER, NEIGHBORS
 from selfsup.data.views import IMAGENET_MEAN, IMAGENET_STD
 from selfsup.protocols import HasClassifier, HasViews
@@ -48,12 +49,11 @@ def log_training_figure(trainer, key: str, draw, caption: str = "") -> Path | No
     then calls ``draw(train_set)`` (an ``ImageSet`` -> uint8 (3, H, W)) and logs. Nothing
     happens without an ImageDataModule.
     """
-    dm = getattr(trainer, "datamodule", None)
+    dm = datamodule_of(trainer)
     log_dir = trainer.log_dir or trainer.default_root_dir
-    train_set = getattr(dm, "train_set", None)
-    if train_set is None or not trainer.is_global_zero:
+    if not isinstance(dm, ImageDataModule) or dm.train_set is None or not trainer.is_global_zero:
         return None
-    return log_image(trainer, log_dir, key, draw(train_set), caption)
+    return log_image(trainer, log_dir, key, draw(dm.train_set), caption)
 
 
 def spread(n: int, count: int) -> torch.Tensor:
@@ -213,7 +213,8 @@ class ConfusionFigure(L.Callback):
         confusion.reset()
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
         if trainer.is_global_zero:
-            classes = list(getattr(datamodule_of(trainer), "classes", []) or [])
+            dm = datamodule_of(trainer)
+            classes = dm.classes if isinstance(dm, ImageDataModule) else []
             log_image(
                 trainer,
                 log_dir,

@@ -12,7 +12,9 @@ import lightning as L
 
 def datamodule_of(trainer: L.Trainer) -> L.LightningDataModule | None:
     """The DataModule the trainer runs with (None: loaders were passed directly)."""
-    return trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's DataConnector
+    # Set by Lightning's DataConnector when a fit, validate or test begins: absent before.
+    dm: L.LightningDataModule | None = getattr(trainer, "datamodule", None)
+    return dm
 
 
 def callbacks_of(trainer: L.Trainer) -> list[L.Callback]:

@@ -15,6 +15,7 @@ from selfsup.media import ConfusionFigure
 from selfsup.models.backbones import BackboneSpec
 from selfsup.optim.optimizer import OptimizerSpec, param_groups
 from selfsup.protocols import TransferHparams
+from selfsup.trainer_attrs import datamodule_of
 
 
 class FineTuneHparams(TransferHparams, Protocol):
@@ -75,7 +76,7 @@ class FineTune(L.LightningModule):
         require_labels(self, dm)
 
     def setup(self, stage: str) -> None:
-        require_labels(self, getattr(self.trainer, "datamodule", None))
+        require_labels(self, datamodule_of(self.trainer))
 
     def features(self, batch: dict, split: str) -> torch.Tensor:
         """Features of the batch's images (B, F): randomly cropped in training with ``augment``."""

@@ -88,7 +88,7 @@ class KNNEvaluation(L.LightningModule):
         require_labels(self, dm)
 
     def setup(self, stage: str) -> None:
-        require_labels(self, getattr(self.trainer, "datamodule", None))
+        require_labels(self, datamodule_of(self.trainer))
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -198,7 +198,7 @@ class LinearProbe(L.LightningModule):
         require_labels(self, dm)
 
     def setup(self, stage: str) -> None:
-        require_labels(self, getattr(self.trainer, "datamodule", None))
+        require_labels(self, datamodule_of(self.trainer))
 
     def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
@@ -303,7 +303,7 @@ class LinearProbe(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         spec = OptimizerSpec.of(self.hp.optimizer)
-        if self.search_spec.enabled and isinstance(getattr(self.trainer, "datamodule", None), ImageDataModule):
+        if self.search_spec.enabled and isinstance(datamodule_of(self.trainer), ImageDataModule):
             self.chosen = self.run_search()
             report_search(self.trainer, self.chosen)
             spec = replace(spec, lr=self.chosen.lr, weight_decay=self.chosen.weight_decay)

@@ -30,6 +30,7 @@ from selfsup.evaluation.features import embed_all, embed_all_ranks
 from selfsup.evaluation.knn import knn_scores
 from selfsup.evaluation.probe_search import fit_heads
 from selfsup.protocols import HasOnline
+from selfsup.trainer_attrs import datamodule_of
 
 
 def evaluation_due(epoch: int, max_epochs: int | None, every: int) -> bool:
@@ -253,7 +254,7 @@ class OnlineEvaluation(nn.Module):
                     knn_temperature=self.knn_t,
                 )
             return
-        dm = getattr(trainer, "datamodule", None)
+        dm = datamodule_of(trainer)
         if self.trains_head and isinstance(dm, ImageDataModule):
             bank = dm.splits()[0]
             if self.knn_bank_size is not None and len(bank) > self.knn_bank_size:
@@ -276,7 +277,7 @@ class OnlineHooks(L.Callback):
     returns it from ``configure_callbacks`` and calls ``embed`` (uint8 images -> features)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        _online(pl_module).attach(getattr(trainer, "datamodule", None))
+        _online(pl_module).attach(datamodule_of(trainer))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         embed = cast(HasOnline, pl_module).embed  # a module that holds the evaluator embeds

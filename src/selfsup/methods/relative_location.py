@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup import SelfsupError
 from selfsup.config import save_plain_hyperparameters
+from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.litdata.samples import RandomSquare
 from selfsup.data.patches import (
     CENTER,
@@ -34,6 +35,7 @@ from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
 from selfsup.optim.optimizer import OptimizerSpec
 from selfsup.protocols import StageHparams
+from selfsup.trainer_attrs import datamodule_of
 
 
 class RelativeLocationHparams(StageHparams, Protocol):
@@ -136,9 +138,9 @@ class RelativeLocation(L.LightningModule):
     def check_data(self, dm: L.LightningDataModule) -> None:
         """Stop before training when the images are too small for the patch grid, naming the
         smallest image size that works."""
-        size = getattr(dm, "image_size", None)
-        if size is None:
+        if not isinstance(dm, ImageDataModule):
             return
+        size = dm.image_size
         hp = self.hp
         try:
             spec = self.grid_spec(size)
@@ -156,7 +158,7 @@ class RelativeLocation(L.LightningModule):
             )
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+        dm = datamodule_of(self.trainer)
         if dm is not None:
             self.check_data(dm)
 
