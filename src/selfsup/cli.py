@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -115,6 +116,7 @@ class SelfsupCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         quiet_lightning()
         self._started = time.time()
+        self._ckpt_path: str | None = None  # what fit continues from, settled in before_fit
         super().__init__(
             model_class=LightningModule,
             subclass_mode_model=True,
@@ -158,15 +160,20 @@ class SelfsupCLI(LightningCLI):
         checkpoint = self._section(self.config_init, "checkpoint")
         if trainer.get("enable_checkpointing") is False:  # asked for none: no last.ckpt either
             checkpoint = None
+        given = trainer.get("callbacks") or []
         kwargs["callbacks"] = [
-            *(trainer.get("callbacks") or []),
+            *(given if isinstance(given, list) else [given]),  # one callback may be given alone
             *run_callbacks(
-                self._section(self.config_init, "lr_scaling"), self._section(self.config_init, "warmup"), checkpoint
+                self._section(self.config_init, "lr_scaling"),
+                self._section(self.config_init, "warmup"),
+                checkpoint,
+                random_state=True,  # an explicit --ckpt_path restores the random stream too
             ),
         ]
         if trainer.get("logger") is True:
             kwargs["logger"] = run_loggers(root)
-        if SlurmEnvironment.detect() and not trainer.get("plugins"):
+        # torchrun inside a SLURM allocation: Lightning's own choice (TorchElastic) stays.
+        if SlurmEnvironment.detect() and not TorchElasticEnvironment.detect() and not trainer.get("plugins"):
             kwargs["plugins"] = [SlurmEnvironment()]
         return super().instantiate_trainer(**kwargs)
 
@@ -219,6 +226,8 @@ class SelfsupCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._prepare_data()
+        given = self._section(self.config_init, "ckpt_path")
+        self._ckpt_path = self._resume_from(given)  # said, and checked, before the run starts
         say(describe_run(self.model, self.datamodule, self.trainer))
 
     def fit(
@@ -230,7 +239,7 @@ class SelfsupCLI(LightningCLI):
     ) -> None:
         """``trainer.fit``, continuing the run folder's run (LightningCLI calls this method of
         the CLI, when it has one, for the ``fit`` subcommand)."""
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=self._resume_from(ckpt_path), **kwargs)
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=self._ckpt_path, **kwargs)
 
     def after_fit(self) -> None:
         say(describe_results(self.trainer, time.time() - self._started))

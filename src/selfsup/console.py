@@ -6,7 +6,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 
 def say(message: str, every_rank: bool = False) -> None:
-    """Print one line of what the data module did, on the first process only unless asked
+    """Print one line for people, on the first process only unless asked
     (the rank is known from the launcher's environment before any process group exists)."""
     rank = getattr(rank_zero_only, "rank", 0)
     if rank == 0:

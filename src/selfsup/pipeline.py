@@ -440,7 +440,8 @@ class Pipeline:
             norm = model.probe_input_norm if isinstance(model, ProbeInputNorm) else "channel"
             ckpt = self.out / name / "checkpoints" / "last.ckpt"
             stage = cfg.stages[name]
-            depths = stage.probe_depths or stage.probe_stages or []  # probe_stages: the name before 0.2
+            # probe_stages, the name before 0.2, wins where given (an empty list switches probing off).
+            depths = stage.probe_stages if stage.probe_stages is not None else stage.probe_depths
             evaluated = self.evaluate(targets, name, ckpt, norm, depths)
             results[name] = {**extra, **evaluated, "seconds": time.time() - t0}
 

@@ -9,7 +9,7 @@ Plain typing: importing this module imports no Lightning.
 Each stage module implements these hooks, and Lightning's (``setup``, ``check_data``, the
 ``*_step`` methods, the typed ``hp`` property), in its own file, so that one method's whole loop
 reads in one place: two modules' hook bodies may read alike, and are the one kind of repeated
-block the code allows (``duplicates --repo src`` lists only such pairs).
+block the code allows.
 """
 
 from __future__ import annotations

@@ -49,14 +49,20 @@ def add_run_arguments(parser: ArgumentParser, fresh: str) -> None:
 
 
 def run_callbacks(
-    lr_scaling: LearningRateScaling, warmup: Warmup, checkpoint: RunCheckpoint | None
+    lr_scaling: LearningRateScaling,
+    warmup: Warmup,
+    checkpoint: RunCheckpoint | None,
+    random_state: bool | None = None,
 ) -> list[L.Callback]:
     """The callbacks of every selfsup run: the rate scaled by the global batch and warmed up per
-    step, a stop at the first non-finite loss, a warning when the representation collapses, and
-    (with ``checkpoint``) ``last.ckpt`` with the random stream for exact resume."""
+    step, a stop at the first non-finite loss, a warning when the representation collapses,
+    (with ``checkpoint``) ``last.ckpt``, and the random stream saved with every checkpoint for
+    exact resume (``random_state``; None: with ``checkpoint``)."""
     callbacks: list[L.Callback] = [lr_scaling, warmup, LossGuard(), CollapseWatch()]
     if checkpoint is not None:
-        callbacks += [checkpoint, RandomState()]
+        callbacks.append(checkpoint)
+    if random_state if random_state is not None else checkpoint is not None:
+        callbacks.append(RandomState())
     return callbacks
 
 

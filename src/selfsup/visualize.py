@@ -55,7 +55,12 @@ def build_parser(config: str | None = None) -> ArgumentParser:
 
 def patches_main(argv: Sequence[str]) -> Path:
     args = list(argv)
-    config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    config = None  # read first: its sections become the defaults the command line overrides
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            config = args[i + 1]
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
     cfg = build_parser(config).parse_args(args)
     model_args = cfg.model.as_dict()
     model_args.pop("__path__", None)

@@ -168,3 +168,51 @@ def test_torchrun_launcher_two_processes_on_cpu(image_folder: Path, tmp_path: Pa
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [x for x in p.stdout.splitlines() if x.startswith("lr scaling:")]
     assert lines == ["lr scaling: base_lr=0.3 global_batch=32 reference=256 rule=linear -> lr=0.0375"]
+
+
+def test_torchrun_inside_a_slurm_job_keeps_torchelastic(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun started from an sbatch script: SLURM's variables and torchrun's are both set, and
+    the Trainer takes its world from torchrun (as Lightning chooses), not from SLURM's one task;
+    one callback given alone in the config is taken as a list of one."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    for k, v in slurm_env(1, 1, proc_id=0).items():
+        monkeypatch.setenv(k, v)
+    torchrun = {
+        "RANK": "1",
+        "GROUP_RANK": "0",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
+    for k, v in torchrun.items():
+        monkeypatch.setenv(k, v)
+    args = [
+                *SMALL_SIMCLR,
+        "--data.root",
+        str(image_folder),
+        "--data.batch_size",
+        "16",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.callbacks",
+        "lightning.pytorch.callbacks.LearningRateMonitor",
+    ]
+    trainer = SelfsupCLI(args, run=False).trainer
+    assert isinstance(trainer.strategy.cluster_environment, TorchElasticEnvironment)
+    assert trainer.world_size == 2 and trainer.global_rank == 1
+    assert any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)

@@ -16,7 +16,7 @@ SRC = REPO / "src"
 PACKAGE = SRC / "selfsup"
 
 #: Imports inside functions that are allowed: optional extras, imported only when a user asks for
-#: them, and two named exceptions. Each such line must say why in a comment on it or above it.
+#: them, and three named exceptions. Each such line must say why in a comment on it or above it.
 OPTIONAL_EXTRAS = {"timm", "litdata", "wandb"}
 EXCEPTIONS = {
     # `from selfsup.data import ImageDataModule` keeps working without Lightning in selfsup.data.

@@ -244,7 +244,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _load_stream(self) -> None:
         """A dataset of ``selfsup data optimize``: its training and evaluation splits as
-        :class:`~selfsup.data.streaming.LazyImages` (nothing decoded) with their labels."""
+        :class:`~selfsup.data.litdata.dataset.LazyImages` (nothing decoded) with their labels."""
         from selfsup.data.litdata.dataset import LazyImages  # optional extra: litdata
 
         hp = self.hp
@@ -569,7 +569,7 @@ class ImageDataModule(L.LightningDataModule):
         return batch
 
     def _trained_batches(self) -> int:
-        """Batches of the current epoch the trainer has trained (see selfsup.data.resumable)."""
+        """Batches of the current epoch the trainer has trained (see selfsup.data.loaders)."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0

@@ -33,7 +33,7 @@ class ImageSet:
         return len(self.classes) > 0
 
     def subset(self, idx: torch.Tensor) -> ImageSet:
-        # Streamed images (selfsup.data.streaming.LazyImages) stay undecoded, indexed like a tensor.
+        # Streamed images (selfsup.data.litdata.dataset.LazyImages) stay undecoded, indexed like a tensor.
         images = cast(torch.Tensor, self.images.subset(idx)) if isinstance(self.images, LazyRows) else self.images[idx]
         return ImageSet(images, self.labels[idx], self.classes)
 

@@ -77,7 +77,7 @@ def random_resized_crop(
     boxes = crop_boxes(b, h, w, scale, ratio, generator, x.device)
     flip = uniform(b, generator, x.device) < flip_p
     # Every sample point lies inside its box, so inside the image: "border" gives what
-    # "reflection" gives there (tests/test_views.py checks it), about 10% faster.
+    # "reflection" gives there (tests/unit/test_views.py checks it), about 10% faster.
     return F.grid_sample(
         x, crop_grid(boxes, flip, h, w, size).to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False
     )

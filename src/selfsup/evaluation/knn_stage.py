@@ -46,7 +46,7 @@ class KNNEvaluation(L.LightningModule):
 
     Args:
         num_classes: classes of the labels; ``selfsup fit`` / ``validate`` link it from the data.
-        backbone / features: as ``LinearProbe``'s (``selfsup.methods.transfer.Features``).
+        backbone / features: as ``LinearProbe``'s (``selfsup.evaluation.Features``).
         k: neighbor counts, the first one reported as ``top1`` (InstDisc: 200; 20 is also common).
         temperature: of the vote weights (InstDisc: 0.1).
     """

@@ -134,21 +134,21 @@ class LinearProbe(L.LightningModule):
     each image's features are computed once and reused in later epochs, so a probe costs
     one backbone pass over the data plus cheap linear epochs. With a ``search``, the rate and
     weight decay are first chosen on a held-out tenth of the *training* images
-    (:mod:`selfsup.probe_search`), never on the evaluation split.
+    (:mod:`selfsup.evaluation.probe_search`), never on the evaluation split.
 
     Args:
         num_classes: classes of the labels; ``selfsup fit`` links it from the DataModule.
         backbone: which network (``selfsup.models.BackboneSpec``); None: the small CNN.
         features: :class:`Features`: the checkpoint (None: the random-init baseline), the input
-            normalization and the backbone stage probed.
+            normalization and the backbone depth probed.
         cache_features: compute each image's features once.
         augment: the classic probe instead (``cache_features: false``): every epoch each
             training image is randomly cropped (scale ``crop_min_scale``..1) and flipped, then
             passed through the frozen backbone, as solo-learn and lightly probe.
         crop_min_scale: of ``augment``'s crops.
-        search: :class:`selfsup.probe_search.ProbeSearch`: the rates and weight decays tried
+        search: :class:`selfsup.evaluation.probe_search.ProbeSearch`: the rates and weight decays tried
             (none by default: ``optimizer``'s are used).
-        optimizer: ``selfsup.methods.common.OptimizerSpec`` (lr at the reference batch).
+        optimizer: ``selfsup.optim.OptimizerSpec`` (lr at the reference batch).
     The typed arguments are stored as plain dicts in the hyperparameters.
     """
 

@@ -109,10 +109,16 @@ def fit_heads(
     heads.train()
     step = 0
     for _ in range(epochs):
-        order = torch.randperm(len(features), generator=generator).to(features.device)
+        # A full batch needs no order (and no copy): its rows as they are.
+        order = (
+            None if batch == len(features) else torch.randperm(len(features), generator=generator).to(features.device)
+        )
         for i in range(per_epoch):
-            rows = order[i * batch : (i + 1) * batch]
-            x, y = features[rows], labels[rows]
+            if order is None:
+                x, y = features, labels
+            else:
+                rows = order[i * batch : (i + 1) * batch]
+                x, y = features[rows], labels[rows]
             if lr_at is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(group["base_lr"], step, total)
@@ -151,6 +157,8 @@ def search_probe(
     """
     if epochs < 1:
         raise SelfsupError(f"the probe search trains its heads for the probe's epochs, got {epochs}")
+    if not 0 < search.holdout < 1:
+        raise SelfsupError(f"search.holdout must be in (0, 1), got {search.holdout}")
     fit, held = stratified_holdout(labels, search.holdout, search.seed)
     settings = search.settings()
     device = features.device

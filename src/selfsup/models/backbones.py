@@ -97,7 +97,7 @@ class Backbone(nn.Module):
         return self.pool(x).flatten(1)
 
     def depth_features(self, depth: int = -1) -> int:
-        """Channels after layer ``depth`` (pooled feature size), read off its last normalisation."""
+        """Channels after layer ``depth`` (pooled feature size), read off its last normalization."""
         block = self.layers[depth]
         # _BatchNorm covers SyncBatchNorm too, which Lightning swaps in under sync_batchnorm.
         channels = [

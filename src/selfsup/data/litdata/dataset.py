@@ -25,7 +25,8 @@ import torch
 from litdata.streaming.sampler import ChunkedIndex
 from torch.utils.data import DataLoader, Dataset
 
-from selfsup.data.litdata.samples import CenterImage, SampleFn
+from selfsup.data.litdata.samples import CenterImage
+from selfsup.protocols import SampleFn
 
 
 class StreamedDataset(litdata.StreamingDataset):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +197,3 @@ def decode_batch_on_device(
     stacked = torch.stack(out)
     batch[sample_fn.key] = stacked if sample_fn.key == "views" else stacked[:, 0]
     return batch
-
-
-SampleFn = Callable[[dict[str, Any]], dict[str, Any]]
