@@ -194,7 +194,7 @@ def test_torchrun_inside_a_slurm_job_keeps_torchelastic(
     for k, v in torchrun.items():
         monkeypatch.setenv(k, v)
     args = [
-                *SMALL_SIMCLR,
+        *SMALL_SIMCLR,
         "--data.root",
         str(image_folder),
         "--data.batch_size",
