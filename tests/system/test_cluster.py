@@ -177,7 +177,14 @@ def test_torchrun_inside_a_slurm_job_keeps_torchelastic(
     the Trainer takes its world from torchrun (as Lightning chooses), not from SLURM's one task;
     one callback given alone in the config is taken as a list of one."""
     from lightning.fabric.plugins.environments import TorchElasticEnvironment
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
     from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning_utilities.core import rank_zero as utils_rank_zero
+
+    # Building a Trainer as rank 1 sets Lightning's process-wide rank: give it back afterwards,
+    # or every later test in this process would print and log as a rank other than zero.
+    for module in (fabric_rank_zero, utils_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", module.rank_zero_only.rank)
 
     for k, v in slurm_env(1, 1, proc_id=0).items():
         monkeypatch.setenv(k, v)
