@@ -8,7 +8,9 @@ each rank saw; or a linear probe with its search (``probe``).
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +89,10 @@ def probe(root: str, out: Path) -> None:
 
 
 def main() -> None:
+    # Both ranks run this file: one that hangs prints where every thread waits, then exits, so
+    # the test fails with the stacks instead of a bare timeout.
+    if os.environ.get("SELFSUP_TEST_HANG_S"):
+        faulthandler.dump_traceback_later(float(os.environ["SELFSUP_TEST_HANG_S"]), exit=True)
     root, out = sys.argv[1], Path(sys.argv[2])
     method = sys.argv[3] if len(sys.argv) > 3 else "simclr"
     if method == "probe":

@@ -4,6 +4,7 @@ or fused, kept here so that the package holds only what it runs."""
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,10 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
 def ks_limit(n: int, m: int) -> float:
     """Critical KS distance at a significance level of 0.001."""
     return 1.95 * math.sqrt((n + m) / (n * m))
+
+
+def free_port() -> int:
+    """A port no process listens on now: DDP runs must not meet at a fixed MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -20,6 +20,8 @@ from selfsup.evaluation.online import OnlineSpec
 from selfsup.evaluation.probe_search import ProbeSearch
 from selfsup.methods import LinearProbe, SimCLR
 
+from reference import free_port
+
 HERE = Path(__file__).resolve().parents[1]
 
 
@@ -46,11 +48,10 @@ def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
     return scaling.target_lrs[0][0]
 
 
-def run_ddp_script(
-    method: str, image_folder: Path, out: Path, port: int
-) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """tests/ddp_simclr_script.py on 2 processes; its output and what each rank recorded."""
-    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(port + os.getpid() % 1000)}
+def run_ddp_script(method: str, image_folder: Path, out: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """tests/ddp_simclr_script.py on 2 processes; its output and what each rank recorded. A rank
+    that hangs prints every thread's stack and exits before the timeout (see the script)."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(free_port()), "SELFSUP_TEST_HANG_S": "200"}
     p = subprocess.run(
         [sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(out), method],
         env=env,
@@ -65,7 +66,7 @@ def run_ddp_script(
 def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     out.mkdir()
-    p, ranks = run_ddp_script("simclr", image_folder, out, 29500)
+    p, ranks = run_ddp_script("simclr", image_folder, out)
     for r in ranks:
         assert r["world_size"] == 2 and r["torch_world_size"] == 2
         assert set(r["global_batches"]) == {20}  # 10 per rank, the loss sees both ranks' views
@@ -86,14 +87,14 @@ def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, 
 
 
 def test_ddp_moco_queue_holds_keys_of_both_ranks(image_folder: Path, tmp_path: Path) -> None:
-    _, ranks = run_ddp_script("moco", image_folder, tmp_path, 28500)
+    _, ranks = run_ddp_script("moco", image_folder, tmp_path)
     # 6 steps x 10 keys x 2 ranks = 120 keys through a queue of 50: identical on both ranks.
     assert ranks[0]["queue_ptr"] == ranks[1]["queue_ptr"] == 120 % 50
     assert ranks[0]["queue"] == ranks[1]["queue"]
 
 
 def test_ddp_probe_search_sees_every_training_image_and_agrees(image_folder: Path, tmp_path: Path) -> None:
-    _, ranks = run_ddp_script("probe", image_folder, tmp_path, 27500)
+    _, ranks = run_ddp_script("probe", image_folder, tmp_path)
     assert ranks[0]["table"] == ranks[1]["table"] and len(ranks[0]["table"]) == 4
     assert ranks[0]["lr"] == ranks[1]["lr"] and ranks[0]["top1"] == ranks[1]["top1"]
     # Each rank computed half of the training features; both hold all of them, in row order,
@@ -122,7 +123,7 @@ def test_ddp_streamed_dataset_disjoint_shards_cover_each_epoch(image_folder: Pat
     optimize_folder(image_folder, tmp_path / "optimized", workers=2)
     out = tmp_path / "ddp"
     out.mkdir()
-    _, ranks = run_ddp_script("stream", tmp_path / "optimized", out, 27500)
+    _, ranks = run_ddp_script("stream", tmp_path / "optimized", out)
     n = ranks[0]["num_train"]
     assert n == 120
     for epoch in ("0", "1"):

@@ -10,7 +10,6 @@ single-process gradient of the full-batch loss, slice by slice.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from selfsup.losses import NTXentLoss
+
+from reference import free_port
 
 N, D, T, W = 8, 5, 0.2, 2
 
@@ -44,12 +45,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save({"loss": reported / W, "g0": a.grad / W, "g1": b.grad / W}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
