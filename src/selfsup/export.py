@@ -140,7 +140,8 @@ def export_backbone(ckpt_path: str | Path, out: str | Path, fmt: Format) -> dict
         raise SelfsupError(f"checkpoint not found: {ckpt_path}")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     spec = BackboneSpec.of((ckpt.get("hyper_parameters") or {}).get("backbone"))
-    backbone = spec.build()
+    # The checkpoint holds the trained weights: the starting ones it began from are not read again.
+    backbone = spec.random().build()
     load_backbone(backbone, ckpt_path)  # strict: the checkpoint's backbone is the spec's
     state, arch = convert(spec, backbone.state_dict(), fmt)
     missing = check_loads(fmt, arch, state) if fmt != "plain" else []

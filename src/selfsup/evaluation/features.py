@@ -64,10 +64,12 @@ class Features(PlainData):
 
 def transfer_backbone(backbone: BackboneSpec | dict | None, features: Features) -> AnyBackbone:
     """The backbone of a transfer stage, with the ``backbone.*`` weights of ``features.checkpoint``
-    loaded strictly (None: the random initialization, the baseline)."""
-    model = BackboneSpec.of(backbone).build()
-    if features.checkpoint:
-        load_backbone(model, features.checkpoint)
+    loaded strictly (None: the backbone's own starting weights, else its random initialization)."""
+    spec = BackboneSpec.of(backbone)
+    if not features.checkpoint:
+        return spec.build()
+    model = spec.random().build()
+    load_backbone(model, features.checkpoint)
     return model
 
 

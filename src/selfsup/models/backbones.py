@@ -12,13 +12,15 @@ depths: -1 the last, -2 the one before). Names:
 - ``timm:<name>``, with timm installed (``pip install selfsup[timm]``): any timm model, e.g.
   ``timm:resnet50``, ``timm:vit_small_patch16_224``; depths from timm's ``feature_info``.
 
-Nothing is downloaded: every model starts from its random initialization.
+Nothing is downloaded: every model starts from its random initialization, or from the weights
+of a file (``weights``: a torchvision or timm state dict, a ``selfsup export`` file, a stage
+checkpoint; see :mod:`selfsup.models.weights`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -28,7 +30,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfsup import SelfsupError
 from selfsup.config import PlainData
+from selfsup.console import say
 from selfsup.distributed import world_size
+from selfsup.models.weights import load_weights, renamed_layers
 
 Norm = Literal["batch", "group"]
 
@@ -148,14 +152,6 @@ def _resnet(arch: str, cifar_stem: bool, norm: Norm) -> Backbone:
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     layers = [net.layer1, net.layer2, net.layer3, net.layer4]
     return Backbone(stem, layers, net.fc.in_features, arch)
-
-
-def renamed_layers(state_dict: dict[str, Any], prefix: str = "", *args: Any) -> None:
-    """Checkpoints written before selfsup 0.2 call a :class:`Backbone`'s layers ``stages.<k>``:
-    rename those keys (under ``prefix``) to ``layers.<k>``, in place, so that they load."""
-    old = prefix + "stages."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "layers." + key[len(old) :]] = state_dict.pop(key)
 
 
 def _no_depths(name: str, depth: int) -> SelfsupError:
@@ -297,16 +293,29 @@ class BackboneSpec(PlainData):
     :class:`selfsup.config.PlainData`). In a config: ``backbone: {name: resnet18, cifar_stem: true}``;
     on the command line ``--model.init_args.backbone.name resnet18``.
 
-    Args: as :func:`build_backbone`.
+    Args: as :func:`build_backbone`, and
+        weights: starting weights, a file (a torchvision or timm state dict, a ``selfsup export``
+            file, a stage checkpoint); None: the random initialization. In a pipeline, also the
+            name of an earlier stage, whose trained backbone the stage starts from.
     """
 
     name: str = "small_cnn"
     cifar_stem: bool = False
     width: int = 32
     norm: Norm = "batch"
+    weights: str | None = None
 
     def build(self) -> AnyBackbone:
-        return build_backbone(self.name, self.cifar_stem, self.width, self.norm)
+        """The backbone, with its starting weights loaded strictly where ``weights`` names a file."""
+        backbone = build_backbone(self.name, self.cifar_stem, self.width, self.norm)
+        if self.weights:
+            loaded = load_weights(backbone, self.weights)
+            say(f"backbone: {self.name} starts from {self.weights} ({loaded.tensors} tensors, {loaded.layout})")
+        return backbone
+
+    def random(self) -> BackboneSpec:
+        """The same architecture without starting weights."""
+        return replace(self, weights=None)
 
     @classmethod
     def of(cls, value: Any, default: BackboneSpec | None = None) -> BackboneSpec:

@@ -1,48 +1,146 @@
-"""Loading a backbone's weights from a file, strictly: a mismatch is one line naming the keys."""
+"""Starting weights for a backbone, loaded strictly from the files people have.
+
+Accepted (all read with ``weights_only=True``, so a file cannot run code):
+
+- a torchvision or timm state dict as people save them (``torch.save(model.state_dict(), f)``),
+  with or without the classifier: ``fc.*``, ``head.*``, ``heads.*`` and ``classifier.*`` keys
+  that the backbone does not have are left out and named in one line;
+- a ``selfsup export`` file of any format (torchvision, timm, plain);
+- a selfsup stage checkpoint (its ``backbone.*`` weights; a distillation's student);
+- any of these saved from a DDP-wrapped model (``module.`` before every key).
+
+Every other mismatch (a missing, unexpected or mis-shaped key) stops with one line naming them,
+so that a backbone never trains from silently random weights (mmselfsup #330).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from selfsup import SelfsupError
-from selfsup.models.backbones import renamed_layers
+from selfsup.console import say
+
+#: Keys of a classifier on top of the features: left out when the backbone has no such key.
+CLASSIFIER_PREFIXES = ("fc.", "head.", "heads.", "classifier.")
+
+State = dict[str, torch.Tensor]
+
+
+def renamed_layers(state_dict: dict[str, Any], prefix: str = "", *args: Any) -> None:
+    """Checkpoints written before selfsup 0.2 call a backbone's layers ``stages.<k>``: rename those
+    keys (under ``prefix``) to ``layers.<k>``, in place, so that they load (a load_state_dict pre-hook)."""
+    old = prefix + "stages."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "layers." + key[len(old) :]] = state_dict.pop(key)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_weights` loaded: the tensor count, the file's layout and the classifier keys left out."""
+
+    tensors: int
+    layout: str
+    ignored: tuple[str, ...]
+
+
+def read_state(path: str | Path) -> tuple[State, str]:
+    """The tensors of a weights file and what it is (``checkpoint`` or ``state dict``).
+
+    A stage checkpoint gives its ``backbone.*`` weights without the prefix."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SelfsupError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding arbitrary objects (pickled modules)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SelfsupError(
+            f"cannot read weights {path} with weights_only=True: {first}; save a state dict "
+            "(torch.save(model.state_dict(), f)), not a whole model"
+        ) from None
+    if not isinstance(obj, dict):
+        raise SelfsupError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if isinstance(obj.get("state_dict"), dict):  # a Lightning checkpoint: the stage's backbone
+        state = {k[len("backbone.") :]: v for k, v in obj["state_dict"].items() if k.startswith("backbone.")}
+        if not state:
+            some = ", ".join(list(obj["state_dict"])[:4]) or "none"
+            raise SelfsupError(f"{path} holds no 'backbone.*' weights (its first keys: {some})")
+        renamed_layers(state)
+        return state, "checkpoint"
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise SelfsupError(f"{path} holds no tensors (its keys: {', '.join(map(str, list(obj)[:4])) or 'none'})")
+    if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    renamed_layers(state)
+    return state, "state dict"
+
+
+def _resnet_layout(state: State) -> State:
+    """torchvision's and timm's ResNet names (conv1, bn1, layer1..4) -> selfsup's (stem.0, stem.1, layers.0..3)."""
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in ("conv1", "bn1"):
+            key = {"conv1": "stem.0", "bn1": "stem.1"}[head] + "." + rest
+        elif head.startswith("layer") and head[5:].isdigit():
+            key = f"layers.{int(head[5:]) - 1}.{rest}"
+        out[key] = value
+    return out
+
+
+#: The layouts a file may come in, as renamings into a selfsup backbone's keys.
+LAYOUTS: dict[str, Callable[[State], State]] = {
+    "selfsup": dict,
+    "torchvision/timm ResNet": _resnet_layout,
+    "torchvision": lambda s: {f"net.{k}": v for k, v in s.items()},
+    "timm": lambda s: {f"model.{k}": v for k, v in s.items()},
+}
+
+
+def _show(keys: list[str]) -> str:
+    return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+
+def load_weights(backbone: nn.Module, path: str | Path, what: str = "backbone") -> Loaded:
+    """Load the weights in ``path`` into ``backbone`` strictly (see the module docstring).
+
+    The file's layout is the one whose key names match the backbone's best; classifier keys the
+    backbone lacks are left out and named; anything else that does not match is one error line."""
+    state, kind = read_state(path)
+    own = backbone.state_dict()
+    layout, mapped = max(
+        ((name, rename(state)) for name, rename in LAYOUTS.items()), key=lambda lm: len(own.keys() & lm[1].keys())
+    )
+    # The classifier's keys, in the file's own names (fc.weight, head.bias, heads.head.weight).
+    original = dict(zip(mapped, state, strict=True))
+    ignored = sorted(original[k] for k in mapped if k not in own and original[k].startswith(CLASSIFIER_PREFIXES))
+    sub = {k: v for k, v in mapped.items() if original[k] not in ignored}
+    missing = sorted(set(own) - set(sub))
+    unexpected = sorted(original[k] for k in set(sub) - set(own))
+    shapes = sorted(
+        f"{original[k]} {tuple(sub[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(sub)
+        if own[k].shape != sub[k].shape
+    )
+    if missing or unexpected or shapes:
+        raise SelfsupError(
+            f"the weights in {path} do not fit the {what} ({getattr(backbone, 'name', type(backbone).__name__)}): "
+            f"missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}; "
+            "check the backbone's name, cifar_stem, width and norm against the model the weights come from"
+        )
+    backbone.load_state_dict(sub, strict=True)
+    if ignored:
+        say(f"weights: left out the classifier of {path}: {', '.join(ignored)}")
+    return Loaded(len(sub), f"{layout} {kind}" if kind == "state dict" else kind, tuple(ignored))
 
 
 def load_backbone(backbone: nn.Module, path: str | Path) -> int:
-    """Load ``backbone.*`` weights from a stage checkpoint strictly; return the tensor count.
-
-    Raises a SelfsupError naming missing and unexpected keys, so that a mismatch never
-    leaves a silently random backbone (mmselfsup #330).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SelfsupError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise SelfsupError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-    sub = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    renamed_layers(sub)
-    if not sub:
-        some = ", ".join(list(state)[:4]) or "none"
-        raise SelfsupError(f"{path} holds no 'backbone.*' weights (its first keys: {some})")
-    own = backbone.state_dict()
-    missing = sorted(set(own) - set(sub))
-    unexpected = sorted(set(sub) - set(own))
-    shapes = [k for k in set(own) & set(sub) if own[k].shape != sub[k].shape]
-    if missing or unexpected or shapes:
-
-        def show(keys: list[str]) -> str:
-            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-
-        raise SelfsupError(
-            f"backbone weights in {path} do not match the configured backbone: missing keys {show(missing)}, "
-            f"unexpected keys {show(unexpected)}, shape mismatches {show(sorted(shapes))}; "
-            "check the backbone (name, width, cifar_stem, norm) against the pretraining run"
-        )
-    backbone.load_state_dict(sub, strict=True)
-    return len(sub)
+    """Load a stage checkpoint's (or any weights file's) backbone strictly; return the tensor count."""
+    return load_weights(backbone, path).tensors
