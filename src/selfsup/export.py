@@ -130,6 +130,31 @@ def describe(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def natural_format(spec: BackboneSpec) -> Format:
+    """The library a backbone's weights naturally load into: timm for ``timm:*``, torchvision for
+    its ResNets (without the CIFAR stem or GroupNorm) and ``torchvision:*``, else plain."""
+    if spec.name.startswith("timm:"):
+        return "timm"
+    if spec.name.startswith("torchvision:") or spec.name in ("resnet18", "resnet50"):
+        return "plain" if spec.cifar_stem or spec.norm != "batch" else "torchvision"
+    return "plain"
+
+
+def write_export(
+    spec: BackboneSpec, backbone: nn.Module, out: str | Path, fmt: Format, info: dict[str, Any]
+) -> dict[str, Any]:
+    """Write ``backbone`` (built from ``spec``) as ``out`` in ``fmt``, checked by loading it into
+    the target model, and ``out.json`` beside it (``info`` and what the file is); return that card."""
+    out = Path(out)
+    state, arch = convert(spec, backbone.state_dict(), fmt)
+    missing = check_loads(fmt, arch, state) if fmt != "plain" else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    card = {"format": fmt, "arch": arch, "backbone": spec.as_dict(), "missing_in_target": missing, **info}
+    out.with_name(out.name + ".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return card
+
+
 def export_backbone(ckpt_path: str | Path, out: str | Path, fmt: Format) -> dict[str, Any]:
     """Write the backbone of a stage checkpoint as ``out`` in ``fmt`` and ``out.json`` beside it;
     return the description written there."""
@@ -143,19 +168,7 @@ def export_backbone(ckpt_path: str | Path, out: str | Path, fmt: Format) -> dict
     # The checkpoint holds the trained weights: the starting ones it began from are not read again.
     backbone = spec.random().build()
     load_backbone(backbone, ckpt_path)  # strict: the checkpoint's backbone is the spec's
-    state, arch = convert(spec, backbone.state_dict(), fmt)
-    missing = check_loads(fmt, arch, state) if fmt != "plain" else []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
-    info = {
-        "format": fmt,
-        "arch": arch,
-        "backbone": spec.as_dict(),
-        "missing_in_target": missing,
-        **describe(ckpt_path, ckpt),
-    }
-    out.with_name(out.name + ".json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    return info
+    return write_export(spec, backbone, out, fmt, describe(ckpt_path, ckpt))
 
 
 class ExportParser(ConfigErrorMixin, ArgumentParser):

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
+import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch import LightningModule
@@ -48,13 +49,21 @@ from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.report import BAD_FILES_NAME
 from selfsup.evaluation import FineTune
+from selfsup.evaluation.features import Features, InputNorm, embed_all, frozen_features
+from selfsup.evaluation.online import rankme_images
+from selfsup.evaluation.verdict import rank_by_rankme, verdict
+from selfsup.export import Format, natural_format, write_export
+from selfsup.metrics import rankme
 from selfsup.models.backbones import AnyBackbone, BackboneSpec
-from selfsup.protocols import ChecksData, ProbeInputNorm
+from selfsup.models.weights import load_backbone
+from selfsup.protocols import ChecksData, ProbeInputNorm, RecordsCorrect
 from selfsup.run import add_run_arguments, newest_checkpoint, run_callbacks, run_loggers, same_run_or_stop
 from selfsup.tracking import finish_wandb
 
 DISPLAY_NAMES = {
     "random": "random init (baseline)",
+    "start": "the start (your weights)",
+    "distill": "distillation",
     "relative_location": "relative location",
     "simclr": "SimCLR",
     "moco": "MoCo",
@@ -79,6 +88,10 @@ class Stage:
         enabled: run this stage (and, for pretraining, its evaluations).
         data: of an evaluation: ``label_fraction`` (train on a class-balanced, seeded share of the
             labels, the same for every backbone) and ``batch_size``.
+        start_from: of a pretraining stage: the backbone it starts from: an earlier stage's name
+            (its trained backbone), ``start`` (the shared ``backbone.weights``) or ``random``
+            (random initialization even when the others start from weights). None: the stage's own
+            ``model.backbone.weights`` (a file, or an earlier stage's name), else the shared one.
     """
 
     config: str | None = None
@@ -90,6 +103,13 @@ class Stage:
     probe_stages: list[int] | None = None
     enabled: bool = True
     data: dict[str, Any] = field(default_factory=dict)
+    start_from: str | None = None
+
+
+#: Entries of the summary that are not stages: random initialization and the starting weights.
+RANDOM, START = "random", "start"
+#: The folder of the verdict's exported backbone, and the per-image results of an evaluation run.
+BEST, CORRECT = "best", "correct.pt"
 
 
 class PipelineParser(ConfigErrorMixin, ArgumentParser):
@@ -134,6 +154,13 @@ def build_parser() -> ArgumentParser:
         type=str | None,
         default="random",
         help="the entry of the untrained backbone's evaluations; null: none",
+    )
+    p.add_argument(
+        "--export",
+        type=Format | None,
+        default=None,
+        help="the format the verdict's best backbone is exported in to OUT/best/ (torchvision, timm, plain); "
+        "None: the backbone's natural one",
     )
     add_run_arguments(p, "run every stage again instead of keeping finished ones and resuming the interrupted one")
     return p
@@ -211,6 +238,10 @@ class Pipeline:
         # Where a stage's relative config path may be found besides the working directory.
         self.config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
         self._evaluation_data: dict[tuple[str, str], ImageDataModule] = {}
+        # Per evaluation, each backbone's per-image results on the evaluation data (the verdict's input).
+        self.correct: dict[str, dict[str, torch.Tensor]] = {}
+        # Pretraining stages that start from an earlier stage's backbone: stage -> that stage.
+        self.parents: dict[str, str] = {}
 
     def trainer(
         self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None, checkpoint: bool = False
@@ -308,10 +339,13 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         recorded.write_text(setup)
         done.unlink(missing_ok=True)
+        (folder / CORRECT).unlink(missing_ok=True)
         trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint)
         if stage.max_epochs > 0:  # 0: an evaluation that trains nothing (kNN)
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
         metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=dm, verbose=False)[0].items()}
+        if isinstance(model, RecordsCorrect):  # image by image, for the verdict's paired test
+            torch.save(model.per_image_correct(), folder / CORRECT)
         finish_wandb(trainer)  # the next stage gets a run of its own
         done.write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
@@ -323,8 +357,10 @@ class Pipeline:
         checkpoint: Path | None,
         input_norm: str,
         depths: list[int],
+        backbone: BackboneSpec,
     ) -> dict[str, float | None]:
-        """Every evaluation stage on one backbone (``checkpoint``; None: untrained) at each depth,
+        """Every evaluation stage on one backbone (``backbone``'s architecture with the weights of
+        ``checkpoint``; None: untrained, its starting weights or random initialization) at each depth,
         on each labeled dataset of ``targets`` (``(suffix, data)``; :meth:`targets`):
         ``{evaluation}_top1``, ``{evaluation}_top5`` (None with 5 classes or fewer),
         ``{evaluation}_top1_stage{k}`` for the earlier depths, with ``_{suffix}`` after the
@@ -345,13 +381,20 @@ class Pipeline:
                         "input_norm": input_norm,
                         "depth": depth,
                     }
-                    model, warmup = self.build(ev_name, ev, data.num_classes, {"features": features})
+                    model, warmup = self.build(
+                        ev_name,
+                        with_model(ev, {"backbone": backbone.as_dict()}),
+                        data.num_classes,
+                        {"features": features},
+                    )
                     takes_depth = not isinstance(model, FineTune)
                     # Every evaluation stage holds a selfsup backbone; nn.Module types it as Tensor | Module.
                     index = depth % cast(AnyBackbone, model.backbone).num_depths
                     run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                     run += ("" if depth == -1 else f"_stage{index}") + (f"_{suffix}" if suffix else "")
                     metrics = self.run_stage(run, ev, model, warmup, data)
+                    if depth == -1 and not suffix and (self.out / run / CORRECT).is_file():
+                        self.correct.setdefault(ev_name, {})[entry] = torch.load(self.out / run / CORRECT)
                     if depth == -1:  # every accuracy it logs: top1, top5 (None with 5 classes or fewer), top1_k20, ...
                         results[f"{key}_top5"] = None
                         results.update({f"{key}_{k[4:]}": v for k, v in metrics.items() if k.startswith("val/top")})
@@ -393,6 +436,60 @@ class Pipeline:
             self._evaluation_data[name, suffix] = dm
         return self._evaluation_data[name, suffix]
 
+    def starts(self, stages: list[str]) -> dict[str, str | None]:
+        """Where each enabled pretraining stage's backbone starts: a weights file, an earlier
+        stage's checkpoint, or None (random initialization). Checked before anything trains: a
+        stage starts only from one listed before it (so there are no cycles)."""
+        shared = self.cfg.backbone.weights
+        out: dict[str, str | None] = {}
+        for i, name in enumerate(stages):
+            if name in (RANDOM, START, BEST):
+                raise SelfsupError(
+                    f"a stage cannot be called {name!r}, a name of the summary's own: rename stages.{name}"
+                )
+            stage = self.cfg.stages[name]
+            own = (
+                stage.model.get("backbone", {}).get("weights")
+                if isinstance(stage.model.get("backbone"), dict)
+                else None
+            )
+            ref = stage.start_from or (own if own in self.cfg.stages or own in (RANDOM, START) else None)
+            earlier = ", ".join([*stages[:i], START, RANDOM])
+            if ref is None:
+                out[name] = own or shared
+            elif ref == RANDOM:
+                out[name] = None
+            elif ref == START:
+                if not shared:
+                    raise SelfsupError(
+                        f"stages.{name} starts from the start, but there is no backbone.weights to start from"
+                    )
+                out[name] = shared
+            elif ref == name:
+                raise SelfsupError(f"stages.{name} starts from itself: name an earlier stage ({earlier})")
+            elif ref not in stages:
+                why = "is switched off (enabled: false)" if ref in self.cfg.stages else "is no stage of this pipeline"
+                raise SelfsupError(f"stages.{name} starts from {ref}, which {why}; choose from {earlier}")
+            elif stages.index(ref) > i:
+                raise SelfsupError(
+                    f"stages.{name} starts from {ref}, which runs after it (stages run in the order listed): "
+                    f"list {ref} before {name}"
+                )
+            else:
+                out[name] = str(self.out / ref / "checkpoints" / "last.ckpt")
+                self.parents[name] = ref
+        return out
+
+    def rankme(self, images: torch.Tensor, spec: BackboneSpec, checkpoint: Path | None, input_norm: str) -> float:
+        """RankMe (the embeddings' effective rank; Garrido et al. 2023) of one backbone on fixed images."""
+        L.seed_everything(self.cfg.seed, verbose=False)
+        backbone = spec.random().build() if checkpoint else spec.build()
+        if checkpoint:
+            load_backbone(backbone, checkpoint)
+        features = Features(input_norm=cast(InputNorm, input_norm))
+        z = embed_all(lambda x: frozen_features(backbone, x, features), images, torch.device("cpu"))
+        return float(f"{rankme(z):.4g}")
+
     def run(self) -> dict[str, Any]:
         t_start = time.time()
         cfg = self.cfg
@@ -402,68 +499,122 @@ class Pipeline:
         # Every check before the first stage: a stop leaves no half-run pipeline behind.
         dm.setup("fit")
         labeled = dm.evaluation_data
-        if labeled is None:
-            raise SelfsupError(
-                f"the pipeline's evaluations need labeled images, but {cfg.data.root} has none (data.labels="
-                f"{cfg.data.labels}); give labeled evaluation data with --data.eval_root DIR (DIR/<class>/<image>)"
+        evaluations = [name for name, ev in cfg.evaluations.items() if ev.enabled]
+        if labeled is None and evaluations:
+            say(
+                f"pipeline: {cfg.data.root} has no labels (data.labels={cfg.data.labels}), so the evaluations "
+                f"({', '.join(evaluations)}) are left out and backbones are ranked by RankMe alone; give labeled "
+                "evaluation data with --data.eval_root DIR (DIR/<class>/<image>) for accuracies"
             )
         stages = [name for name, st in cfg.stages.items() if st.enabled]
-        # Every stage's config parses and fits its data before anything trains.
-        checks = [(name, cfg.stages[name], dm) for name in stages]
-        targets = self.targets(dm)
+        starts = self.starts(stages)
+        start = cfg.backbone.weights
+        spec = BackboneSpec.of(self.shared["backbone"])
+        # Every stage's config parses and fits its data before anything trains (an earlier
+        # stage's backbone does not exist yet: its architecture is checked against the stage's).
+        targets = self.targets(dm) if labeled is not None else []
+        checks = [
+            (
+                name,
+                with_model(cfg.stages[name], {"backbone": {"weights": None if name in self.parents else starts[name]}}),
+                dm,
+            )
+            for name in stages
+        ]
         checks += [
-            (name, ev, self.evaluation_data(data, name, ev, suffix))
+            (name, with_model(ev, {"backbone": {"weights": None}}), self.evaluation_data(data, name, ev, suffix))
             for suffix, data in targets
             for name, ev in cfg.evaluations.items()
             if ev.enabled
         ]
-        for name, stage, data in checks:
+        # Each stage's backbone without its starting weights: what its evaluations build.
+        architectures: dict[str, dict[str, Any]] = {}
+        for i, (name, stage, data) in enumerate(checks):
             model, _ = stage_model(name, stage, self.shared, self.config_dirs, data.num_classes)
             if isinstance(model, ChecksData):
                 model.check_data(data)
+            if i < len(stages):
+                architectures[name] = {**BackboneSpec.of(model.hparams.get("backbone")).as_dict(), "weights": None}
+        for name, parent in self.parents.items():
+            if architectures[parent] != architectures[name]:
+                raise SelfsupError(
+                    f"stages.{name} starts from {parent}'s backbone, but builds another ({architectures[name]} "
+                    f"against {architectures[parent]}): give both the same backbone"
+                )
+        rank_images = rankme_images(labeled if labeled is not None else dm)[1]
         results: dict[str, dict[str, Any]] = {}
 
         if cfg.baseline:
             t0 = time.time()
             results[cfg.baseline] = {
-                **self.evaluate(targets, cfg.baseline, None, "channel", []),
+                **self.evaluate(targets, cfg.baseline, None, "channel", [], spec.random()),
+                "rankme": self.rankme(rank_images, spec.random(), None, "channel"),
+                "seconds": time.time() - t0,
+            }
+        if start:  # the weights the user has, evaluated as they are: the baseline that matters
+            t0 = time.time()
+            results[START] = {
+                **self.evaluate(targets, START, None, "channel", [], spec),
+                "rankme": self.rankme(rank_images, spec, None, "channel"),
                 "seconds": time.time() - t0,
             }
 
         for name in stages:
             t0 = time.time()
-            model, warmup = self.build(name, cfg.stages[name], dm.num_classes)
-            metrics = self.run_stage(name, cfg.stages[name], model, warmup, dm, checkpoint=True)
+            stage = with_model(cfg.stages[name], {"backbone": {"weights": starts[name]}})
+            model, warmup = self.build(name, stage, dm.num_classes)
+            metrics = self.run_stage(name, stage, model, warmup, dm, checkpoint=True)
             extra = {"pretext_top1": metrics["val/pretext_top1"]} if "val/pretext_top1" in metrics else {}
             # Evaluate with the inputs the backbone was trained on (per-patch standardized for
             # relative location), and at earlier depths too: pretext tasks over-specialize the last one.
             norm = model.probe_input_norm if isinstance(model, ProbeInputNorm) else "channel"
             ckpt = self.out / name / "checkpoints" / "last.ckpt"
-            stage = cfg.stages[name]
             # probe_stages, the name before 0.2, wins where given (an empty list switches probing off).
             depths = stage.probe_stages if stage.probe_stages is not None else stage.probe_depths
-            evaluated = self.evaluate(targets, name, ckpt, norm, depths)
-            results[name] = {**extra, **evaluated, "seconds": time.time() - t0}
+            own = BackboneSpec.of(architectures[name])
+            evaluated = self.evaluate(targets, name, ckpt, norm, depths, own)
+            results[name] = {
+                **extra,
+                **evaluated,
+                "rankme": self.rankme(rank_images, own, ckpt, norm),
+                "seconds": time.time() - t0,
+            }
+        if START in results:
+            for key, r in results.items():
+                if key != START:
+                    r["delta_vs_start"] = deltas(r, results[START])
+
+        # The verdict's sentences name random init and the start in its own words.
+        display = {k: DISPLAY_NAMES.get(k, k) for k in results if k not in (cfg.baseline, START)}
+        first = next((e for e in evaluations if e in self.correct), None)
+        if labeled is not None and first is not None:
+            judged = verdict(self.correct[first], first, START if start else None, cfg.baseline, display)
+        else:
+            judged = rank_by_rankme(
+                {k: r["rankme"] for k, r in results.items()}, START if start else None, cfg.baseline, display
+            )
+        best_spec = BackboneSpec.of(architectures[judged.best]) if judged.best in stages else spec
+        best = self.export_best(judged.best, judged.as_dict(), best_spec, starts, stages)
 
         def where(root: str | None) -> str:
             return str(Path(root).expanduser().resolve()) if root else "(embedded sample)"
 
         pretrain_train, pretrain_eval = dm.splits()
-        labeled_train, labeled_eval = labeled.splits()
+        labeled_sizes = [len(split) for split in labeled.splits()] if labeled is not None else [0, 0]
         summary = {
             "data_root": where(cfg.data.root),
             "eval_root": where(cfg.data.eval_root) if cfg.data.eval_root else where(cfg.data.root),
             "labels": "folders" if dm.has_labels else "none",
             "image_size": dm.image_size,
-            "num_classes": labeled.num_classes,
+            "num_classes": labeled.num_classes if labeled is not None else None,
             "pretrain_images": len(pretrain_train),
-            "train_images": len(labeled_train),
-            "eval_images": len(labeled_eval),
+            "train_images": labeled_sizes[0],
+            "eval_images": labeled_sizes[1],
             # Training images of each evaluation (fewer where it trains on a share of the labels).
             "evaluation_train_images": {
-                name: len(self.evaluation_data(labeled, name, ev).splits()[0])
-                for name, ev in cfg.evaluations.items()
-                if ev.enabled
+                name: len(self.evaluation_data(labeled, name, cfg.evaluations[name]).splits()[0])
+                for name in evaluations
+                if labeled is not None
             },
             # With in-domain figures: the pretraining data's own split they come from.
             "in_domain": (
@@ -473,14 +624,54 @@ class Pipeline:
             ),
             "images": {**dm.image_counts, "skipped_list": BAD_FILES_NAME if dm.image_counts["skipped"] else None},
             "backbone": cfg.backbone.name,
+            "start": start,
+            "starts": {name: self.parents.get(name, starts[name]) for name in stages},
+            "rankme_images": len(rank_images),
             "results": results,
+            "verdict": {**judged.as_dict(), "exported": best},
             "wall_seconds": time.time() - t_start,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = summary_markdown(summary, labeled.eval_split, [n for n, e in cfg.evaluations.items() if e.enabled])
+        table = summary_markdown(
+            summary, labeled.eval_split if labeled is not None else "", evaluations if labeled is not None else []
+        )
         (self.out / "summary.md").write_text(table)
         print("\n" + table)
         return summary
+
+    def export_best(
+        self, best: str, judged: dict[str, Any], spec: BackboneSpec, starts: dict[str, str | None], stages: list[str]
+    ) -> str:
+        """The verdict's backbone, exported to ``OUT/best/`` with its JSON card; its path."""
+        fmt = self.cfg.export or natural_format(spec)
+        if best in stages:
+            backbone = spec.random().build()
+            load_backbone(backbone, self.out / best / "checkpoints" / "last.ckpt")
+            what = {"source": str(self.out / best / "checkpoints" / "last.ckpt"), "started_from": starts[best]}
+        else:  # the start as it is, or random initialization
+            L.seed_everything(self.cfg.seed, verbose=False)
+            backbone = (spec if best == START else spec.random()).build()
+            what = {"source": spec.weights if best == START else "random initialization"}
+        out = self.out / BEST / "backbone.pt"
+        write_export(spec, backbone, out, fmt, {"entry": best, **what, "verdict": judged, "pipeline": self.config})
+        say(f"pipeline: the best backbone ({DISPLAY_NAMES.get(best, best)}) is {out} ({fmt}); what it is: {out}.json")
+        return str(out)
+
+
+def with_model(stage: Namespace, override: dict[str, Any]) -> Namespace:
+    """A copy of a stage whose ``model`` overrides have ``override`` on top."""
+    copy = stage.clone()
+    copy.model = merge(dict(stage.model or {}), override)
+    return copy
+
+
+def deltas(entry: dict[str, Any], start: dict[str, Any]) -> dict[str, float]:
+    """Each accuracy (and RankMe) of ``entry`` minus the start's: positive where it is better."""
+    return {
+        k: float(f"{v - start[k]:.6g}")
+        for k, v in entry.items()
+        if ("_top" in k or k == "rankme") and isinstance(v, int | float) and isinstance(start.get(k), int | float)
+    }
 
 
 def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Sequence[str] = ("linear",)) -> str:
@@ -489,6 +680,11 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        """A figure, with its difference to the start in points where there is one."""
+        delta = (r.get("delta_vs_start") or {}).get(key)
+        return pct(r.get(key)) + ("" if delta is None else f" ({100 * delta:+.1f})")
 
     names = DISPLAY_NAMES
     separate = s.get("eval_root", s["data_root"]) != s["data_root"]
@@ -531,22 +727,30 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
             if in_domain
             else []
         ),
-        f"{s['train_images']} train / {s['eval_images']} eval images{f' ({eval_split})' if eval_split else ''}, "
-        f"{s['image_size']} px, {s['num_classes']} classes, backbone {s['backbone']}; "
-        f"accuracies on the eval split; {s['wall_seconds']:.0f} s in all."
+        (
+            f"{s['train_images']} train / {s['eval_images']} eval images{f' ({eval_split})' if eval_split else ''}, "
+            f"{s['image_size']} px, {s['num_classes']} classes, backbone {s['backbone']}; "
+            f"accuracies on the eval split"
+            if s.get("num_classes")
+            else f"No labeled evaluation data: {s['image_size']} px, backbone {s['backbone']}; backbones compared "
+            "by RankMe alone"
+        )
+        + (f", in brackets the difference to the start ({s['start']}) in points" if s.get("start") else "")
+        + f"; RankMe on {s.get('rankme_images', 0)} fixed images; {s['wall_seconds']:.0f} s in all."
         + (
             f" {counts['skipped']} unreadable files skipped ({counts['skipped_list']})."
             if counts.get("skipped")
             else ""
         ),
         "",
-        "| backbone from | pretext top-1 | " + " | ".join(title for _, title in columns) + " | seconds |",
-        "|---|---:|" + "---:|" * len(columns) + "---:|",
+        "| backbone from | pretext top-1 | " + " | ".join(title for _, title in columns) + " | RankMe | seconds |",
+        "|---|---:|" + "---:|" * len(columns) + "---:|---:|",
     ]
     notes = []
     for key, r in s["results"].items():
-        cells = " | ".join(pct(r.get(k)) for k, _ in columns)
-        lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {cells} | {r['seconds']:.0f} |")
+        cells = "".join(f"{cell(r, k)} | " for k, _ in columns)
+        rank = "-" if r.get("rankme") is None else f"{r['rankme']:.1f}"
+        lines.append(f"| {names.get(key, key)} | {pct(r.get('pretext_top1'))} | {cells}{rank} | {r['seconds']:.0f} |")
         for e in keyed:
             by_stage = [
                 f"depth {k.removeprefix(f'{e}_top1_stage')} {pct(v)}"
@@ -563,7 +767,12 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
         if rates:
             what = e.replace("_indomain", " in-domain")
             notes.append(f"{what}: rate chosen on held-out training images (never the eval split): {', '.join(rates)}.")
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    for stage, start in (s.get("starts") or {}).items():
+        if start:
+            notes.append(f"{names.get(stage, stage)} started from {names.get(start, start)}.")
+    judged = s.get("verdict")
+    verdict_lines = ["", f"**Verdict.** {judged['text']} Exported: {judged['exported']}."] if judged else []
+    return "\n".join(lines + ([""] + notes if notes else []) + verdict_lines) + "\n"
 
 
 def pipeline_main(argv: Sequence[str]) -> dict[str, Any]:

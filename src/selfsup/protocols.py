@@ -92,6 +92,16 @@ class PretrainingMethod(Embeds, StreamsSamples, ProbeInputNorm, Protocol):
 
 
 @runtime_checkable
+class RecordsCorrect(Protocol):
+    """An evaluation stage that records which evaluation images it classified right (linear
+    probe, fine-tuning, kNN): the pipeline's verdict compares backbones on them image by image."""
+
+    def per_image_correct(self) -> torch.Tensor:
+        """bool (N,), by row of the evaluation split, of the last validation (a collective call under DDP)."""
+        ...
+
+
+@runtime_checkable
 class LazyRows(Protocol):
     """Images of a split that are decoded when read (a streamed split's ``LazyImages``): indexed
     like a uint8 (N, 3, S, S) tensor, and besides that read by rows or in order."""
@@ -128,6 +138,19 @@ class TwoViewHparams(StageHparams, Protocol):
     proj_hidden: int
     proj_dim: int
     temperature: float
+    views: dict[str, Any]
+    online: dict[str, Any]
+    num_classes: int | None
+
+
+class DistillHparams(StageHparams, Protocol):
+    """Distillation's (``selfsup.methods.Distill``): the frozen teacher, the projection head, mixup,
+    gradient clipping, views and online evaluator."""
+
+    teacher: dict[str, Any]
+    proj_hidden: int | None
+    mixup: bool
+    grad_clip: float | None
     views: dict[str, Any]
     online: dict[str, Any]
     num_classes: int | None

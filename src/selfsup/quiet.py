@@ -27,6 +27,8 @@ _IGNORED_WARNINGS = (
     r".*`weights_only` was not set.*",
     # LitData shards a streamed split over ranks and workers itself, so its length is right
     r"Your `IterableDataset` has `__len__` defined.*",
+    # Distillation's teacher is frozen in eval mode on purpose
+    r"Found \d+ module\(s\) in eval mode at the start of training.*",
 )
 
 

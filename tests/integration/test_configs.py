@@ -21,7 +21,15 @@ STAGES = [p for p in ALL if p not in PIPELINES and p not in TRAINERS and p not i
 
 
 def test_there_are_configs_for_every_stage_and_preset() -> None:
-    assert {p.parent.name for p in STAGES} == {"relative_location", "simclr", "moco", "linear_probe", "finetune", "knn"}
+    assert {p.parent.name for p in STAGES} == {
+        "relative_location",
+        "simclr",
+        "moco",
+        "distill",
+        "linear_probe",
+        "finetune",
+        "knn",
+    }
     assert {p.stem for p in TRAINERS} >= {"cpu", "gpu", "ddp", "ddp_cpu", "slurm"}
     assert "quickstart" in {p.stem for p in PIPELINES}
 

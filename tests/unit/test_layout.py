@@ -31,6 +31,7 @@ EXCEPTIONS = {
 #: through the selfsup modules they import.
 PLAIN = [
     "selfsup.config",
+    "selfsup.console",
     "selfsup.distributed",
     "selfsup.metrics",
     "selfsup.protocols",
@@ -44,6 +45,7 @@ PLAIN = [
     "selfsup.optim.optimizer",
     "selfsup.evaluation.knn",
     "selfsup.evaluation.probe_search",
+    "selfsup.evaluation.verdict",
     "selfsup.data.decode",
     "selfsup.data.folders",
     "selfsup.data.splits",

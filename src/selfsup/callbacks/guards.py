@@ -56,18 +56,31 @@ class LossGuard(L.Callback):
         ) from exception
 
 
+#: The RankMe keys ``selfsup.evaluation.online.RankMeMonitor`` logs (by the split it measures on).
+RANKME_KEYS = ("val/rankme", "train/rankme")
+
+
 class CollapseWatch(L.Callback):
     """Warn once, in words, when the logged ``train/embedding_spread`` falls below ``threshold``
-    (every image embedded alike: the contrastive task has nothing left to learn from).
+    (every image embedded alike: the contrastive task has nothing left to learn from); and once
+    when the epoch's RankMe (``val/rankme`` or ``train/rankme``, the effective rank of the features
+    of fixed images) falls to ``rank_threshold`` or below (every image embedded on about one line).
 
     Args:
         threshold: the spread below which the representation counts as collapsed.
         after_steps: ignore the first steps (a fresh network may start narrow).
+        rank_threshold: the RankMe at or below which the features count as collapsed. 1.5: one
+            direction holds about 85% or more of the singular values' mass (p = [0.85, 0.15] gives
+            exp(H) = 1.53). Absolute, not a share of min(N, D): RankMe does not center, so the mean
+            direction of non-negative (ReLU, pooled) features dominates a healthy, even a random,
+            network's spectrum, and 1% of 1024 images (about 10) would warn about runs that are
+            fine; no healthy representation puts all images on one line.
     """
 
-    def __init__(self, threshold: float = 0.05, after_steps: int = 10) -> None:
-        self.threshold, self.after_steps = threshold, after_steps
+    def __init__(self, threshold: float = 0.05, after_steps: int = 10, rank_threshold: float = 1.5) -> None:
+        self.threshold, self.after_steps, self.rank_threshold = threshold, after_steps, rank_threshold
         self.warned = False
+        self.warned_rank = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -84,4 +97,31 @@ class CollapseWatch(L.Callback):
                 f"{float(spread):.3f} (about 1 when images embed apart, 0 when all embed alike), so the loss "
                 "cannot fall further; usual causes: a rate far too high (lower optimizer.lr or warm up longer), "
                 "too weak augmentation, or a temperature far too high"
+            )
+
+    # RankMe is logged at the end of each epoch by the module's own callbacks, which run after the
+    # trainer's (this one): read it when the next epoch starts, and after the last.
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_rank(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_rank(trainer)
+
+    def check_rank(self, trainer: L.Trainer) -> None:
+        """Warn once when the last logged RankMe is at or below ``rank_threshold``."""
+        key = next((k for k in RANKME_KEYS if k in trainer.callback_metrics), None)
+        if self.warned_rank or key is None:
+            return
+        rank = float(trainer.callback_metrics[key])
+        if rank <= self.rank_threshold:
+            self.warned_rank = True
+            dims = max(1, round(rank))
+            # Every rank holds the same synced value, so none decides alone; rank zero says it.
+            rank_zero_warn(
+                f"the representation collapsed after {trainer.current_epoch} epoch"
+                f"{'' if trainer.current_epoch == 1 else 's'}: {key} is {rank:.2f}, so the features of "
+                f"every image span about {dims} dimension{'' if dims == 1 else 's'} (1: all on one line) and "
+                "carry almost nothing to tell images apart; usual causes: a rate far too high (lower optimizer.lr "
+                "or warm up longer), too weak augmentation, a temperature far too high, or a loss with nothing "
+                "that keeps images apart (no negatives, no variance term)"
             )

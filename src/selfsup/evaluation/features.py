@@ -165,3 +165,33 @@ def _embed_share(
     padded = mine.new_zeros(share, mine.shape[1])
     padded[: len(mine)] = mine
     return trainer.strategy.all_gather(padded).flatten(0, 1)[:n]
+
+
+class PerImageCorrect:
+    """Which evaluation images a stage classified right, by row of the evaluation split: what the
+    pipeline's verdict compares backbones on, image by image (a paired test needs the same images).
+
+    Each validation pass overwrites the rows it sees, so the record is the last pass's."""
+
+    def __init__(self) -> None:
+        self._by_row: dict[int, bool] = {}
+
+    def update(self, rows: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+        """``rows``, ``predicted`` and ``labels``: (B,) integers of one validation batch."""
+        ok = (predicted.detach() == labels.detach()).cpu().tolist()
+        self._by_row.update(zip(rows.detach().cpu().tolist(), ok, strict=True))
+
+    def result(self) -> torch.Tensor:
+        """bool (N,) in row order, over every rank's rows (a collective call under DDP: every rank
+        calls it; DistributedSampler's padding repeats rows, which agree)."""
+        by_row = dict(self._by_row)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[dict[int, bool] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, by_row)
+            for part in parts:
+                by_row.update(part or {})
+        if sorted(by_row) != list(range(len(by_row))):
+            raise SelfsupError(
+                f"per-image results cover {len(by_row)} rows, not every row from 0: validate on a whole split"
+            )
+        return torch.tensor([by_row[i] for i in range(len(by_row))], dtype=torch.bool)

@@ -87,10 +87,14 @@ class FineTune(L.LightningModule):
         return self._trained_classifier().step(self, self.features(batch, "train"), batch["label"], "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._trained_classifier().step(self, self.features(batch, "val"), batch["label"], "val")
+        self._trained_classifier().step(self, self.features(batch, "val"), batch["label"], "val", batch.get("index"))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._trained_classifier().step(self, self.features(batch, "test"), batch["label"], "test")
+
+    def per_image_correct(self) -> torch.Tensor:
+        """Which evaluation images the last validation got right: bool (N,) by row."""
+        return self._trained_classifier().val_correct.result()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         spec = OptimizerSpec.of(self.hp.optimizer)

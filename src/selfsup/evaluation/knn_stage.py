@@ -16,6 +16,7 @@ from selfsup.config import save_plain_hyperparameters
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.evaluation.features import (
     Features,
+    PerImageCorrect,
     embed_all_ranks,
     frozen_features,
     require_labels,
@@ -71,6 +72,7 @@ class KNNEvaluation(L.LightningModule):
             self.top1 = nn.ModuleList([MulticlassAccuracy(num_classes, average="micro") for _ in self.ks])
             self.top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.val_correct = PerImageCorrect()  # of the first k, for the pipeline's verdict
 
     @property
     def hp(self) -> KNNEvaluationHparams:
@@ -119,6 +121,12 @@ class KNNEvaluation(L.LightningModule):
         if self.top5 is not None:
             self.top5(scores[self.ks[0]], y)
             self.log("val/top5", self.top5)
+        if "index" in batch:
+            self.val_correct.update(batch["index"], scores[self.ks[0]].argmax(dim=1), y)
+
+    def per_image_correct(self) -> torch.Tensor:
+        """Which evaluation images the last validation got right (the first k): bool (N,) by row."""
+        return self.val_correct.result()
 
     def on_validation_epoch_end(self) -> None:
         """Show what kNN looks at: 8 evaluation images with their 8 nearest training images

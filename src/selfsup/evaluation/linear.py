@@ -28,6 +28,7 @@ from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.litdata.samples import CenterImage, LabelOnly
 from selfsup.evaluation.features import (
     Features,
+    PerImageCorrect,
     embed_all_ranks,
     frozen_features,
     require_labels,
@@ -91,12 +92,22 @@ class Classifier(nn.Module):
         )
         # Of validation, drawn by selfsup.media.ConfusionFigure.
         self.confusion = MulticlassConfusionMatrix(num_classes)
+        # Of validation, image by image: the pipeline's verdict compares backbones on it.
+        self.val_correct = PerImageCorrect()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 
-    def step(self, module: L.LightningModule, features: torch.Tensor, labels: torch.Tensor, split: str) -> torch.Tensor:
-        """Cross-entropy of the head on ``features`` (B, F); logs loss and accuracies of ``split``."""
+    def step(
+        self,
+        module: L.LightningModule,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        split: str,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of the head on ``features`` (B, F); logs loss and accuracies of ``split``
+        (and, with the images' ``rows``, which validation images it got right)."""
         logits = self.head(features)
         loss = F.cross_entropy(logits, labels)
         train = split == "train"
@@ -115,6 +126,8 @@ class Classifier(nn.Module):
             module.log(f"{split}/{name}", metric, prog_bar=name == "top1", on_step=train, on_epoch=True)
         if split == "val":
             self.confusion.update(logits.detach(), labels)
+            if rows is not None:
+                self.val_correct.update(rows, logits.argmax(dim=1), labels)
         return loss
 
 
@@ -252,7 +265,7 @@ class LinearProbe(L.LightningModule):
         return self._trained_classifier().step(self, self.features(batch, "train"), batch["label"], "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._trained_classifier().step(self, self.features(batch, "val"), batch["label"], "val")
+        self._trained_classifier().step(self, self.features(batch, "val"), batch["label"], "val", batch.get("index"))
 
     def on_validation_epoch_end(self) -> None:
         if self.chosen is not None:  # so that trainer.validate returns the chosen setting too
@@ -261,6 +274,10 @@ class LinearProbe(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._trained_classifier().step(self, self.features(batch, "test"), batch["label"], "test")
+
+    def per_image_correct(self) -> torch.Tensor:
+        """Which evaluation images the last validation got right: bool (N,) by row."""
+        return self._trained_classifier().val_correct.result()
 
     def run_search(self) -> SearchResult:
         """Choose the rate and weight decay (``search``) on held-out training images: every

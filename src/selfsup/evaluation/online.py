@@ -1,7 +1,8 @@
 """Online evaluation of a pretraining module: a linear head on detached features, trained by
 the module's own optimizer alongside the self-supervised loss, and a kNN monitor; or, when the
 labeled images are separate from the pretraining images, kNN and a linear classifier fitted
-on frozen features.
+on frozen features. Besides, with or without labels, RankMe (the effective rank of the features
+of a fixed set of images) every epoch: :class:`RankMeMonitor`, which :class:`OnlineHooks` is.
 
 The evaluator is a part the module holds (``module.online``) and calls from its steps; its
 per-epoch work runs from :class:`OnlineHooks`, which the module returns from
@@ -13,13 +14,15 @@ with everything else; the kNN bank is rebuilt from the training images when need
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -29,7 +32,8 @@ from selfsup.data.datamodule import ImageDataModule
 from selfsup.evaluation.features import embed_all, embed_all_ranks
 from selfsup.evaluation.knn import knn_scores
 from selfsup.evaluation.probe_search import fit_heads
-from selfsup.protocols import HasOnline
+from selfsup.metrics import rankme
+from selfsup.protocols import Embeds, HasOnline, LazyRows
 from selfsup.trainer_attrs import datamodule_of
 
 
@@ -272,9 +276,88 @@ class OnlineEvaluation(nn.Module):
             module.log("val/online_top1", m["linear_top1"], prog_bar=True, sync_dist=True)
 
 
-class OnlineHooks(L.Callback):
+#: Images RankMe is measured on each epoch: one cheap pass. The rank is at most min(N, D), so with
+#: wide features (ResNet-50: 2048) it reads low against the paper's figures: a trend over the
+#: epochs of one run, comparable between runs with the same count.
+RANKME_IMAGES = 1024
+
+
+def rankme_images(dm: ImageDataModule, count: int = RANKME_IMAGES) -> tuple[str, torch.Tensor]:
+    """The fixed images RankMe is measured on, the same every epoch, and the split they come from:
+    up to ``count`` of the evaluation split (``val``), or of the training split (``train``) when
+    the evaluation split is empty. uint8 (n, 3, H, W), or streamed rows (``LazyRows``)."""
+    train, evaluation = dm.splits()
+    split, images = ("val", evaluation.images) if len(evaluation) > 0 else ("train", train.images)
+    n = min(count, len(images))
+    if isinstance(images, LazyRows):
+        # Streamed splits are stored in a seeded random order (selfsup.data.litdata.write): the
+        # first rows are a random sample, and reading them touches the fewest chunks.
+        return split, cast(torch.Tensor, images.rows(0, n))
+    # A decoded folder is stored class by class: evenly spaced rows see every class.
+    return split, images[torch.linspace(0, len(images) - 1, n).round().long()] if n < len(images) else images
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (BatchNorm reads its running statistics and updates none),
+    then each one's own flag back: a frozen part that trains in eval mode stays so."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class RankMeMonitor(L.Callback):
+    """RankMe (:func:`selfsup.metrics.rankme`; Garrido et al., ICML 2023) of a pretraining
+    module's features (``embed``: uint8 images -> (B, F), in eval mode) on fixed images
+    (:func:`rankme_images`, at most ``count``), logged as ``val/rankme`` (``train/rankme`` when
+    the images are the training split's) at the end of every training epoch and of ``validate``.
+
+    A label-free health signal: it rises while the features spread over more directions and
+    falls to 1 when every image embeds alike (``CollapseWatch`` warns). Under DDP every rank
+    embeds a share and computes it from all the features; the logged value is synced (their max),
+    so every rank holds the same. Needs an ``ImageDataModule``; otherwise nothing is logged.
+    """
+
+    def __init__(self, count: int = RANKME_IMAGES) -> None:
+        self.count = count
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+        """Embed the fixed images, log their RankMe and return it (None: no images or no ``embed``).
+        A collective call under DDP: every rank calls it."""
+        dm = datamodule_of(trainer)
+        if not isinstance(pl_module, Embeds) or not isinstance(dm, ImageDataModule):
+            return None
+        # Chosen again each time (an index, no decoding), the same rows every time: nothing held.
+        split, images = rankme_images(dm, self.count)
+        if len(images) == 0:
+            return None
+        with _eval_mode(pl_module):
+            z = embed_all_ranks(trainer, pl_module.embed, images, pl_module.device)
+        value = rankme(z)
+        # Every rank computed it from the same gathered features; the max of equal values is
+        # that value exactly, and makes the ranks agree even if their SVDs rounded differently.
+        pl_module.log(f"{split}/rankme", value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+        return value
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every epoch, whatever the validation cadence; after that epoch's validation.
+        self.measure(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # In fit, on_train_epoch_end measures (once an epoch); validate alone has no training epoch.
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.measure(trainer, pl_module)
+
+
+class OnlineHooks(RankMeMonitor):
     """The per-epoch work of ``pl_module.online`` (an :class:`OnlineEvaluation`); a module
-    returns it from ``configure_callbacks`` and calls ``embed`` (uint8 images -> features)."""
+    returns it from ``configure_callbacks`` and calls ``embed`` (uint8 images -> features).
+    As a :class:`RankMeMonitor` it logs RankMe every epoch too, labels or not, evaluator enabled
+    or not."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _online(pl_module).attach(datamodule_of(trainer))
@@ -285,6 +368,7 @@ class OnlineHooks(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _online(pl_module).epoch_end(pl_module)
+        super().on_validation_epoch_end(trainer, pl_module)
 
 
 def _online(pl_module: L.LightningModule) -> OnlineEvaluation:

@@ -2,13 +2,14 @@
 offers the rest of selfsup is written down in ``selfsup.protocols``."""
 
 from selfsup.evaluation import FineTune, KNNEvaluation, LinearProbe
+from selfsup.methods.distill import Distill
 from selfsup.methods.moco import MoCo
 from selfsup.methods.relative_location import RelativeLocation
 from selfsup.methods.simclr import SimCLR
 
 #: Pretraining methods by the names the pipeline and the usage text show.
-PRETRAINING = {"relative_location": RelativeLocation, "simclr": SimCLR, "moco": MoCo}
+PRETRAINING = {"relative_location": RelativeLocation, "simclr": SimCLR, "moco": MoCo, "distill": Distill}
 
 # FineTune, KNNEvaluation and LinearProbe live in selfsup.evaluation; configs written before
 # 0.2 name them here (class_path: selfsup.methods.LinearProbe), so the old paths keep working.
-__all__ = ["PRETRAINING", "FineTune", "KNNEvaluation", "LinearProbe", "MoCo", "RelativeLocation", "SimCLR"]
+__all__ = ["PRETRAINING", "Distill", "FineTune", "KNNEvaluation", "LinearProbe", "MoCo", "RelativeLocation", "SimCLR"]

@@ -30,6 +30,7 @@ from selfsup.data.patches import (
 )
 from selfsup.data.views import normalize, to_float
 from selfsup.evaluation.features import preprocess
+from selfsup.evaluation.online import RankMeMonitor
 from selfsup.media import draw_patches, log_training_figure, spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
@@ -237,3 +238,6 @@ class RelativeLocation(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return OptimizerSpec.of(self.hp.optimizer).build([self.backbone, self.head])
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [RankMeMonitor()]  # val/rankme every epoch, as the two-view methods' OnlineHooks

@@ -49,19 +49,20 @@ class Loaded:
     ignored: tuple[str, ...]
 
 
-def read_state(path: str | Path) -> tuple[State, str]:
-    """The tensors of a weights file and what it is (``checkpoint`` or ``state dict``).
+def read_state(path: str | Path, noun: str = "weights file") -> tuple[State, str]:
+    """The tensors of a weights file and what it is (``checkpoint`` or ``state dict``); errors call
+    the file ``noun``.
 
     A stage checkpoint gives its ``backbone.*`` weights without the prefix."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise SelfsupError(f"weights file not found: {path}")
+        raise SelfsupError(f"{noun} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding arbitrary objects (pickled modules)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SelfsupError(
-            f"cannot read weights {path} with weights_only=True: {first}; save a state dict "
+            f"cannot read {noun} {path} with weights_only=True: {first}; save a state dict "
             "(torch.save(model.state_dict(), f)), not a whole model"
         ) from None
     if not isinstance(obj, dict):
@@ -108,12 +109,12 @@ def _show(keys: list[str]) -> str:
     return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
 
 
-def load_weights(backbone: nn.Module, path: str | Path, what: str = "backbone") -> Loaded:
+def load_weights(backbone: nn.Module, path: str | Path, noun: str = "weights file") -> Loaded:
     """Load the weights in ``path`` into ``backbone`` strictly (see the module docstring).
 
     The file's layout is the one whose key names match the backbone's best; classifier keys the
     backbone lacks are left out and named; anything else that does not match is one error line."""
-    state, kind = read_state(path)
+    state, kind = read_state(path, noun)
     own = backbone.state_dict()
     layout, mapped = max(
         ((name, rename(state)) for name, rename in LAYOUTS.items()), key=lambda lm: len(own.keys() & lm[1].keys())
@@ -131,7 +132,7 @@ def load_weights(backbone: nn.Module, path: str | Path, what: str = "backbone") 
     )
     if missing or unexpected or shapes:
         raise SelfsupError(
-            f"the weights in {path} do not fit the {what} ({getattr(backbone, 'name', type(backbone).__name__)}): "
+            f"the weights in {path} do not fit the backbone ({getattr(backbone, 'name', type(backbone).__name__)}): "
             f"missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}; "
             "check the backbone's name, cifar_stem, width and norm against the model the weights come from"
         )
@@ -143,4 +144,4 @@ def load_weights(backbone: nn.Module, path: str | Path, what: str = "backbone") 
 
 def load_backbone(backbone: nn.Module, path: str | Path) -> int:
     """Load a stage checkpoint's (or any weights file's) backbone strictly; return the tensor count."""
-    return load_weights(backbone, path).tensors
+    return load_weights(backbone, path, "checkpoint").tensors
