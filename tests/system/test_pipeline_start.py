@@ -148,3 +148,30 @@ def test_the_order_of_starts_is_checked_before_anything_trains(image_folder: Pat
     with pytest.raises(SelfsupError, match="starts from relative_location's backbone, but builds another"):
         pipeline_main([*base, "--out", str(out), "--stages.simclr.model", '{"backbone": {"width": 16}}'])
     assert not out.exists() or not any(out.glob("*/checkpoints"))
+
+
+def test_without_labels_the_verdict_ranks_by_rankme(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = pipeline_main(
+        [
+            "--config",
+            str(REPO / "configs/pipeline/quickstart.yaml"),
+            "--data.root",
+            str(image_folder),
+            "--data.labels",
+            "none",
+            "--out",
+            str(out),
+            *TINY,
+            "--stages.relative_location.enabled",
+            "false",
+            "--stages.simclr.model",
+            '{"temperature": 0.5, "optimizer": {"name": "adam", "lr": 0.002}, "proj_hidden": 32}',
+        ]
+    )
+    r = s["results"]
+    assert set(r) == {"random", "simclr"} and all(set(e) == {"rankme", "seconds"} for e in r.values())
+    v = s["verdict"]
+    assert v["signal"] == "rankme" and v["scores"] == {k: e["rankme"] for k, e in r.items()}
+    assert "weaker" in v["text"] and (out / "best" / "backbone.pt").is_file()
+    assert s["num_classes"] is None and "RankMe alone" in (out / "summary.md").read_text()
