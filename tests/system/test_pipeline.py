@@ -64,7 +64,11 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
         "in_domain",
         "images",
         "backbone",
+        "start",
+        "starts",
+        "rankme_images",
         "results",
+        "verdict",
         "wall_seconds",
     }
     assert on_disk["evaluation_train_images"] == {"linear": 120, "knn": 120}
@@ -86,6 +90,7 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
         "knn_top5",
         "knn_top1_k20",
         "knn_top1_stage1",
+        "rankme",
         "seconds",
     }
     for stage in r.values():
@@ -207,7 +212,8 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
     ckpt = torch.load(out / "moco" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert (hp["queue_size"], hp["proj_hidden"]) == (64, 16)
-    assert hp["backbone"] == {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch"}  # shared section
+    shared = {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch", "weights": None}
+    assert hp["backbone"] == shared  # the shared section
     # From configs/moco/cifar10.yaml: SGD at 0.03, temperature 0.2; the stage overrides the queue.
     assert (hp["optimizer"]["name"], hp["optimizer"]["lr"], hp["temperature"]) == ("sgd", 0.03, 0.2)
     table = (out / "summary.md").read_text()
