@@ -32,6 +32,22 @@ TINY = [
 ]
 
 
+def run(config: str, images: Path, out: Path, *args: str) -> dict:
+    """``selfsup pipeline`` with configs/pipeline/CONFIG on ``images`` into ``out``, tiny, plus ``args``."""
+    return pipeline_main(
+        [
+            "--config",
+            str(REPO / f"configs/pipeline/{config}"),
+            "--data.root",
+            str(images),
+            "--out",
+            str(out),
+            *TINY,
+            *args,
+        ]
+    )
+
+
 def backbone_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     return {
@@ -41,19 +57,13 @@ def backbone_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def test_chain_starts_simclr_from_relative_location(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    s = pipeline_main(
-        [
-            "--config",
-            str(REPO / "configs/pipeline/chain.yaml"),
-            "--data.root",
-            str(image_folder),
-            "--out",
-            str(out),
-            *TINY,
-            # A rate of 0 leaves SimCLR's weights where they started: relative location's.
-            "--stages.simclr.model",
-            '{"optimizer": {"name": "adam", "lr": 0.0, "weight_decay": 0.0}, "proj_hidden": 32}',
-        ]
+    s = run(
+        "chain.yaml",
+        image_folder,
+        out,
+        # A rate of 0 leaves SimCLR's weights where they started: relative location's.
+        "--stages.simclr.model",
+        '{"optimizer": {"name": "adam", "lr": 0.0, "weight_decay": 0.0}, "proj_hidden": 32}',
     )
     rl, simclr = (backbone_weights(out / n / "checkpoints" / "last.ckpt") for n in ("relative_location", "simclr"))
     assert rl.keys() == simclr.keys() and all(torch.equal(rl[k], simclr[k]) for k in rl)
@@ -75,20 +85,14 @@ def test_the_start_is_the_baseline_with_deltas_a_verdict_and_an_export(image_fol
             p.mul_(1.5)
     torch.save(source.state_dict(), start)
     out = tmp_path / "out"
-    s = pipeline_main(
-        [
-            "--config",
-            str(REPO / "configs/pipeline/quickstart.yaml"),
-            "--data.root",
-            str(image_folder),
-            "--out",
-            str(out),
-            *TINY,
-            "--backbone.weights",
-            str(start),
-            "--stages.simclr.model",
-            '{"temperature": 0.5, "optimizer": {"name": "adam", "lr": 0.002}, "proj_hidden": 32}',
-        ]
+    s = run(
+        "quickstart.yaml",
+        image_folder,
+        out,
+        "--backbone.weights",
+        str(start),
+        "--stages.simclr.model",
+        '{"temperature": 0.5, "optimizer": {"name": "adam", "lr": 0.002}, "proj_hidden": 32}',
     )
     r = s["results"]
     assert list(r) == ["random", "start", "relative_location", "simclr"]
@@ -152,22 +156,16 @@ def test_the_order_of_starts_is_checked_before_anything_trains(image_folder: Pat
 
 def test_without_labels_the_verdict_ranks_by_rankme(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    s = pipeline_main(
-        [
-            "--config",
-            str(REPO / "configs/pipeline/quickstart.yaml"),
-            "--data.root",
-            str(image_folder),
-            "--data.labels",
-            "none",
-            "--out",
-            str(out),
-            *TINY,
-            "--stages.relative_location.enabled",
-            "false",
-            "--stages.simclr.model",
-            '{"temperature": 0.5, "optimizer": {"name": "adam", "lr": 0.002}, "proj_hidden": 32}',
-        ]
+    s = run(
+        "quickstart.yaml",
+        image_folder,
+        out,
+        "--data.labels",
+        "none",
+        "--stages.relative_location.enabled",
+        "false",
+        "--stages.simclr.model",
+        '{"temperature": 0.5, "optimizer": {"name": "adam", "lr": 0.002}, "proj_hidden": 32}',
     )
     r = s["results"]
     assert set(r) == {"random", "simclr"} and all(set(e) == {"rankme", "seconds"} for e in r.values())
