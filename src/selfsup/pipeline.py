@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -92,6 +93,7 @@ class Stage:
             (its trained backbone), ``start`` (the shared ``backbone.weights``) or ``random``
             (random initialization even when the others start from weights). None: the stage's own
             ``model.backbone.weights`` (a file, or an earlier stage's name), else the shared one.
+            A distillation's ``model.teacher.weights`` may name ``start`` or an earlier stage too.
     """
 
     config: str | None = None
@@ -242,6 +244,8 @@ class Pipeline:
         self.correct: dict[str, dict[str, torch.Tensor]] = {}
         # Pretraining stages that start from an earlier stage's backbone: stage -> that stage.
         self.parents: dict[str, str] = {}
+        # Distillation stages whose teacher is an earlier stage's backbone: stage -> that stage.
+        self.teachers: dict[str, str] = {}
 
     def trainer(
         self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None, checkpoint: bool = False
@@ -436,49 +440,67 @@ class Pipeline:
             self._evaluation_data[name, suffix] = dm
         return self._evaluation_data[name, suffix]
 
-    def starts(self, stages: list[str]) -> dict[str, str | None]:
-        """Where each enabled pretraining stage's backbone starts: a weights file, an earlier
-        stage's checkpoint, or None (random initialization). Checked before anything trains: a
-        stage starts only from one listed before it (so there are no cycles)."""
-        shared = self.cfg.backbone.weights
-        out: dict[str, str | None] = {}
-        for i, name in enumerate(stages):
+    def starts(self, stages: list[str]) -> dict[str, dict[str, Any]]:
+        """Where each enabled pretraining stage's backbone starts, as ``model`` overrides
+        (``{"backbone": {"weights": ...}}``, and ``{"teacher": {"weights": ...}}`` where a
+        distillation's teacher names ``start`` or a stage): a weights file, an earlier stage's
+        checkpoint, or None (random initialization). Checked before anything trains: a stage
+        starts only from (or learns only from) one listed before it, so there are no cycles."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in stages:
             if name in (RANDOM, START, BEST):
                 raise SelfsupError(
                     f"a stage cannot be called {name!r}, a name of the summary's own: rename stages.{name}"
                 )
             stage = self.cfg.stages[name]
-            own = (
-                stage.model.get("backbone", {}).get("weights")
-                if isinstance(stage.model.get("backbone"), dict)
-                else None
-            )
-            ref = stage.start_from or (own if own in self.cfg.stages or own in (RANDOM, START) else None)
-            earlier = ", ".join([*stages[:i], START, RANDOM])
+            backbone, teacher = (stage.model.get(k) or {} for k in ("backbone", "teacher"))
+            ref = stage.start_from or self._named(backbone.get("weights"))
             if ref is None:
-                out[name] = own or shared
-            elif ref == RANDOM:
-                out[name] = None
-            elif ref == START:
-                if not shared:
-                    raise SelfsupError(
-                        f"stages.{name} starts from the start, but there is no backbone.weights to start from"
-                    )
-                out[name] = shared
-            elif ref == name:
-                raise SelfsupError(f"stages.{name} starts from itself: name an earlier stage ({earlier})")
-            elif ref not in stages:
-                why = "is switched off (enabled: false)" if ref in self.cfg.stages else "is no stage of this pipeline"
-                raise SelfsupError(f"stages.{name} starts from {ref}, which {why}; choose from {earlier}")
-            elif stages.index(ref) > i:
-                raise SelfsupError(
-                    f"stages.{name} starts from {ref}, which runs after it (stages run in the order listed): "
-                    f"list {ref} before {name}"
-                )
+                out[name] = {"backbone": {"weights": backbone.get("weights") or self.cfg.backbone.weights}}
             else:
-                out[name] = str(self.out / ref / "checkpoints" / "last.ckpt")
+                out[name] = {"backbone": {"weights": self._resolve(name, ref, "starts from", stages)}}
+            if ref not in (None, RANDOM, START):
                 self.parents[name] = ref
+            learns = self._named(teacher.get("weights"))
+            if learns is not None:
+                out[name]["teacher"] = {"weights": self._resolve(name, learns, "learns from", stages)}
+                if learns not in (RANDOM, START):
+                    self.teachers[name] = learns
         return out
+
+    def _named(self, weights: str | None) -> str | None:
+        """``weights`` where it names a stage, ``start`` or ``random`` rather than a file."""
+        return weights if weights in self.cfg.stages or weights in (RANDOM, START) else None
+
+    def _resolve(self, name: str, ref: str, what: str, stages: list[str]) -> str | None:
+        """The weights file ``ref`` (a stage, ``start``, ``random``) stands for in stage ``name``;
+        a one-line error unless it is listed before ``name``."""
+        i = stages.index(name)
+        earlier = ", ".join([*stages[:i], START, RANDOM])
+        if ref == RANDOM:
+            return None
+        if ref == START:
+            if not self.cfg.backbone.weights:
+                raise SelfsupError(f"stages.{name} {what} the start, but there is no backbone.weights to start from")
+            return str(self.cfg.backbone.weights)
+        if ref == name:
+            raise SelfsupError(f"stages.{name} {what} itself: name an earlier stage ({earlier})")
+        if ref not in stages:
+            why = "is switched off (enabled: false)" if ref in self.cfg.stages else "is no stage of this pipeline"
+            raise SelfsupError(f"stages.{name} {what} {ref}, which {why}; choose from {earlier}")
+        if stages.index(ref) > i:
+            raise SelfsupError(
+                f"stages.{name} {what} {ref}, which runs after it (stages run in the order listed): "
+                f"list {ref} before {name}"
+            )
+        return str(self.out / ref / "checkpoints" / "last.ckpt")
+
+    def checked_start(self, name: str, start: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """A stage's start as the checks before training build it: an earlier stage's backbone
+        does not exist yet (its architecture is compared instead), so it is left out."""
+        earlier = [s for s in (self.parents.get(name), self.teachers.get(name)) if s is not None]
+        made = {str(self.out / s / "checkpoints" / "last.ckpt") for s in earlier}
+        return {k: {"weights": None if v["weights"] in made else v["weights"]} for k, v in start.items()}
 
     def rankme(self, images: torch.Tensor, spec: BackboneSpec, checkpoint: Path | None, input_norm: str) -> float:
         """RankMe (the embeddings' effective rank; Garrido et al. 2023) of one backbone on fixed images."""
@@ -487,8 +509,13 @@ class Pipeline:
         if checkpoint:
             load_backbone(backbone, checkpoint)
         features = Features(input_norm=cast(InputNorm, input_norm))
-        z = embed_all(lambda x: frozen_features(backbone, x, features), images, torch.device("cpu"))
-        return float(f"{rankme(z):.4g}")
+        # On the stages' GPU where they have one: a ResNet-50 over 1,024 images is slow on a CPU.
+        accelerator = str(self.cfg.trainer.get("accelerator", "auto"))
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        device = torch.device("cuda" if gpu else "cpu")
+        backbone.to(device)
+        z = embed_all(lambda x: frozen_features(backbone, x, features), images, device)
+        return float(f"{rankme(z.cpu()):.4g}")
 
     def run(self) -> dict[str, Any]:
         t_start = time.time()
@@ -516,7 +543,7 @@ class Pipeline:
         checks = [
             (
                 name,
-                with_model(cfg.stages[name], {"backbone": {"weights": None if name in self.parents else starts[name]}}),
+                with_model(cfg.stages[name], self.checked_start(name, starts[name])),
                 dm,
             )
             for name in stages
@@ -529,17 +556,28 @@ class Pipeline:
         ]
         # Each stage's backbone without its starting weights: what its evaluations build.
         architectures: dict[str, dict[str, Any]] = {}
+        teachers: dict[str, dict[str, Any]] = {}
         for i, (name, stage, data) in enumerate(checks):
-            model, _ = stage_model(name, stage, self.shared, self.config_dirs, data.num_classes)
+            with warnings.catch_warnings():  # a teacher still to be trained has no weights yet
+                warnings.filterwarnings("ignore", "distillation: the teacher")
+                model, _ = stage_model(name, stage, self.shared, self.config_dirs, data.num_classes)
             if isinstance(model, ChecksData):
                 model.check_data(data)
             if i < len(stages):
                 architectures[name] = {**BackboneSpec.of(model.hparams.get("backbone")).as_dict(), "weights": None}
+                if name in self.teachers:
+                    teachers[name] = {**BackboneSpec.of(model.hparams.get("teacher")).as_dict(), "weights": None}
         for name, parent in self.parents.items():
-            if architectures[parent] != architectures[name]:
+            if not same_architecture(architectures[parent], architectures[name]):
                 raise SelfsupError(
                     f"stages.{name} starts from {parent}'s backbone, but builds another ({architectures[name]} "
                     f"against {architectures[parent]}): give both the same backbone"
+                )
+        for name, parent in self.teachers.items():
+            if not same_architecture(architectures[parent], teachers[name]):
+                raise SelfsupError(
+                    f"stages.{name} learns from {parent}'s backbone, but its teacher is another ({teachers[name]} "
+                    f"against {architectures[parent]}): give the teacher {parent}'s backbone"
                 )
         rank_images = rankme_images(labeled if labeled is not None else dm)[1]
         results: dict[str, dict[str, Any]] = {}
@@ -561,7 +599,7 @@ class Pipeline:
 
         for name in stages:
             t0 = time.time()
-            stage = with_model(cfg.stages[name], {"backbone": {"weights": starts[name]}})
+            stage = with_model(cfg.stages[name], starts[name])
             model, warmup = self.build(name, stage, dm.num_classes)
             metrics = self.run_stage(name, stage, model, warmup, dm, checkpoint=True)
             extra = {"pretext_top1": metrics["val/pretext_top1"]} if "val/pretext_top1" in metrics else {}
@@ -594,7 +632,8 @@ class Pipeline:
                 {k: r["rankme"] for k, r in results.items()}, START if start else None, cfg.baseline, display
             )
         best_spec = BackboneSpec.of(architectures[judged.best]) if judged.best in stages else spec
-        best = self.export_best(judged.best, judged.as_dict(), best_spec, starts, stages)
+        started_from = starts[judged.best]["backbone"]["weights"] if judged.best in stages else None
+        best = self.export_best(judged.best, judged.as_dict(), best_spec, started_from, stages)
 
         def where(root: str | None) -> str:
             return str(Path(root).expanduser().resolve()) if root else "(embedded sample)"
@@ -625,7 +664,7 @@ class Pipeline:
             "images": {**dm.image_counts, "skipped_list": BAD_FILES_NAME if dm.image_counts["skipped"] else None},
             "backbone": cfg.backbone.name,
             "start": start,
-            "starts": {name: self.parents.get(name, starts[name]) for name in stages},
+            "starts": {name: self.parents.get(name, starts[name]["backbone"]["weights"]) for name in stages},
             "rankme_images": len(rank_images),
             "results": results,
             "verdict": {**judged.as_dict(), "exported": best},
@@ -640,14 +679,14 @@ class Pipeline:
         return summary
 
     def export_best(
-        self, best: str, judged: dict[str, Any], spec: BackboneSpec, starts: dict[str, str | None], stages: list[str]
+        self, best: str, judged: dict[str, Any], spec: BackboneSpec, started_from: str | None, stages: list[str]
     ) -> str:
         """The verdict's backbone, exported to ``OUT/best/`` with its JSON card; its path."""
         fmt = self.cfg.export or natural_format(spec)
         if best in stages:
             backbone = spec.random().build()
             load_backbone(backbone, self.out / best / "checkpoints" / "last.ckpt")
-            what = {"source": str(self.out / best / "checkpoints" / "last.ckpt"), "started_from": starts[best]}
+            what = {"source": str(self.out / best / "checkpoints" / "last.ckpt"), "started_from": started_from}
         else:  # the start as it is, or random initialization
             L.seed_everything(self.cfg.seed, verbose=False)
             backbone = (spec if best == START else spec.random()).build()
@@ -656,6 +695,14 @@ class Pipeline:
         write_export(spec, backbone, out, fmt, {"entry": best, **what, "verdict": judged, "pipeline": self.config})
         say(f"pipeline: the best backbone ({DISPLAY_NAMES.get(best, best)}) is {out} ({fmt}); what it is: {out}.json")
         return str(out)
+
+
+def same_architecture(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two backbone specs build the same tensors (``cifar_stem`` means nothing to the small CNN)."""
+    if a == b:
+        return True
+    shapes = [{k: v.shape for k, v in BackboneSpec.of(x).random().build().state_dict().items()} for x in (a, b)]
+    return shapes[0] == shapes[1]
 
 
 def with_model(stage: Namespace, override: dict[str, Any]) -> Namespace:

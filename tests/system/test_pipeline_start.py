@@ -173,3 +173,36 @@ def test_without_labels_the_verdict_ranks_by_rankme(image_folder: Path, tmp_path
     assert v["signal"] == "rankme" and v["scores"] == {k: e["rankme"] for k, e in r.items()}
     assert "weaker" in v["text"] and (out / "best" / "backbone.pt").is_file()
     assert s["num_classes"] is None and "RankMe alone" in (out / "summary.md").read_text()
+
+
+def test_a_teacher_is_an_earlier_stage_or_the_start(image_folder: Path, tmp_path: Path) -> None:
+    config = tmp_path / "teacher.yaml"
+    stage = {"max_epochs": 1, "warmup": {"warmup_epochs": 0}}
+    adam = {"name": "adam", "lr": 0.002}
+    stages = {
+        "simclr": {**stage, "config": "configs/simclr/cifar10.yaml", "model": {"optimizer": adam, "proj_hidden": 32}},
+        "distill": {
+            **stage,
+            "config": "configs/distill/cifar10.yaml",
+            "start_from": "random",
+            "model": {"optimizer": adam, "teacher": {"name": "small_cnn", "width": 8, "weights": "simclr"}},
+        },
+    }
+    knn = {"config": "configs/knn/cifar10.yaml", "max_epochs": 0}
+    config.write_text(json.dumps({"backbone": {"name": "small_cnn"}, "stages": stages, "evaluations": {"knn": knn}}))
+    base = ["--config", str(config), "--data.root", str(image_folder), *TINY[:6]]
+    out = tmp_path / "out"
+    s = pipeline_main([*base, "--out", str(out)])
+    recorded = json.loads((out / "distill" / "stage.json").read_text())["hparams"]["teacher"]
+    assert recorded["weights"] == str(out / "simclr" / "checkpoints" / "last.ckpt")
+    assert s["starts"]["distill"] is None and set(s["results"]) == {"random", "simclr", "distill"}
+    # The teacher must come first and be the stage's backbone; both checked before anything trains.
+    later = tmp_path / "later"
+    with pytest.raises(SelfsupError, match="stages.simclr learns from distill, which runs after it"):
+        pipeline_main([*base, "--out", str(later), "--stages.simclr.model", '{"teacher": {"weights": "distill"}}'])
+    with pytest.raises(SelfsupError, match="stages.distill learns from simclr's backbone, but its teacher is another"):
+        wider = '{"teacher": {"name": "small_cnn", "width": 16, "weights": "simclr"}}'
+        pipeline_main([*base, "--out", str(later), "--stages.distill.model", wider])
+    with pytest.raises(SelfsupError, match="stages.distill learns from the start, but there is no backbone.weights"):
+        pipeline_main([*base, "--out", str(later), "--stages.distill.model", '{"teacher": {"weights": "start"}}'])
+    assert not later.exists() or not any(later.glob("*/checkpoints"))
