@@ -6,21 +6,29 @@ as a cluster or a user would stop it: used by tests/system/test_resume.py.
 KIND: ``none``; ``batch`` (SIGKILL at the start of training step STEP: mid-epoch); ``save`` (SIGKILL
 once the checkpoint of step STEP is being written: its contents assembled, the file not yet
 there); ``write`` (SIGKILL half-way through writing that checkpoint's bytes); ``usr1`` /
-``term`` (SIGUSR1 / SIGTERM to itself at step STEP); ``oom`` (a CUDA out-of-memory error at step
-STEP). RECORD gets one line per training step trained by this process: ``<pid> <global step> <the
-batch's image rows, comma-separated>``. For ``pipeline``, ``KIND:STEP@STAGE`` stops in that stage
-only.
+``term`` / ``int`` (SIGUSR1 / SIGTERM / SIGINT to itself at step STEP); ``oom`` (a CUDA
+out-of-memory error at step STEP); ``fill`` (fill the run folder's filesystem at step STEP, so that
+the next checkpoint finds no space; ``nospace``: the same where no small filesystem can be
+mounted, the checkpoint's write failing as a full disk's does); ``slow`` (sleep a second before
+every step from STEP on). RECORD gets one line per training step trained by this process:
+``<pid> <global step> <the batch's image rows, comma-separated>``. For ``pipeline``,
+``KIND:STEP@STAGE`` stops in that stage only.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
+
+SIGNALS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 
 def die() -> None:
@@ -33,15 +41,26 @@ class Stopper(L.Callback):
         self.kind, self.step, self.record, self.sent = kind, step, record, False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.kind == "slow" and trainer.global_step >= self.step:
+            time.sleep(1.0)
         if trainer.global_step != self.step or self.sent:
             return
         if self.kind == "batch":
             die()
         if self.kind == "oom":  # what a GPU raises when the batch does not fit
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if self.kind in ("usr1", "term"):
+        if self.kind in SIGNALS:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGUSR1 if self.kind == "usr1" else signal.SIGTERM)
+            os.kill(os.getpid(), SIGNALS[self.kind])
+        if self.kind == "fill":  # a disk that fills up while the run trains
+            self.sent = True
+            with open(Path(trainer.default_root_dir) / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
@@ -55,17 +74,24 @@ class Stopper(L.Callback):
             return
         if self.kind == "save":
             die()
-        if self.kind == "write":  # Lightning writes through fsspec: die with half the bytes on disk
-            from fsspec.implementations.local import LocalFileOpener
+        if self.kind == "nospace":
+            import selfsup.files
 
-            original = LocalFileOpener.write
+            def full(path, mode="rb"):  # noqa: ANN001, ANN202
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-            def half_then_die(opener, data):  # noqa: ANN001
-                original(opener, data[: len(data) // 2])
-                opener.flush()
-                die()
+            selfsup.files.open = full  # type: ignore[attr-defined]
+        if self.kind == "write":  # die with half the checkpoint's bytes in the file being written
+            import selfsup.files
 
-            LocalFileOpener.write = half_then_die
+            class HalfThenDie(io.FileIO):
+                def write(self, data) -> int:  # noqa: ANN001
+                    written = super().write(memoryview(data)[: len(data) // 2])
+                    self.flush()
+                    die()
+                    return written
+
+            selfsup.files.open = lambda path, mode="rb": HalfThenDie(path, mode.replace("b", ""))  # type: ignore[attr-defined]
 
 
 def main() -> None:

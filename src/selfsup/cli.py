@@ -14,29 +14,29 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from selfsup.callbacks import LearningRateScaling, Warmup, global_batch_size
+from selfsup.callbacks import LearningRateScaling, Warmup, global_batch_size, stop_signal
 from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.litdata.write import data_main
 from selfsup.evaluation import EVALUATIONS
 from selfsup.export import export_main
+from selfsup.files import hold_folder, release_folder, write_atomic
 from selfsup.methods import PRETRAINING
 from selfsup.pipeline import pipeline_main
 from selfsup.protocols import ChecksData
 from selfsup.quiet import quiet_lightning
 from selfsup.run import (
-    SlurmEnvironment,
     add_run_arguments,
     newest_checkpoint,
     run_callbacks,
     run_loggers,
+    run_plugins,
     same_run_or_stop,
 )
 from selfsup.runtime import keep_freed_memory
@@ -72,8 +72,16 @@ def usage() -> str:
 
 
 class LoggedConfig(SaveConfigCallback):
-    """Save config.yaml in the run folder (replacing an earlier attempt's: a resumed run is the
-    same run) and log the full config as every logger's run config."""
+    """Save config.yaml in the run folder (replacing an earlier attempt's, atomically: a resumed
+    run is the same run) and log the full config as every logger's run config."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.already_saved:
+            log_dir = trainer.log_dir  # on every rank: a collective call
+            if trainer.is_global_zero and log_dir is not None:
+                dumped = self.parser.dump(self.config, skip_none=False)
+                write_atomic(Path(log_dir) / self.config_filename, dumped)
+        super().setup(trainer, pl_module, stage)  # (save_to_log_dir=False: it writes no file of its own)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
@@ -117,12 +125,20 @@ class SelfsupCLI(LightningCLI):
         quiet_lightning()
         self._started = time.time()
         self._ckpt_path: str | None = None  # what fit continues from, settled in before_fit
+        self._held: Path | None = None  # the run folder this command holds
+        try:
+            self._run(args, run)
+        finally:
+            if self._held is not None:
+                release_folder(self._held)
+
+    def _run(self, args: Sequence[str] | None, run: bool) -> None:
         super().__init__(
             model_class=LightningModule,
             subclass_mode_model=True,
             datamodule_class=ImageDataModule,
             save_config_callback=LoggedConfig,
-            save_config_kwargs={"overwrite": True},
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             # True: "the default loggers", which the run layer makes for the run folder.
             trainer_defaults={"logger": True},
             seed_everything_default=0,
@@ -152,6 +168,7 @@ class SelfsupCLI(LightningCLI):
             model = self._section(self.config, "model")
             name = str(model.class_path).rsplit(".", 1)[-1] if model else "run"
             trainer.default_root_dir = str(Path("runs") / name.lower())
+        self._hold_folder(Path(trainer.default_root_dir))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer with the run layer's callbacks and loggers (``selfsup.run``)."""
@@ -172,12 +189,17 @@ class SelfsupCLI(LightningCLI):
         ]
         if trainer.get("logger") is True:
             kwargs["logger"] = run_loggers(root)
-        # torchrun inside a SLURM allocation: Lightning's own choice (TorchElastic) stays.
-        if SlurmEnvironment.detect() and not TorchElasticEnvironment.detect() and not trainer.get("plugins"):
-            kwargs["plugins"] = [SlurmEnvironment()]
+        kwargs["plugins"] = run_plugins(trainer.get("plugins"))
         return super().instantiate_trainer(**kwargs)
 
     # -- the run folder ------------------------------------------------------------------
+    def _hold_folder(self, folder: Path) -> None:
+        """One run per folder: the run folder is this process's until the command ends (rank zero
+        holds it for the whole job; see ``selfsup.files``)."""
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            hold_folder(folder, f"selfsup {self.subcommand or 'run'}")
+            self._held = folder
+
     def _prepare_data(self) -> None:
         """Decode the data (or read the job's cache), report and check it before the Trainer
         starts any logger or process: a stop for bad files, missing labels or too small images
@@ -302,9 +324,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             # args=None lets Lightning read sys.argv itself (it warns when given both).
             SelfsupCLI(None if argv is None else args)
     except SIGTERMException:
-        # Preempted: the checkpoint is written (RunCheckpoint said where); the conventional
-        # status of a process ended by SIGTERM tells the scheduler it did not finish.
-        raise SystemExit(128 + signal.SIGTERM) from None
+        # Preempted or Ctrl-C: the checkpoint is written (RunCheckpoint said where); the
+        # conventional status of a process ended by the signal tells the scheduler it did not finish.
+        raise SystemExit(128 + stop_signal()) from None
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second one): nothing to save
+        print("selfsup: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:
         # jsonargparse wraps errors raised while instantiating classes: find ours inside.
         err = find_selfsup_error(e)

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,6 +41,7 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -54,11 +56,19 @@ from selfsup.evaluation.features import Features, InputNorm, embed_all, frozen_f
 from selfsup.evaluation.online import rankme_images
 from selfsup.evaluation.verdict import rank_by_rankme, verdict
 from selfsup.export import Format, natural_format, write_export
+from selfsup.files import hold_folder, release_folder, write_atomic
 from selfsup.metrics import rankme
 from selfsup.models.backbones import AnyBackbone, BackboneSpec
 from selfsup.models.weights import load_backbone
 from selfsup.protocols import ChecksData, ProbeInputNorm, RecordsCorrect
-from selfsup.run import add_run_arguments, newest_checkpoint, run_callbacks, run_loggers, same_run_or_stop
+from selfsup.run import (
+    add_run_arguments,
+    newest_checkpoint,
+    run_callbacks,
+    run_loggers,
+    run_plugins,
+    same_run_or_stop,
+)
 from selfsup.tracking import finish_wandb
 
 DISPLAY_NAMES = {
@@ -278,6 +288,7 @@ class Pipeline:
             "enable_model_summary": False,
             **cfg.trainer,
         }
+        kwargs["plugins"] = run_plugins(kwargs.get("plugins"))
         try:
             return L.Trainer(
                 max_epochs=max_epochs,
@@ -341,7 +352,7 @@ class Pipeline:
             if ckpt is not None:
                 say(f"pipeline: {name} was interrupted; continuing from {ckpt}")
         folder.mkdir(parents=True, exist_ok=True)
-        recorded.write_text(setup)
+        write_atomic(recorded, setup)
         done.unlink(missing_ok=True)
         (folder / CORRECT).unlink(missing_ok=True)
         trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint)
@@ -349,9 +360,9 @@ class Pipeline:
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
         metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=dm, verbose=False)[0].items()}
         if isinstance(model, RecordsCorrect):  # image by image, for the verdict's paired test
-            torch.save(model.per_image_correct(), folder / CORRECT)
+            write_atomic(folder / CORRECT, partial(torch.save, model.per_image_correct()))
         finish_wandb(trainer)  # the next stage gets a run of its own
-        done.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_atomic(done, json.dumps(metrics, indent=2) + "\n")
         return metrics
 
     def evaluate(
@@ -670,11 +681,11 @@ class Pipeline:
             "verdict": {**judged.as_dict(), "exported": best},
             "wall_seconds": time.time() - t_start,
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         table = summary_markdown(
             summary, labeled.eval_split if labeled is not None else "", evaluations if labeled is not None else []
         )
-        (self.out / "summary.md").write_text(table)
+        write_atomic(self.out / "summary.md", table)
         print("\n" + table)
         return summary
 
@@ -824,4 +835,12 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
 
 def pipeline_main(argv: Sequence[str]) -> dict[str, Any]:
     cfg = build_parser().parse_args(list(argv))
-    return Pipeline(cfg).run()
+    # One pipeline per --out, held by rank zero for the whole job (see selfsup.files).
+    held = getattr(rank_zero_only, "rank", 0) == 0
+    if held:
+        hold_folder(cfg.out, "selfsup pipeline")
+    try:
+        return Pipeline(cfg).run()
+    finally:
+        if held:
+            release_folder(cfg.out)

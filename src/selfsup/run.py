@@ -15,11 +15,13 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentParser
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from selfsup import SelfsupError
 from selfsup.callbacks import (
+    AtomicCheckpointIO,
     CollapseWatch,
     LearningRateScaling,
     LossGuard,
@@ -37,6 +39,7 @@ __all__ = [
     "newest_checkpoint",
     "run_callbacks",
     "run_loggers",
+    "run_plugins",
     "same_run_or_stop",
 ]
 
@@ -64,6 +67,20 @@ def run_callbacks(
     if random_state if random_state is not None else checkpoint is not None:
         callbacks.append(RandomState())
     return callbacks
+
+
+def run_plugins(given: Any = None) -> list[Any]:
+    """The Trainer plugins of every selfsup run, after the ``given`` ones: checkpoints written
+    atomically on any filesystem (unless a CheckpointIO is given) and, in a SLURM allocation,
+    the SLURM environment whose mismatch with the Trainer is one line (unless torchrun runs the
+    job inside it, or an environment is given)."""
+    plugins = list(given) if isinstance(given, list | tuple) else [given] if given is not None else []
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    environment = any(isinstance(p, ClusterEnvironment) for p in plugins)
+    if SlurmEnvironment.detect() and not TorchElasticEnvironment.detect() and not environment:
+        plugins.append(SlurmEnvironment())
+    return plugins
 
 
 def run_loggers(

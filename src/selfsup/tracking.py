@@ -12,6 +12,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
+from selfsup.files import write_atomic
+
 
 def wandb_has_account() -> bool:
     """True when W&B credentials are configured (``WANDB_API_KEY`` or a netrc entry)."""
@@ -86,5 +88,5 @@ def wandb_run_id(root: Path) -> str:
     run_id = uuid.uuid4().hex[:8]
     if getattr(rank_zero_only, "rank", 0) == 0:
         root.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        write_atomic(path, run_id + "\n")
     return run_id

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from test_run_files import mount_tmpfs
 
 from selfsup.callbacks.checkpoint import RunCheckpoint
 from selfsup.callbacks.guards import CollapseWatch
@@ -98,21 +100,26 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 
 @pytest.mark.parametrize(
-    "stop", ["batch:5", "save:6", "write:6"], ids=["mid-epoch", "checkpoint-begun", "checkpoint-half-written"]
+    ("stop", "saved"),
+    [("batch:5", 4), ("save:6", 4), ("write:6", 4), ("batch:7", 7)],
+    ids=["mid-epoch", "checkpoint-begun", "checkpoint-half-written", "epoch-end"],
 )
-def test_killed_run_rerun_ends_with_the_uninterrupted_weights(stop: str, uninterrupted, tmp_path: Path) -> None:
+def test_killed_run_rerun_ends_with_the_uninterrupted_weights(
+    stop: str, saved: int, uninterrupted, tmp_path: Path
+) -> None:
     images, reference = uninterrupted
     args = fit_args(images, tmp_path / "run")
     killed = run(stop, tmp_path / "record", args)
     assert killed.returncode == -signal.SIGKILL
-    # The checkpoint on disk is whole: the one of step 4 (the step-6 write never completed).
+    # The checkpoint on disk is whole: the one of step 4 (the step-6 write never completed), or
+    # the one written at the end of the first epoch (step 7, after its validation).
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 4
+    assert state["global_step"] == saved
     again = run("none:0", tmp_path / "record", args)  # the same command, as a user or a requeue would
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming the run in" in again.stdout
     first, second = steps_by_process(tmp_path / "record")
-    assert second == STEPS - 4 < STEPS  # it continued from step 4, it did not start again
+    assert second == STEPS - saved < STEPS  # it continued from the checkpoint, it did not start again
     final = weights(tmp_path / "run")
     assert final.keys() == reference.keys()
     different = [k for k in reference if not torch.equal(final[k], reference[k])]
@@ -182,6 +189,77 @@ def test_sigterm_saves_and_exits_then_the_rerun_finishes_the_same(uninterrupted,
     assert steps_by_process(tmp_path / "record") == [6, STEPS - 6]
     final = weights(tmp_path / "run")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_ctrl_c_saves_says_where_and_exits_130_then_the_rerun_finishes_the_same(uninterrupted, tmp_path: Path) -> None:
+    images, reference = uninterrupted
+    args = fit_args(images, tmp_path / "run")
+    stopped = run("int:5", tmp_path / "record", args)
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-2000:]
+    (said,) = [x for x in stopped.stdout.splitlines() if x.startswith("stopped by")]
+    assert said.startswith("stopped by Ctrl-C at step 6: checkpoint ") and "run the same command again" in said
+    assert "Traceback" not in stopped.stderr
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    again = run("none:0", tmp_path / "record", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert steps_by_process(tmp_path / "record") == [6, STEPS - 6]
+    final = weights(tmp_path / "run")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_second_run_on_a_held_folder_is_refused_and_the_first_finishes(uninterrupted, tmp_path: Path) -> None:
+    images, reference = uninterrupted
+    args = fit_args(images, tmp_path / "run")
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline"}
+    first = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "slow:0", str(tmp_path / "record"), "--", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "record").is_file():  # training has begun
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+            time.sleep(0.05)
+        second = run("none:0", tmp_path / "record2", args)
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    (line,) = [x for x in second.stderr.splitlines() if x.startswith("selfsup: error:")]
+    held = f"selfsup: error: {(tmp_path / 'run').resolve()} is in use by selfsup fit (process {first.pid} on "
+    assert line.startswith(held)
+    assert first.returncode == 0, err[-2000:]
+    assert steps_by_process(tmp_path / "record") == [STEPS] and not (tmp_path / "record2").exists()
+    final = weights(tmp_path / "run")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    # Held only while the run lives: the same command again continues (here: finds it finished).
+    assert run("none:0", tmp_path / "record3", args).returncode == 0
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_ends_in_one_line(uninterrupted, tmp_path: Path) -> None:
+    images, _ = uninterrupted
+    small = tmp_path / "small"
+    mounted = mount_tmpfs(small, "8m")
+    try:
+        args = fit_args(images, small / "run", "--trainer.logger", "false")
+        stopped = run("fill:5" if mounted else "nospace:6", tmp_path / "record", args)
+        assert stopped.returncode == 2, stopped.stderr[-3000:]
+        assert "Traceback" not in stopped.stderr
+        (line,) = [x for x in stopped.stderr.splitlines() if x.startswith("selfsup: error:")]
+        ckpt = small / "run" / "checkpoints" / "last.ckpt"
+        assert f"no space left in {ckpt.parent} to write last.ckpt (" in line and " needed, " in line
+        assert line.endswith(f"the last good checkpoint is {ckpt}")
+        # The step-4 checkpoint is whole; the step-6 one was never half written over it.
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4
+        assert steps_by_process(tmp_path / "record") == [6]
+        assert not [p for p in ckpt.parent.iterdir() if p.name != "last.ckpt"]
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_sigusr1_under_slurm_checkpoints_and_requeues(uninterrupted, tmp_path: Path) -> None:

@@ -1,7 +1,13 @@
 """Lightning callbacks: the rate scaled by the global batch and warmed up per step, checkpoints
 and the random stream for exact resume, guards that stop or warn in words."""
 
-from selfsup.callbacks.checkpoint import RandomState, RunCheckpoint, newest_checkpoint
+from selfsup.callbacks.checkpoint import (
+    AtomicCheckpointIO,
+    RandomState,
+    RunCheckpoint,
+    newest_checkpoint,
+    stop_signal,
+)
 from selfsup.callbacks.guards import CollapseWatch, LossGuard, NonFiniteLoss
 from selfsup.callbacks.lr import (
     LearningRateScaling,
@@ -11,6 +17,7 @@ from selfsup.callbacks.lr import (
 )
 
 __all__ = [
+    "AtomicCheckpointIO",
     "CollapseWatch",
     "LearningRateScaling",
     "LossGuard",
@@ -21,4 +28,5 @@ __all__ = [
     "global_batch_size",
     "newest_checkpoint",
     "per_device_batch_size",
+    "stop_signal",
 ]

@@ -9,16 +9,21 @@ weights, bit for bit, as one that never stopped.
 
 from __future__ import annotations
 
+import signal
+import threading
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from selfsup import SelfsupError
+from selfsup.files import write_atomic
 
 LAST = "last.ckpt"
 
@@ -26,8 +31,8 @@ LAST = "last.ckpt"
 class RunCheckpoint(ModelCheckpoint):
     """``checkpoints/last.ckpt`` in the run folder, written at every epoch end and every
     ``every_n_steps`` optimizer steps or ``every_minutes`` of training, whichever is given
-    (default: at most 10 minutes of work lost). Lightning writes it atomically (a temporary file
-    moved into place), so a kill while writing leaves the previous ``last.ckpt`` intact.
+    (default: at most 10 minutes of work lost). With :class:`AtomicCheckpointIO` (every selfsup
+    run's) a kill or a full disk while writing leaves the previous ``last.ckpt`` intact.
 
     Args:
         every_minutes: save this often during an epoch; None: only at epoch ends (or steps).
@@ -54,18 +59,68 @@ class RunCheckpoint(ModelCheckpoint):
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Ctrl-C stops like SIGTERM (after the step in progress, which is saved); the handler
+        # gives way to the one before it at once, so that a second Ctrl-C stops immediately.
+        _stop["signal"] = signal.SIGTERM
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+
+            def interrupted(signum: int, frame: FrameType | None) -> None:
+                signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+                _stop["signal"] = signal.SIGINT
+                # What Lightning's own SIGTERM handler sets: its loops stop at the next step boundary.
+                trainer._signal_connector.received_sigterm = True
+
+            self._previous_sigint = previous
+            signal.signal(signal.SIGINT, interrupted)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        previous = getattr(self, "_previous_sigint", None)
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+            self._previous_sigint = None
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # SIGTERM (preemption): Lightning stops after the current step; keep that step.
+        self._restore_sigint()
+        # SIGTERM (preemption) or Ctrl-C: Lightning stops after the current step; keep that step.
         if not isinstance(exception, SIGTERMException):
             return
         if not self._should_skip_saving_checkpoint(trainer):  # (skipped: this step is saved already)
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         if trainer.is_global_zero:
+            by = "Ctrl-C" if stop_signal() == signal.SIGINT else "SIGTERM"
             print(
-                f"stopped by SIGTERM at step {trainer.global_step}: checkpoint {self.last_model_path}; "
+                f"stopped by {by} at step {trainer.global_step}: checkpoint {self.last_model_path}; "
                 "run the same command again to continue",
                 flush=True,
             )
+
+
+#: The signal that stopped this process's run, for its exit status (128 + the signal).
+_stop: dict[str, int] = {"signal": signal.SIGTERM}
+
+
+def stop_signal() -> int:
+    """The signal that stopped the run: SIGINT after Ctrl-C, else SIGTERM (Lightning's stop)."""
+    return _stop["signal"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on any filesystem (:func:`selfsup.files.write_atomic`):
+    the checkpoint is written beside its destination, fsynced and renamed over it. Lightning's own
+    goes through a temporary file in ``$TMPDIR``, a copy over the old checkpoint whenever the run
+    folder is on another filesystem (NFS or Lustre beside a node-local ``$TMPDIR``)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint of this run was kept"
+        write_atomic(path, lambda f: torch.save(checkpoint, f), what=kept)
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -84,10 +84,20 @@ class ResumableLoader(DataLoader):
     sampler: ResumableSampler
 
     def __init__(self, *args: Any, trained_batches: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        # A generator of its own: without one, every pass draws its workers' base seed from the
+        # global random stream. That draw comes after an epoch-end checkpoint in a run that goes
+        # on, but before the stream is restored in a run resumed from it, whose views (drawn from
+        # the global stream) then all differ. Seeded from (seed, epoch) at each pass instead.
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, ResumableSampler):
             raise TypeError("ResumableLoader needs a ResumableSampler")
         self.trained_batches = trained_batches
+
+    def __iter__(self) -> Any:
+        if self.generator is not None:
+            self.generator.manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch)
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         trained = self.trained_batches() if self.trained_batches is not None else 0
