@@ -6,6 +6,7 @@ selfsup pipeline --config configs/pipeline/quickstart.yaml [--data.root DIR] [--
 
 from __future__ import annotations
 
+import pickle
 import signal
 import sys
 import time
@@ -17,8 +18,9 @@ import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from selfsup import SelfsupError
 from selfsup.callbacks import LearningRateScaling, Warmup, global_batch_size, stop_signal
 from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.console import say
@@ -28,6 +30,7 @@ from selfsup.evaluation import EVALUATIONS
 from selfsup.export import export_main
 from selfsup.files import hold_folder, release_folder, write_atomic
 from selfsup.methods import PRETRAINING
+from selfsup.models.weights import load_safely
 from selfsup.pipeline import pipeline_main
 from selfsup.protocols import ChecksData
 from selfsup.quiet import quiet_lightning
@@ -149,6 +152,15 @@ class SelfsupCLI(LightningCLI):
         if run:
             finish_wandb(self.trainer)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads --ckpt_path's hyperparameters (weights only): a file holding arbitrary
+        # objects is one line, as when the fit itself loads it.
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError:
+            load_safely(self.config[self.config.subcommand].get("ckpt_path"))  # raises, saying why in one line
+            raise
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(LearningRateScaling, "lr_scaling")
         parser.add_class_arguments(Warmup, "warmup")
@@ -190,7 +202,10 @@ class SelfsupCLI(LightningCLI):
         if trainer.get("logger") is True:
             kwargs["logger"] = run_loggers(root)
         kwargs["plugins"] = run_plugins(trainer.get("plugins"))
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:  # Lightning's checks of its own arguments
+            raise SelfsupError(f"bad trainer setting: {' '.join(str(e).split())}") from None
 
     # -- the run folder ------------------------------------------------------------------
     def _hold_folder(self, folder: Path) -> None:

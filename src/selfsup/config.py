@@ -104,3 +104,50 @@ def save_plain_hyperparameters(module: Any) -> None:
             group = _plain_group(hints.get(key))
             if group is not None:
                 hp[key] = group.of(value).as_dict()
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: ``lo`` / ``hi`` bounds (None: unbounded), each
+    included unless ``open`` names it ("lo", "hi" or "both")."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open: str = ""
+
+    def holds(self, v: float) -> bool:
+        if v != v:  # NaN is in no range
+            return False
+        low = self.lo is None or (v > self.lo if self.open in ("lo", "both") else v >= self.lo)
+        high = self.hi is None or (v < self.hi if self.open in ("hi", "both") else v <= self.hi)
+        return low and high
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            assert self.lo is not None
+            lo = f"{self.lo:g}"
+            return f"more than {lo}" if self.open in ("lo", "both") else f"at least {lo}"
+        left = "(" if self.open in ("lo", "both") else "["
+        right = ")" if self.open in ("hi", "both") else "]"
+        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+
+
+#: The ranges most settings take.
+COUNT, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, open="lo")
+PROBABILITY, SHARE, AREA = Range(0, 1), Range(0, 1, "both"), Range(0, 1, "lo")
+MOMENTUM = Range(0, 1, "hi")
+
+
+def check_range(key: str, value: float | None, allowed: Range) -> None:
+    """Stop in one line when a numeric setting is out of range: ``data.batch_size must be at
+    least 1, got 0``. None (the setting's "not given") always passes."""
+    if value is None or isinstance(value, bool):
+        return
+    if not allowed.holds(value):
+        raise SelfsupError(f"{key} must be {allowed}, got {value}")
+
+
+def check_ranges(section: str, checks: dict[str, tuple[float | None, Range]]) -> None:
+    """:func:`check_range` for several settings of one section (``model.init_args``, ``data``)."""
+    for name, (value, allowed) in checks.items():
+        check_range(f"{section}.{name}" if section else name, value, allowed)

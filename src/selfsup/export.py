@@ -28,7 +28,7 @@ from torch import nn
 from selfsup import SelfsupError
 from selfsup.config import ConfigErrorMixin
 from selfsup.models.backbones import BackboneSpec
-from selfsup.models.weights import load_backbone
+from selfsup.models.weights import load_backbone, load_safely
 
 Format = Literal["torchvision", "timm", "plain"]
 FORMATS = ("torchvision", "timm", "plain")
@@ -163,7 +163,9 @@ def export_backbone(ckpt_path: str | Path, out: str | Path, fmt: Format) -> dict
         raise SelfsupError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}")
     if not ckpt_path.is_file():
         raise SelfsupError(f"checkpoint not found: {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_safely(ckpt_path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise SelfsupError(f"{ckpt_path} is not a selfsup stage checkpoint (it has no state_dict)")
     spec = BackboneSpec.of((ckpt.get("hyper_parameters") or {}).get("backbone"))
     # The checkpoint holds the trained weights: the starting ones it began from are not read again.
     backbone = spec.random().build()

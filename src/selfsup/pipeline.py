@@ -44,10 +44,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from selfsup import SelfsupError
 from selfsup.callbacks import LearningRateScaling, RunCheckpoint, Warmup
-from selfsup.config import ConfigErrorMixin
+from selfsup.config import NON_NEGATIVE, POSITIVE, ConfigErrorMixin, check_ranges
 from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.report import BAD_FILES_NAME
@@ -299,8 +300,8 @@ class Pipeline:
                 default_root_dir=str(folder),
                 **kwargs,
             )
-        except TypeError as e:
-            raise SelfsupError(f"bad trainer setting in the pipeline config: {e}") from None
+        except (TypeError, ValueError, MisconfigurationException) as e:
+            raise SelfsupError(f"bad trainer setting in the pipeline config: {' '.join(str(e).split())}") from None
 
     def build(
         self, name: str, stage: Namespace, num_classes: int | None, extra: dict[str, Any] | None = None
@@ -545,6 +546,12 @@ class Pipeline:
                 "evaluation data with --data.eval_root DIR (DIR/<class>/<image>) for accuracies"
             )
         stages = [name for name, st in cfg.stages.items() if st.enabled]
+        for section, entries in (("stages", cfg.stages), ("evaluations", cfg.evaluations)):
+            for name, st in entries.items():
+                check_ranges(
+                    f"{section}.{name}",
+                    {"max_epochs": (st.max_epochs, NON_NEGATIVE), "max_time": (st.max_time, POSITIVE)},
+                )
         starts = self.starts(stages)
         start = cfg.backbone.weights
         spec = BackboneSpec.of(self.shared["backbone"])

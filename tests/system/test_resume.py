@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from test_run_files import mount_tmpfs
 
-from selfsup.callbacks.checkpoint import RunCheckpoint
 from selfsup.callbacks.guards import CollapseWatch
 from selfsup.data import ImageDataModule
 from selfsup.evaluation.online import OnlineSpec
@@ -361,11 +360,6 @@ def test_collapse_is_measured_and_warned_about_once(image_folder: Path, tmp_path
             assert len(said) == 1 and watch.warned  # once, however long it stays collapsed
             assert "train/embedding_spread" in said[0] and "lower optimizer.lr" in said[0]
             assert spread[name] < 0.05
-
-
-def test_checkpoint_trigger_is_checked() -> None:
-    with pytest.raises(Exception, match="every_n_steps must be 1 or more"):
-        RunCheckpoint(every_n_steps=0)
 
 
 def test_pipeline_rerun_keeps_finished_stages_and_resumes_the_killed_one(uninterrupted, tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from selfsup import SelfsupError
+from selfsup.config import COUNT, POSITIVE, check_ranges
 from selfsup.files import write_atomic
+from selfsup.models.weights import load_safely
 
 LAST = "last.ckpt"
 
@@ -40,8 +42,9 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, every_minutes: float | None = 10.0, every_n_steps: int | None = None) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise SelfsupError(f"checkpoint.every_n_steps must be 1 or more, got {every_n_steps}")
+        check_ranges(
+            "checkpoint", {"every_minutes": (every_minutes, POSITIVE), "every_n_steps": (every_n_steps, COUNT)}
+        )
         interval = timedelta(minutes=every_minutes) if every_minutes and every_n_steps is None else None
         super().__init__(
             filename="last",
@@ -121,6 +124,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint of this run was kept"
         write_atomic(path, lambda f: torch.save(checkpoint, f), what=kept)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # A checkpoint found in the run folder, or given, is read as tensors only: one holding
+        # arbitrary objects stops in one line (and nothing in it runs).
+        loaded = load_safely(path)
+        if not isinstance(loaded, dict):
+            raise SelfsupError(f"{path} is not a checkpoint (it holds a {type(loaded).__name__})")
+        return loaded
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:

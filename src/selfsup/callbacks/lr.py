@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
 from selfsup import SelfsupError
+from selfsup.config import NON_NEGATIVE, PROBABILITY, check_ranges
 from selfsup.optim.schedules import Decay, ScalingRule, lr_factor, scale_lr
 from selfsup.trainer_attrs import callbacks_of, datamodule_of
 
@@ -137,8 +138,14 @@ class Warmup(L.Callback):
         decay: Decay = "cosine",
         final_fraction: float = 0.0,
     ) -> None:
-        if warmup_epochs < 0 or (warmup_steps is not None and warmup_steps < 0):
-            raise SelfsupError("warmup length must not be negative")
+        check_ranges(
+            "warmup",
+            {
+                "warmup_epochs": (warmup_epochs, NON_NEGATIVE),
+                "warmup_steps": (warmup_steps, NON_NEGATIVE),
+                "final_fraction": (final_fraction, PROBABILITY),
+            },
+        )
         self.warmup_epochs = warmup_epochs
         self.warmup_steps = warmup_steps
         self.decay = decay

@@ -18,6 +18,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from selfsup import SelfsupError
+from selfsup.config import COUNT, NON_NEGATIVE, SHARE, Range, check_ranges
 from selfsup.console import say
 from selfsup.data.cache import SplitReport, decode_split, default_cache_dir
 from selfsup.data.folders import (
@@ -145,8 +146,21 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not 0 < val_fraction < 1:
-            raise SelfsupError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        check_ranges(
+            "data",
+            {
+                "image_size": (image_size, Range(8)),
+                "batch_size": (batch_size, COUNT),
+                "eval_batch_size": (eval_batch_size, COUNT),
+                "num_workers": (num_workers, NON_NEGATIVE),
+                "val_fraction": (val_fraction, SHARE),
+                "max_train_images": (max_train_images, COUNT),
+                "max_eval_images": (max_eval_images, COUNT),
+                "seed": (seed, NON_NEGATIVE),
+                "cache_min_images": (cache_min_images, NON_NEGATIVE),
+                "decode_workers": (decode_workers, COUNT),
+            },
+        )
         self.train_set: ImageSet | None = None
         self.eval_set: ImageSet | None = None
         self.eval_split = ""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import PlainData
+from selfsup.config import AREA, PlainData, Range, check_ranges
 from selfsup.data.crops import crop_boxes, crop_grid, uniform
 
 #: ImageNet channel statistics, the usual choice for natural images.
@@ -347,6 +347,11 @@ class ViewSpec(PlainData):
     size: int | None = None
     crop_min_scale: float = 0.08
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            "model.init_args.views", {"size": (self.size, Range(8)), "crop_min_scale": (self.crop_min_scale, AREA)}
+        )
 
     def build(self) -> SimCLRViews:
         return SimCLRViews(self.size, scale=(self.crop_min_scale, 1.0), compile=self.compile)

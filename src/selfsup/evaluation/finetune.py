@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from selfsup import SelfsupError
-from selfsup.config import save_plain_hyperparameters
+from selfsup.config import AREA, NON_NEGATIVE, check_ranges, save_plain_hyperparameters
 from selfsup.evaluation.features import Features, require_labels, training_view, transfer_backbone
 from selfsup.evaluation.linear import Classifier
 from selfsup.media import ConfusionFigure
@@ -51,6 +51,9 @@ class FineTune(L.LightningModule):
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
+        check_ranges(
+            "model.init_args", {"crop_min_scale": (crop_min_scale, AREA), "backbone_lr": (backbone_lr, NON_NEGATIVE)}
+        )
         self.features_spec = Features.of(features)
         if self.features_spec.depth != -1:
             raise SelfsupError(

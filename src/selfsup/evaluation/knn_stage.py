@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup import SelfsupError
-from selfsup.config import save_plain_hyperparameters
+from selfsup.config import POSITIVE, check_range, save_plain_hyperparameters
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.evaluation.features import (
     Features,
@@ -61,7 +61,8 @@ class KNNEvaluation(L.LightningModule):
         temperature: float = 0.1,
     ) -> None:
         if not k or min(k) < 1:
-            raise ValueError(f"k must name one or more neighbor counts of 1 or more, got {k}")
+            raise SelfsupError(f"model.init_args.k must name one or more neighbor counts of 1 or more, got {list(k)}")
+        check_range("model.init_args.temperature", temperature, POSITIVE)
         super().__init__()
         save_plain_hyperparameters(self)
         self.features_spec = Features.of(features)

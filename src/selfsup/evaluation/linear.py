@@ -23,7 +23,7 @@ from selfsup.callbacks.lr import (
     global_batch_size,
     per_device_batch_size,
 )
-from selfsup.config import save_plain_hyperparameters
+from selfsup.config import AREA, check_range, save_plain_hyperparameters
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.litdata.samples import CenterImage, LabelOnly
 from selfsup.evaluation.features import (
@@ -183,6 +183,7 @@ class LinearProbe(L.LightningModule):
             )
         super().__init__()
         save_plain_hyperparameters(self)
+        check_range("model.init_args.crop_min_scale", crop_min_scale, AREA)
         self.features_spec = Features.of(features)
         self.search_spec = ProbeSearch.of(search)
         self.backbone = transfer_backbone(backbone, self.features_spec).requires_grad_(False)

@@ -26,7 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from selfsup.config import PlainData
+from selfsup.config import COUNT, NON_NEGATIVE, PlainData, check_ranges
 from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.evaluation.features import embed_all, embed_all_ranks
@@ -110,6 +110,12 @@ class OnlineSpec(PlainData):
     lr: float = 1e-3
     knn_every: int = 5
     knn_k: int = 200
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            "model.init_args.online",
+            {"lr": (self.lr, NON_NEGATIVE), "knn_every": (self.knn_every, NON_NEGATIVE), "knn_k": (self.knn_k, COUNT)},
+        )
 
 
 class OnlineEvaluation(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup import SelfsupError
-from selfsup.config import PlainData
+from selfsup.config import NON_NEGATIVE, POSITIVE, PlainData, check_range
 from selfsup.data.splits import stratified_holdout
 from selfsup.optim.optimizer import OptimizerSpec, param_groups
 
@@ -41,6 +41,12 @@ class ProbeSearch(PlainData):
     weight_decays: tuple[float, ...] = (0.0,)
     holdout: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for lr in self.lrs:
+            check_range("model.init_args.search.lrs", lr, POSITIVE)
+        for wd in self.weight_decays:
+            check_range("model.init_args.search.weight_decays", wd, NON_NEGATIVE)
 
     @property
     def enabled(self) -> bool:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from selfsup.config import save_plain_hyperparameters
+from selfsup.config import COUNT, POSITIVE, check_ranges, save_plain_hyperparameters
 from selfsup.data.litdata.samples import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec
@@ -107,6 +107,7 @@ class Distill(L.LightningModule):
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
+        check_ranges("model.init_args", {"proj_hidden": (proj_hidden, COUNT), "grad_clip": (grad_clip, POSITIVE)})
         self.backbone = BackboneSpec.of(backbone).build()
         spec = BackboneSpec.of(teacher)
         if not spec.weights:

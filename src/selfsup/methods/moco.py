@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from selfsup.config import save_plain_hyperparameters
+from selfsup.config import COUNT, MOMENTUM, POSITIVE, check_ranges, save_plain_hyperparameters
 from selfsup.data.litdata.samples import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.distributed import gather_no_grad
@@ -69,10 +69,18 @@ class MoCo(L.LightningModule):
         online: OnlineSpec = OnlineSpec(),
         num_classes: int | None = None,
     ) -> None:
-        if not 0 <= key_momentum < 1:
-            raise ValueError(f"key_momentum must be in [0, 1), got {key_momentum}")
         super().__init__()
         save_plain_hyperparameters(self)
+        check_ranges(
+            "model.init_args",
+            {
+                "proj_hidden": (proj_hidden, COUNT),
+                "proj_dim": (proj_dim, COUNT),
+                "queue_size": (queue_size, COUNT),
+                "key_momentum": (key_momentum, MOMENTUM),
+                "temperature": (temperature, POSITIVE),
+            },
+        )
         self.backbone = BackboneSpec.of(backbone).build()
         self.projector = MLP([self.backbone.num_features, proj_hidden, proj_dim], batch_norm=True)
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)

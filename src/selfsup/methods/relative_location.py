@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from selfsup import SelfsupError
-from selfsup.config import save_plain_hyperparameters
+from selfsup.config import COUNT, MOMENTUM, NON_NEGATIVE, PROBABILITY, check_ranges, save_plain_hyperparameters
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.litdata.samples import RandomSquare
 from selfsup.data.patches import (
@@ -101,6 +101,19 @@ class RelativeLocation(L.LightningModule):
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
+        check_ranges(
+            "model.init_args",
+            {
+                "patch": (patch, COUNT),
+                "gap": (gap, NON_NEGATIVE),
+                "jitter": (jitter, NON_NEGATIVE),
+                "gap_max": (gap_max, NON_NEGATIVE),
+                "gray_p": (gray_p, PROBABILITY),
+                "pixelate_p": (pixelate_p, PROBABILITY),
+                "head_hidden": (head_hidden, COUNT),
+                "dropout": (dropout, MOMENTUM),
+            },
+        )
         if pairs not in ("all", "one"):
             raise ValueError(f"pairs must be 'all' or 'one', got {pairs!r}")
         self.backbone = BackboneSpec.of(backbone).build()

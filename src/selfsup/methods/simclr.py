@@ -7,7 +7,7 @@ from typing import cast
 import lightning as L
 import torch
 
-from selfsup.config import save_plain_hyperparameters
+from selfsup.config import COUNT, POSITIVE, check_ranges, save_plain_hyperparameters
 from selfsup.data.litdata.samples import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec
@@ -55,6 +55,14 @@ class SimCLR(L.LightningModule):
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
+        check_ranges(
+            "model.init_args",
+            {
+                "proj_hidden": (proj_hidden, COUNT),
+                "proj_dim": (proj_dim, COUNT),
+                "temperature": (temperature, POSITIVE),
+            },
+        )
         self.backbone = BackboneSpec.of(backbone).build()
         self.projector = MLP([self.backbone.num_features, proj_hidden, proj_dim], batch_norm=True)
         self.criterion = NTXentLoss(temperature)

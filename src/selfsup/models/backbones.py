@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfsup import SelfsupError
-from selfsup.config import PlainData
+from selfsup.config import COUNT, PlainData, check_range
 from selfsup.console import say
 from selfsup.distributed import world_size
 from selfsup.models.weights import load_weights, renamed_layers
@@ -304,6 +304,9 @@ class BackboneSpec(PlainData):
     width: int = 32
     norm: Norm = "batch"
     weights: str | None = None
+
+    def __post_init__(self) -> None:
+        check_range("model.init_args.backbone.width", self.width, COUNT)
 
     def build(self) -> AnyBackbone:
         """The backbone, with its starting weights loaded strictly where ``weights`` names a file."""

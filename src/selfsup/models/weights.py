@@ -49,6 +49,24 @@ class Loaded:
     ignored: tuple[str, ...]
 
 
+def load_safely(path: str | Path, noun: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that is not a torch file, or one
+    holding arbitrary objects (pickled classes, which are never run), stops in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SelfsupError(f"{noun} not found: {path}") from None
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's weights-only refusal is a paragraph; its reason is the line that names the object.
+        why = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("WeightsUnpickler error")), "")
+        why = why or (lines[0] if lines else type(e).__name__)
+        raise SelfsupError(
+            f"not a {noun} selfsup can read safely: {path} ({why[:200]}); nothing in it was run. A weights "
+            "file must hold tensors only: torch.save(model.state_dict(), f), not a whole model"
+        ) from None
+
+
 def read_state(path: str | Path, noun: str = "weights file") -> tuple[State, str]:
     """The tensors of a weights file and what it is (``checkpoint`` or ``state dict``); errors call
     the file ``noun``.
@@ -57,14 +75,7 @@ def read_state(path: str | Path, noun: str = "weights file") -> tuple[State, str
     path = Path(path).expanduser()
     if not path.is_file():
         raise SelfsupError(f"{noun} not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding arbitrary objects (pickled modules)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SelfsupError(
-            f"cannot read {noun} {path} with weights_only=True: {first}; save a state dict "
-            "(torch.save(model.state_dict(), f)), not a whole model"
-        ) from None
+    obj = load_safely(path, noun)
     if not isinstance(obj, dict):
         raise SelfsupError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if isinstance(obj.get("state_dict"), dict):  # a Lightning checkpoint: the stage's backbone

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from selfsup import SelfsupError
-from selfsup.config import PlainData
+from selfsup.config import MOMENTUM, NON_NEGATIVE, PlainData, check_ranges
 from selfsup.optim.lars import LARS
 
 OptimizerName = Literal["adam", "adamw", "sgd", "lars"]
@@ -51,6 +51,16 @@ class OptimizerSpec(PlainData):
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            "model.init_args.optimizer",
+            {
+                "lr": (self.lr, NON_NEGATIVE),
+                "weight_decay": (self.weight_decay, NON_NEGATIVE),
+                "momentum": (self.momentum, MOMENTUM),
+            },
+        )
 
     def build(self, modules: Iterable[nn.Module], extra_groups: Iterable[dict] = ()) -> torch.optim.Optimizer:
         """The optimizer over the trainable parameters of ``modules``; ``extra_groups`` (e.g. an
