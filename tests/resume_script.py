@@ -3,7 +3,8 @@ as a cluster or a user would stop it: used by tests/system/test_resume.py.
 
     python tests/resume_script.py KIND:STEP RECORD -- fit ARGS...
 
-KIND: ``none``; ``batch`` (SIGKILL at the start of training step STEP: mid-epoch); ``save`` (SIGKILL
+KIND: ``none``; ``batch`` (SIGKILL at the start of training step STEP: mid-epoch; under DDP
+the whole job is killed, as a scheduler does); ``save`` (SIGKILL
 once the checkpoint of step STEP is being written: its contents assembled, the file not yet
 there); ``write`` (SIGKILL half-way through writing that checkpoint's bytes); ``usr1`` /
 ``term`` / ``int`` (SIGUSR1 / SIGTERM / SIGINT to itself at step STEP); ``oom`` (a CUDA
@@ -32,7 +33,10 @@ SIGNALS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 
 def die() -> None:
+    """SIGKILL this process, or under DDP every process of the job (its process group)."""
     sys.stdout.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -20,6 +20,11 @@ def process_rank() -> int:
     return 0
 
 
+def first_process() -> bool:
+    """Whether this process is the job's rank zero: the one that prints and writes shared files."""
+    return process_rank() == 0
+
+
 def say(message: str, every_rank: bool = False) -> None:
     """Print one line for people, on the first process only unless asked
     (the rank is known from the launcher's environment before any process group exists)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from selfsup import SelfsupError
 from selfsup.config import ConfigErrorMixin
+from selfsup.files import write_atomic
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.weights import load_backbone, load_safely
 
@@ -148,10 +150,9 @@ def write_export(
     out = Path(out)
     state, arch = convert(spec, backbone.state_dict(), fmt)
     missing = check_loads(fmt, arch, state) if fmt != "plain" else []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    write_atomic(out, partial(torch.save, state))
     card = {"format": fmt, "arch": arch, "backbone": spec.as_dict(), "missing_in_target": missing, **info}
-    out.with_name(out.name + ".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    write_atomic(out.with_name(out.name + ".json"), json.dumps(card, indent=2, default=str) + "\n")
     return card
 
 

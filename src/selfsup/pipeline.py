@@ -49,7 +49,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from selfsup import SelfsupError
 from selfsup.callbacks import LearningRateScaling, RunCheckpoint, Warmup
 from selfsup.config import NON_NEGATIVE, POSITIVE, ConfigErrorMixin, check_ranges
-from selfsup.console import say
+from selfsup.console import first_process, say
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.report import BAD_FILES_NAME
 from selfsup.evaluation import FineTune
@@ -352,18 +352,23 @@ class Pipeline:
             ckpt = newest_checkpoint(folder) if checkpoint else None
             if ckpt is not None:
                 say(f"pipeline: {name} was interrupted; continuing from {ckpt}")
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(recorded, setup)
-        done.unlink(missing_ok=True)
-        (folder / CORRECT).unlink(missing_ok=True)
+        writes = first_process()  # under DDP the stage's records are rank zero's to write
+        if writes:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(recorded, setup)
+            done.unlink(missing_ok=True)
+            (folder / CORRECT).unlink(missing_ok=True)
         trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint)
         if stage.max_epochs > 0:  # 0: an evaluation that trains nothing (kNN)
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
         metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=dm, verbose=False)[0].items()}
         if isinstance(model, RecordsCorrect):  # image by image, for the verdict's paired test
-            write_atomic(folder / CORRECT, partial(torch.save, model.per_image_correct()))
+            correct = model.per_image_correct()  # (a collective call under DDP)
+            if writes:
+                write_atomic(folder / CORRECT, partial(torch.save, correct))
         finish_wandb(trainer)  # the next stage gets a run of its own
-        write_atomic(done, json.dumps(metrics, indent=2) + "\n")
+        if writes:
+            write_atomic(done, json.dumps(metrics, indent=2) + "\n")
         return metrics
 
     def evaluate(
@@ -688,12 +693,13 @@ class Pipeline:
             "verdict": {**judged.as_dict(), "exported": best},
             "wall_seconds": time.time() - t_start,
         }
-        write_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         table = summary_markdown(
             summary, labeled.eval_split if labeled is not None else "", evaluations if labeled is not None else []
         )
-        write_atomic(self.out / "summary.md", table)
-        print("\n" + table)
+        if first_process():  # one summary for the job, whatever its number of processes
+            write_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            write_atomic(self.out / "summary.md", table)
+            print("\n" + table, flush=True)
         return summary
 
     def export_best(
@@ -710,7 +716,8 @@ class Pipeline:
             backbone = (spec if best == START else spec.random()).build()
             what = {"source": spec.weights if best == START else "random initialization"}
         out = self.out / BEST / "backbone.pt"
-        write_export(spec, backbone, out, fmt, {"entry": best, **what, "verdict": judged, "pipeline": self.config})
+        if first_process():
+            write_export(spec, backbone, out, fmt, {"entry": best, **what, "verdict": judged, "pipeline": self.config})
         say(f"pipeline: the best backbone ({DISPLAY_NAMES.get(best, best)}) is {out} ({fmt}); what it is: {out}.json")
         return str(out)
 

@@ -65,6 +65,7 @@ def run(stop: str, record: Path, args: list[str], env: dict[str, str] | None = N
         capture_output=True,
         text=True,
         timeout=300,
+        start_new_session=True,  # its own process group: a killed DDP job is all of it
     )
 
 
@@ -259,6 +260,45 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_ends_in_one_line(uninter
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+#: 2 processes on gloo; 60 images each, batch 16: 3 steps an epoch, 12 in all.
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "4"]
+MOCO = ["--model.class_path", "selfsup.methods.MoCo", "--model.init_args.queue_size", "64"]
+
+
+@pytest.mark.parametrize(
+    ("method", "stop", "saved"),
+    [("simclr", "batch:4", 3), ("moco", "batch:5", 4)],
+    ids=["simclr-epoch-end", "moco-mid-epoch"],
+)
+def test_a_ddp_job_killed_and_rerun_ends_bitwise_equal(
+    method: str, stop: str, saved: int, uninterrupted, tmp_path: Path
+) -> None:
+    """Every rank's random stream is in the checkpoint: a 2-process job killed (all of it, as a
+    scheduler kills a job) and run again ends as the job that never stopped, bit for bit."""
+    images, _ = uninterrupted
+    extra = [*DDP, *(MOCO if method == "moco" else [])]
+    reference = run("none:0", tmp_path / "ref_record", fit_args(images, tmp_path / "ref", *extra))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    args = fit_args(images, tmp_path / "run", *extra)
+    assert run(stop, tmp_path / "record", args).returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == saved and len(state["rng_states"]["ranks"]) == 2
+    again = run("none:0", tmp_path / "record", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final, expected = (
+        torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (tmp_path / "run", tmp_path / "ref")
+    )
+    assert final["global_step"] == expected["global_step"] == 12
+    different = [
+        k for k in expected["state_dict"] if not torch.equal(final["state_dict"][k], expected["state_dict"][k])
+    ]
+    assert not different, different[:5]
+    moments, reference_moments = (c["optimizer_states"][0]["state"] for c in (final, expected))
+    assert moments.keys() == reference_moments.keys()
+    for i, a in moments.items():
+        assert all(torch.equal(a[k], reference_moments[i][k]) for k in a if isinstance(a[k], torch.Tensor))
 
 
 def test_sigusr1_under_slurm_checkpoints_and_requeues(uninterrupted, tmp_path: Path) -> None:

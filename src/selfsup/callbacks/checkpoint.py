@@ -143,21 +143,33 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 class RandomState(L.Callback):
-    """Save the torch random generators (CPU and CUDA) with every checkpoint and restore them when
-    training resumes, after the sanity check, so that the augmentations draw the same numbers.
+    """Save the torch random generators (CPU and CUDA) of every rank with every checkpoint and
+    restore each rank's when training resumes, after the sanity check, so that the augmentations
+    draw the same numbers as in a run that never stopped.
 
-    Under DDP the checkpoint holds rank 0's state; the other ranks continue from theirs
-    re-seeded from the step (their views are not the uninterrupted run's).
+    Under DDP the ranks' states are gathered into the checkpoint (which rank zero writes); a run
+    resumed on another number of processes cannot continue their streams and re-seeds the ranks
+    beyond the saved ones from the step (their views are then not an uninterrupted run's).
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        states: dict[str, torch.Tensor | list[torch.Tensor]] = {"cpu": torch.get_rng_state()}
+    @staticmethod
+    def _mine() -> dict[str, Any]:
+        states: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             states["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["rng_states"] = states
+        return states
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Every rank assembles the checkpoint (rank zero writes it): a collective call here.
+        mine = self._mine()
+        ranks: list[Any] = [mine]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        checkpoint["rng_states"] = {**mine, "ranks": ranks}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._pending = checkpoint.get("rng_states")
@@ -166,9 +178,11 @@ class RandomState(L.Callback):
         states, self._pending = self._pending, None
         if states is None:
             return
-        if trainer.global_rank == 0:
-            torch.set_rng_state(states["cpu"])
-            if "cuda" in states and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+        ranks = states.get("ranks") or [states]  # (checkpoints before 0.3 hold rank zero's alone)
+        if trainer.global_rank < len(ranks):
+            mine = ranks[trainer.global_rank]
+            torch.set_rng_state(mine["cpu"])
+            if "cuda" in mine and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(mine["cuda"])
         else:
             torch.manual_seed(trainer.global_step * 1000 + trainer.global_rank)

@@ -16,6 +16,7 @@ from selfsup.config import PlainData
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import normalize_patches
 from selfsup.data.views import normalize, random_resized_crop, to_float
+from selfsup.distributed import gather_no_grad
 from selfsup.models.backbones import AnyBackbone, BackboneSpec
 from selfsup.models.weights import load_backbone
 from selfsup.protocols import LazyRows
@@ -164,7 +165,8 @@ def _embed_share(
     mine = embed_all(embed, _rows(images, lo, hi) if hi > lo else _rows(images, 0, 1), device)[: hi - lo]
     padded = mine.new_zeros(share, mine.shape[1])
     padded[: len(mine)] = mine
-    return trainer.strategy.all_gather(padded).flatten(0, 1)[:n]
+    # torch.distributed's all_gather (Lightning's strategy.all_gather goes through a deprecated API).
+    return gather_no_grad(padded)[:n]
 
 
 class PerImageCorrect:
