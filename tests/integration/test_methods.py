@@ -115,7 +115,7 @@ def test_handoff_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SelfsupError, match="no 'backbone"):
         LinearProbe(features=Features(checkpoint=str(path)), **TINY)
     path.write_text("not a checkpoint")
-    with pytest.raises(SelfsupError, match="cannot read checkpoint"):
+    with pytest.raises(SelfsupError, match="not a checkpoint selfsup can read safely"):
         LinearProbe(features=Features(checkpoint=str(path)), **TINY)
 
 

@@ -15,6 +15,7 @@ so that a backbone never trains from silently random weights (mmselfsup #330).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ def load_safely(path: str | Path, noun: str = "checkpoint") -> Any:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's weights-only refusal is a paragraph; its reason is the line that names the object.
         why = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("WeightsUnpickler error")), "")
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", why)
+        if found:
+            why = f"it holds a {found.group(1)} object, not tensors only"
         why = why or (lines[0] if lines else type(e).__name__)
         raise SelfsupError(
             f"not a {noun} selfsup can read safely: {path} ({why[:200]}); nothing in it was run. A weights "
