@@ -17,11 +17,12 @@ from typing import Any
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from selfsup import SelfsupError
-from selfsup.callbacks import LearningRateScaling, Warmup, global_batch_size, stop_signal
+from selfsup.callbacks import LearningRateScaling, ProgressBar, Warmup, global_batch_size, stop_signal
 from selfsup.config import ConfigErrorMixin, find_selfsup_error
 from selfsup.console import say
 from selfsup.data.datamodule import ImageDataModule
@@ -190,8 +191,11 @@ class SelfsupCLI(LightningCLI):
         if trainer.get("enable_checkpointing") is False:  # asked for none: no last.ckpt either
             checkpoint = None
         given = trainer.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]  # one callback may be given alone
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBarBase) for c in given):
+            given = [*given, ProgressBar()]  # Lightning's bar, safe under DDP
         kwargs["callbacks"] = [
-            *(given if isinstance(given, list) else [given]),  # one callback may be given alone
+            *given,
             *run_callbacks(
                 self._section(self.config_init, "lr_scaling"),
                 self._section(self.config_init, "warmup"),

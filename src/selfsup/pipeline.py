@@ -43,11 +43,10 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from selfsup import SelfsupError
-from selfsup.callbacks import LearningRateScaling, RunCheckpoint, Warmup
+from selfsup.callbacks import LearningRateScaling, ProgressBar, RunCheckpoint, Warmup
 from selfsup.config import NON_NEGATIVE, POSITIVE, ConfigErrorMixin, check_ranges
 from selfsup.console import first_process, say
 from selfsup.data.datamodule import ImageDataModule
@@ -253,6 +252,8 @@ class Pipeline:
         self._evaluation_data: dict[tuple[str, str], ImageDataModule] = {}
         # Per evaluation, each backbone's per-image results on the evaluation data (the verdict's input).
         self.correct: dict[str, dict[str, torch.Tensor]] = {}
+        # Per-image results of the evaluation runs of this process: run -> bool (N,).
+        self.correct_of: dict[str, torch.Tensor] = {}
         # Pretraining stages that start from an earlier stage's backbone: stage -> that stage.
         self.parents: dict[str, str] = {}
         # Distillation stages whose teacher is an earlier stage's backbone: stage -> that stage.
@@ -281,7 +282,7 @@ class Pipeline:
             Warmup(**warmup),
             RunCheckpoint(**_to_dict(cfg.checkpoint)) if checkpoint else None,
         )
-        callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10), *run]
+        callbacks: list[L.Callback] = [ProgressBar(refresh_rate=10), *run]
         kwargs = {
             "accelerator": "auto",
             "devices": 1,
@@ -364,6 +365,7 @@ class Pipeline:
         metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=dm, verbose=False)[0].items()}
         if isinstance(model, RecordsCorrect):  # image by image, for the verdict's paired test
             correct = model.per_image_correct()  # (a collective call under DDP)
+            self.correct_of[name] = correct
             if writes:
                 write_atomic(folder / CORRECT, partial(torch.save, correct))
         finish_wandb(trainer)  # the next stage gets a run of its own
@@ -414,8 +416,12 @@ class Pipeline:
                     run = f"{entry}_probe" if ev_name == "linear" else f"{entry}_{ev_name}"
                     run += ("" if depth == -1 else f"_stage{index}") + (f"_{suffix}" if suffix else "")
                     metrics = self.run_stage(run, ev, model, warmup, data)
-                    if depth == -1 and not suffix and (self.out / run / CORRECT).is_file():
-                        self.correct.setdefault(ev_name, {})[entry] = torch.load(self.out / run / CORRECT)
+                    # This run's per-image results (every rank has them), or a finished run's, kept on disk.
+                    correct = self.correct_of.get(run)
+                    if correct is None and (self.out / run / CORRECT).is_file():
+                        correct = torch.load(self.out / run / CORRECT)
+                    if depth == -1 and not suffix and correct is not None:
+                        self.correct.setdefault(ev_name, {})[entry] = correct
                     if depth == -1:  # every accuracy it logs: top1, top5 (None with 5 classes or fewer), top1_k20, ...
                         results[f"{key}_top5"] = None
                         results.update({f"{key}_{k[4:]}": v for k, v in metrics.items() if k.startswith("val/top")})

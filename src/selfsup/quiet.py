@@ -29,6 +29,9 @@ _IGNORED_WARNINGS = (
     r"Your `IterableDataset` has `__len__` defined.*",
     # Distillation's teacher is frozen in eval mode on purpose
     r"Found \d+ module\(s\) in eval mode at the start of training.*",
+    # The pipeline validates each stage after fitting it, on the sampler fit's own validation
+    # uses; the verdict's per-image results count each image once (PerImageCorrect).
+    r"Using `DistributedSampler` with the dataloaders\. During `trainer\.validate\(\)`.*",
 )
 
 

@@ -360,3 +360,39 @@ def test_the_whole_pipeline_runs_on_a_streamed_dataset(image_folder: Path, tmp_p
             assert 0 <= r[key] <= 1, (entry, key)
     assert 0 <= s["results"]["relative_location"]["pretext_top1"] <= 1
     assert "| SimCLR |" in (out / "summary.md").read_text()
+
+
+def test_a_two_process_pipeline_prints_and_writes_one_summary(image_folder: Path, tmp_path: Path) -> None:
+    """On 2 CPU processes (gloo): one table, written once by rank zero, the same figures as printed,
+    and no library warning a single-process run does not show."""
+    out = tmp_path / "out"
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline"}
+    done = subprocess.run(
+        [
+            *(
+                sys.executable,
+                "-m",
+                "selfsup.cli",
+                "pipeline",
+                "--config",
+                str(REPO / "configs/pipeline/quickstart.yaml"),
+            ),
+            *("--data.root", str(image_folder), "--out", str(out), "--data.batch_size", "16"),
+            *("--backbone.width", "8", "--wandb.enabled", "false", "--stages.relative_location.enabled", "false"),
+            *("--stages.simclr.max_epochs", "1", "--evaluations.linear.max_epochs", "2"),
+            *("--trainer", '{"accelerator": "cpu", "devices": 2, "strategy": "ddp"}'),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert said.count("s in all.") == 1  # the table's last line, printed once
+    s = json.loads((out / "summary.json").read_text())
+    assert f"{s['wall_seconds']:.0f} s in all." in done.stdout  # the printed table is the written one
+    assert (out / "summary.md").read_text().strip() in done.stdout
+    for noise in ("deprecated", "DistributedSampler", "[rank 1]", "Traceback"):
+        assert noise not in said, noise

@@ -269,7 +269,7 @@ MOCO = ["--model.class_path", "selfsup.methods.MoCo", "--model.init_args.queue_s
 
 @pytest.mark.parametrize(
     ("method", "stop", "saved"),
-    [("simclr", "batch:4", 3), ("moco", "batch:5", 4)],
+    [("simclr", "batch:3", 3), ("moco", "batch:5", 4)],
     ids=["simclr-epoch-end", "moco-mid-epoch"],
 )
 def test_a_ddp_job_killed_and_rerun_ends_bitwise_equal(

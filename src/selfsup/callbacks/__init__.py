@@ -15,6 +15,7 @@ from selfsup.callbacks.lr import (
     global_batch_size,
     per_device_batch_size,
 )
+from selfsup.callbacks.progress import ProgressBar
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -22,6 +23,7 @@ __all__ = [
     "LearningRateScaling",
     "LossGuard",
     "NonFiniteLoss",
+    "ProgressBar",
     "RandomState",
     "RunCheckpoint",
     "Warmup",

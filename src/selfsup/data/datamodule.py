@@ -334,12 +334,14 @@ class ImageDataModule(L.LightningDataModule):
                 desc=f"decoding {name}",
             )
             self.reports.append(report)
-            if report.seconds is not None:  # this process decoded: say so on every rank
+            # This process decoded: say so, on every rank of a fit whose processes share the work (a
+            # pipeline's other processes decode their own copy before their trainers exist: silently).
+            if report.seconds is not None:
                 say(
                     f"data: decoded {report.found:,} images of {name} in {report.seconds:.1f} s "
                     f"({report.workers} process{'es' if report.workers > 1 else ''}, "
                     f"{report.found / max(report.seconds, 1e-9):,.0f} images/s)",
-                    every_rank=True,
+                    every_rank=world > 1 and getattr(self, "trainer", None) is not None,
                 )
             return images
 

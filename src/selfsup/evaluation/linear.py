@@ -270,8 +270,10 @@ class LinearProbe(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.chosen is not None:  # so that trainer.validate returns the chosen setting too
+            # The same on every rank (the search runs on all the features): reduce rather than
+            # warn that an epoch-level value is not synced.
             for key in ("lr", "weight_decay", "holdout_top1"):
-                self.log(f"search/{key}", float(getattr(self.chosen, key)))
+                self.log(f"search/{key}", float(getattr(self.chosen, key)), sync_dist=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._trained_classifier().step(self, self.features(batch, "test"), batch["label"], "test")

@@ -177,12 +177,12 @@ class Distill(L.LightningModule):
         if self.hp.mixup:
             x, lam, perm = mixup(x)
         loss, features, z, target = self.loss(x)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         # About 1 while images embed apart, 0 once all embed alike (collapse; CollapseWatch warns).
-        self.log("train/embedding_spread", embedding_spread(z), on_step=True, on_epoch=True)
+        self.log("train/embedding_spread", embedding_spread(z), on_step=True, on_epoch=True, sync_dist=True)
         # The spread the student is taught: pooled ReLU features share a large mean direction (a
         # random ResNet-50's spread is about 0.1), so a low student spread may be the teacher's own.
-        self.log("train/teacher_spread", embedding_spread(target), on_step=False, on_epoch=True)
+        self.log("train/teacher_spread", embedding_spread(target), on_step=False, on_epoch=True, sync_dist=True)
         if not self.hp.mixup:
             return loss + self.online.training_loss(self, features, labels)
         # A mixed image carries both labels; train/online_top1 counts it against each of them.

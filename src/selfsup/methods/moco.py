@@ -152,9 +152,9 @@ class MoCo(L.LightningModule):
         self.momentum_update()  # the key encoder moves before it encodes this batch's keys (MoCo, Alg. 1)
         loss, features, keys = self.loss(v0, v1)
         self.enqueue(keys)  # after the loss: this batch's keys are its positives, not yet negatives
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         # About 1 while images embed apart, 0 once all embed alike (collapse; CollapseWatch warns).
-        self.log("train/embedding_spread", embedding_spread(keys), on_step=True, on_epoch=True)
+        self.log("train/embedding_spread", embedding_spread(keys), on_step=True, on_epoch=True, sync_dist=True)
         return loss + self.online.training_loss(self, features, batch["label"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

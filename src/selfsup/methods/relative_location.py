@@ -234,8 +234,8 @@ class RelativeLocation(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         top1 = cast(Metric, self.pretext_top1["train_top1"])  # ModuleDict types its items as Module
         top1(logits, labels)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train/pretext_top1", top1, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/pretext_top1", top1, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -101,9 +101,9 @@ class SimCLR(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, features, z = self.loss(*self.views.of_batch(batch))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         # About 1 while images embed apart, 0 once all embed alike (collapse; CollapseWatch warns).
-        self.log("train/embedding_spread", embedding_spread(z), on_step=True, on_epoch=True)
+        self.log("train/embedding_spread", embedding_spread(z), on_step=True, on_epoch=True, sync_dist=True)
         return loss + self.online.training_loss(self, features, batch["label"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
