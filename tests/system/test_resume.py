@@ -23,6 +23,7 @@ from selfsup.callbacks.guards import CollapseWatch
 from selfsup.data import ImageDataModule
 from selfsup.evaluation.online import OnlineSpec
 from selfsup.methods import SimCLR
+from selfsup.models import BackboneSpec
 
 from conftest import SMALL_SIMCLR
 
@@ -124,6 +125,64 @@ def test_killed_run_rerun_ends_with_the_uninterrupted_weights(
     assert final.keys() == reference.keys()
     different = [k for k in reference if not torch.equal(final[k], reference[k])]
     assert not different, different[:5]  # online head, MoCo-style buffers and BN statistics included
+
+
+def method_args(method: str, images: Path, run_dir: Path, tmp_path: Path) -> list[str]:
+    """``selfsup fit`` of another method (or the linear probe) at the size of :func:`fit_args`."""
+    small = ["--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8"]
+    extra = {
+        "relative_location": ["--model.init_args.grid", "kolesnikov", "--model.init_args.head_hidden", "16"],
+        "moco": ["--model.init_args.queue_size", "64", "--model.init_args.proj_hidden", "16"],
+        "distill": [
+            "--model.init_args.teacher",
+            json.dumps({"name": "small_cnn", "width": 8, "weights": str(tmp_path / "teacher.pt")}),
+        ],
+        "linear_probe": [],
+    }[method]
+    if method == "distill" and not (tmp_path / "teacher.pt").is_file():  # a teacher of its own, made once
+        torch.save(BackboneSpec(name="small_cnn", width=8).build().state_dict(), tmp_path / "teacher.pt")
+    return [
+        *(
+            "fit",
+            "--config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--config",
+            str(REPO / f"configs/{method}/cifar10.yaml"),
+        ),
+        *small,
+        *extra,
+        *("--data.root", str(images), "--data.batch_size", "16", "--trainer.max_epochs", "2"),
+        *("--trainer.enable_progress_bar", "false", "--checkpoint.every_n_steps", "2"),
+        *("--trainer.default_root_dir", str(run_dir)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "stop", "saved"),
+    [
+        ("relative_location", "batch:7", 7),
+        ("moco", "batch:5", 4),
+        ("distill", "batch:7", 7),
+        ("linear_probe", "batch:5", 4),
+    ],
+    ids=["relative_location-epoch-end", "moco-mid-epoch", "distill-epoch-end", "linear_probe-mid-epoch"],
+)
+def test_every_method_killed_and_rerun_ends_bitwise_equal(
+    method: str, stop: str, saved: int, uninterrupted, tmp_path: Path
+) -> None:
+    images, _ = uninterrupted
+    reference = run("none:0", tmp_path / "ref_record", method_args(method, images, tmp_path / "ref", tmp_path))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    args = method_args(method, images, tmp_path / "run", tmp_path)
+    assert run(stop, tmp_path / "record", args).returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == saved
+    again = run("none:0", tmp_path / "record", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final, expected = (weights(d) for d in (tmp_path / "run", tmp_path / "ref"))
+    assert final.keys() == expected.keys()
+    different = [k for k in expected if not torch.equal(final[k], expected[k])]
+    assert not different, different[:5]
 
 
 def rows_trained(record: Path) -> list[list[int]]:
