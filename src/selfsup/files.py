@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from selfsup import SelfsupError
+from selfsup.console import say
 
 LOCK_NAME = ".selfsup.lock"
 
@@ -125,6 +126,10 @@ def hold_folder(folder: str | Path, command: str = "selfsup") -> None:
                 f"{folder} is in use by {holder}: two runs in one folder would overwrite each other's "
                 "checkpoints; wait for it to end, or give this run its own folder"
             ) from None
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            # Lustre mounted without -o flock, some NFS setups: run unguarded rather than not at all.
+            say(f"note: {folder} is on a filesystem without file locks: a second run there would not be stopped")
+            return
         raise
     f.seek(0)
     f.truncate()

@@ -32,6 +32,7 @@ EXCEPTIONS = {
 PLAIN = [
     "selfsup.config",
     "selfsup.console",
+    "selfsup.files",
     "selfsup.distributed",
     "selfsup.metrics",
     "selfsup.protocols",
