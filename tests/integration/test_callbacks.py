@@ -244,7 +244,7 @@ def test_batch_norm_at_batch_one_fails_clearly(
 
 
 def test_warmup_arguments_are_checked() -> None:
-    with pytest.raises(SelfsupError, match="negative"):
+    with pytest.raises(SelfsupError, match=r"warmup.warmup_epochs must be at least 0, got -1"):
         Warmup(warmup_epochs=-1)
     with pytest.raises(SelfsupError, match="reference_batch"):
         LearningRateScaling(reference_batch=0)
