@@ -52,6 +52,9 @@ def fit_args(images: Path, run_dir: Path, *extra: str) -> list[str]:
         "2",
         "--trainer.default_root_dir",
         str(run_dir),
+        # No W&B: its service takes seconds to start in every process (its resume: test_tracking.py).
+        "--trainer.logger",
+        "false",
         *extra,
     ]
 
@@ -152,7 +155,7 @@ def method_args(method: str, images: Path, run_dir: Path, tmp_path: Path) -> lis
         *extra,
         *("--data.root", str(images), "--data.batch_size", "16", "--trainer.max_epochs", "2"),
         *("--trainer.enable_progress_bar", "false", "--checkpoint.every_n_steps", "2"),
-        *("--trainer.default_root_dir", str(run_dir)),
+        *("--trainer.default_root_dir", str(run_dir), "--trainer.logger", "false"),
     ]
 
 
@@ -301,7 +304,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_ends_in_one_line(uninter
     small = tmp_path / "small"
     mounted = mount_tmpfs(small, "8m")
     try:
-        args = fit_args(images, small / "run", "--trainer.logger", "false")
+        args = fit_args(images, small / "run")
         stopped = run("fill:5" if mounted else "nospace:6", tmp_path / "record", args)
         assert stopped.returncode == 2, stopped.stderr[-3000:]
         assert "Traceback" not in stopped.stderr
