@@ -4,10 +4,11 @@ moments and run again each time must end bitwise equal to a run that never stopp
     python scripts/soak_resume.py [--kills 5] [--seed 0] [--out runs/soak] [-- EXTRA selfsup fit ARGS]
 
 The run is SimCLR with the small CNN on the embedded CIFAR-10 sample (1,200 images, batch 100,
-6 epochs: 72 steps), checkpointed every 5 steps and at every epoch end. The kill moments are drawn
-(seeded) over the uninterrupted run's wall time, so they land anywhere: in a step, in validation,
-while a checkpoint is written. Prints one line per kill (when, which checkpoint was on disk) and
-the comparison of weights, optimizer state and BatchNorm statistics; exits 1 if anything differs.
+6 epochs: 72 steps), checkpointed every 5 steps and at every epoch end. Each kill comes (seeded)
+a random moment after the run saved a checkpoint at or past a random step, so the kills land
+anywhere: in a step, in validation, while a checkpoint is written. Prints one line per kill (when,
+which checkpoint was on disk) and the comparison of weights, optimizer state and BatchNorm
+statistics; exits 1 if anything differs.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/soak")
+    ap.add_argument("--steps", default="", help="kill after these saved steps (comma-separated) instead of random ones")
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -84,19 +86,26 @@ def main() -> None:
     print(f"soak: the uninterrupted run took {duration:.0f} s, step {saved_step(reference)}", flush=True)
 
     rng = random.Random(a.seed)
-    # Each attempt runs for a random share (10-30%) of a whole run before it is killed, start-up
-    # included: five of them land at moments spread over the run.
-    delays = [rng.uniform(0.1, 0.3) * duration for _ in range(a.kills)]
-    for i, delay in enumerate(delays, 1):
+    total = saved_step(reference) or 1
+    # Each kill waits until the run has saved a checkpoint at or past a random step, then a random
+    # moment more (in a step, in validation, or while the next checkpoint is written).
+    targets = sorted(rng.sample(range(3, total - 3), a.kills))
+    if a.steps:
+        targets = [int(x) for x in a.steps.split(",")]
+    kills = 0
+    for i, target in enumerate(targets, 1):
         p = start(killed, extra)
-        time.sleep(delay)
+        while (saved_step(killed) or 0) < target and p.poll() is None:
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 2.0) if not a.steps else 0.0)
         if p.poll() is not None:
-            print(f"soak: kill {i}: the run had finished before {delay:.1f} s", flush=True)
+            print(f"soak: kill {i}: the run had finished", flush=True)
             finish(p)
             break
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        print(f"soak: kill {i} after {delay:5.1f} s; last.ckpt on disk: step {saved_step(killed)}", flush=True)
+        kills += 1
+        print(f"soak: kill {i} once step {target} was saved; last.ckpt on disk: step {saved_step(killed)}", flush=True)
     finish(start(killed, extra))
     different = differences(reference, killed)
     if different:

@@ -187,6 +187,22 @@ def test_every_method_killed_and_rerun_ends_bitwise_equal(
     assert not different, different[:5]
 
 
+def test_a_step_checkpoint_on_an_epochs_last_batch_waits_for_the_epoch_end(uninterrupted, tmp_path: Path) -> None:
+    """Steps falling on an epoch's last batch (7 of 7) are saved at the epoch's end, after its
+    validation: a checkpoint from before it resumes with Lightning's epoch counters one behind,
+    and the checkpoint the resumed run writes next restarts that epoch (found by the soak script)."""
+    images, reference = uninterrupted
+    args = fit_args(images, tmp_path / "run", "--checkpoint.every_n_steps", "7")
+    assert run("batch:8", tmp_path / "record", args).returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert state["global_step"] == 7 and epochs["processed"] == epochs["ready"] == 1  # the epoch's end
+    again = run("none:0", tmp_path / "record", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final = weights(tmp_path / "run")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
 def rows_trained(record: Path) -> list[list[int]]:
     """The image rows of every trained step, in order, over all processes."""
     return [[int(x) for x in line.split()[2].split(",")] for line in record.read_text().splitlines()]

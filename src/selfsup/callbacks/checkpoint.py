@@ -55,6 +55,16 @@ class RunCheckpoint(ModelCheckpoint):
             train_time_interval=interval,
         )
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # The epoch's last batch is saved at the epoch's end, after its validation. A checkpoint
+        # from between the two (steps or minutes falling on that batch) resumes with Lightning's
+        # epoch counters one behind: the run goes on, but its next checkpoint restarts the epoch.
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Time and step triggers switch Lightning's epoch-end saving off; an epoch end is always
         # a point worth keeping (after its validation, which runs before this hook).
