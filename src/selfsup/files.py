@@ -7,7 +7,7 @@ at any moment leaves either the old file or the new one, never a mix. (A tempora
 ``$TMPDIR`` moved into place, as fsspec's local transaction does, is a copy over the old file
 whenever ``$TMPDIR`` is on another filesystem: a node-local disk beside NFS or Lustre.)
 
-Held: a run takes an exclusive ``flock`` on ``FOLDER/.selfsup.lock`` for as long as its process
+Held: a run takes an exclusive POSIX lock on ``FOLDER/.selfsup.lock`` for as long as its process
 lives; the system releases it when the process ends, however it ends, so a killed run leaves no
 stale lock. A second run on the same folder stops in one line naming the process that holds it.
 """
@@ -116,7 +116,10 @@ def hold_folder(folder: str | Path, command: str = "selfsup") -> None:
     except OSError as e:
         raise SelfsupError(f"cannot write in {folder} ({e.strerror}): choose a folder you can write to") from None
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX record lock, not flock(): it belongs to this process alone. A flock() is shared
+        # with the data loader's workers forked from it, which outlive a killed run by seconds
+        # and would refuse its re-run.
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.seek(0)
         holder = f.read().strip() or "another process"
@@ -127,7 +130,7 @@ def hold_folder(folder: str | Path, command: str = "selfsup") -> None:
                 "checkpoints; wait for it to end, or give this run its own folder"
             ) from None
         if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            # Lustre mounted without -o flock, some NFS setups: run unguarded rather than not at all.
+            # Lustre mounted with -o noflock, some NFS setups: run unguarded rather than not at all.
             say(f"note: {folder} is on a filesystem without file locks: a second run there would not be stopped")
             return
         raise

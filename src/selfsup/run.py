@@ -79,7 +79,9 @@ def run_plugins(given: Any = None) -> list[Any]:
         plugins.append(AtomicCheckpointIO())
     environment = any(isinstance(p, ClusterEnvironment) for p in plugins)
     if SlurmEnvironment.detect() and not TorchElasticEnvironment.detect() and not environment:
-        plugins.append(SlurmEnvironment())
+        # SIGUSR1 is RunCheckpoint's to handle: it saves at the end of the step and then
+        # requeues; Lightning's auto-requeue saves from inside the signal handler, mid-step.
+        plugins.append(SlurmEnvironment(auto_requeue=False))
     return plugins
 
 

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from test_run_files import mount_tmpfs
 
+from resume_script import run_forked, start
 from selfsup.callbacks.guards import CollapseWatch
 from selfsup.data import ImageDataModule
 from selfsup.evaluation.online import OnlineSpec
@@ -28,7 +28,6 @@ from selfsup.models import BackboneSpec
 from conftest import SMALL_SIMCLR
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "tests" / "resume_script.py"
 STEPS = 14  # 2 epochs of 7 batches (120 images, batch 16)
 
 
@@ -60,17 +59,14 @@ def fit_args(images: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def run(stop: str, record: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``selfsup ARGS`` in a process (a session) of its own that stops as ``stop`` says
+    (tests/resume_script.py), forked from a server that imported selfsup once: the same code, 4 s
+    less each; under DDP (``--trainer.strategy ddp``) 2 processes, started as torchrun does."""
     # Each process its own W&B service, as on a cluster: one inherited from this test process
     # would still hold the killed process's run open.
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), stop, str(record), "--", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        start_new_session=True,  # its own process group: a killed DDP job is all of it
-    )
+    folder = Path(f"{record}.{stop.replace(':', '_').replace('@', '_')}")
+    return run_forked(stop, record, args, env, folder, ranks=2 if "ddp" in args else 1)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -105,18 +101,17 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 @pytest.mark.parametrize(
     ("stop", "saved"),
-    [("batch:5", 4), ("save:6", 4), ("write:6", 4), ("batch:7", 7)],
-    ids=["mid-epoch", "checkpoint-begun", "checkpoint-half-written", "epoch-end"],
+    [("save:6", 4), ("write:6", 4)],
+    ids=["checkpoint-begun", "checkpoint-half-written"],
 )
-def test_killed_run_rerun_ends_with_the_uninterrupted_weights(
+def test_killed_while_saving_the_rerun_ends_with_the_uninterrupted_weights(
     stop: str, saved: int, uninterrupted, tmp_path: Path
 ) -> None:
     images, reference = uninterrupted
     args = fit_args(images, tmp_path / "run")
     killed = run(stop, tmp_path / "record", args)
     assert killed.returncode == -signal.SIGKILL
-    # The checkpoint on disk is whole: the one of step 4 (the step-6 write never completed), or
-    # the one written at the end of the first epoch (step 7, after its validation).
+    # The checkpoint on disk is whole: the one of step 4 (the step-6 write never completed).
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == saved
     again = run("none:0", tmp_path / "record", args)  # the same command, as a user or a requeue would
@@ -134,6 +129,8 @@ def method_args(method: str, images: Path, run_dir: Path, tmp_path: Path) -> lis
     """``selfsup fit`` of another method (or the linear probe) at the size of :func:`fit_args`."""
     small = ["--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8"]
     extra = {
+        "simclr": ["--model.init_args.proj_hidden", "16", "--model.init_args.online.knn_every", "1"],
+        "moco": ["--model.init_args.proj_hidden", "16", "--model.init_args.queue_size", "64"],
         "relative_location": ["--model.init_args.grid", "kolesnikov", "--model.init_args.head_hidden", "16"],
         "distill": [
             "--model.init_args.teacher",
@@ -159,32 +156,137 @@ def method_args(method: str, images: Path, run_dir: Path, tmp_path: Path) -> lis
     ]
 
 
-@pytest.mark.parametrize(
-    ("method", "stop", "saved"),
-    [
-        ("relative_location", "batch:7", 7),
-        ("distill", "batch:7", 7),
-        ("linear_probe", "batch:5", 4),
-    ],
-    # (MoCo: under DDP, test_a_ddp_job_killed_and_rerun_ends_bitwise_equal)
-    ids=["relative_location-epoch-end", "distill-epoch-end", "linear_probe-mid-epoch"],
-)
-def test_every_method_killed_and_rerun_ends_bitwise_equal(
-    method: str, stop: str, saved: int, uninterrupted, tmp_path: Path
+SLURM = {
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "selfsup",
+    "SLURM_NODELIST": "cpu01",
+}
+#: Time checkpoints instead of step ones: every 60 microseconds, so at every step's end.
+BY_TIME = ("--checkpoint.every_n_steps", "null", "--checkpoint.every_minutes", "0.000001")
+#: One run stopped at every kind of checkpoint in turn and run again after each stop, in
+#: 3 epochs of 7 steps with a step checkpoint every 2 steps: (stop, checkpoint arguments, the
+#: step of the checkpoint it leaves, its exit status, SLURM or not).
+KINDS = [
+    ("batch:3", (), 2, -signal.SIGKILL, False),  # killed: the step checkpoint
+    ("batch:5", BY_TIME, 5, -signal.SIGKILL, False),  # killed: the time checkpoint
+    ("term:6", (), 7, 128 + signal.SIGTERM, False),  # in an epoch's last step: saved after validation
+    ("batch:14", (), 14, -signal.SIGKILL, False),  # killed: the epoch-end checkpoint
+    ("int:16", (), 17, 128 + signal.SIGINT, False),  # Ctrl-C
+    ("usr1:18", (), 19, 128 + signal.SIGUSR1, True),  # SLURM's warning before the time limit: requeued
+    ("none:0", (), 21, 0, False),
+]
+
+
+def stopped_at_every_kind(
+    args: list[str], run_dir: Path, tmp_path: Path, kinds: list[tuple] = KINDS
+) -> list[subprocess.CompletedProcess]:
+    """Run ``args`` through :data:`KINDS`, checking each stop's checkpoint and exit status."""
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir(exist_ok=True)
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol_calls"}\n')
+    scontrol.chmod(0o755)
+    slurm = {**SLURM, "PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
+    ran = []
+    for stop, extra, saved, status, in_slurm in kinds:
+        p = run(stop, tmp_path / "record", [*args, *extra], env=slurm if in_slurm else None)
+        assert p.returncode == status, (stop, p.stdout[-1000:], p.stderr[-2000:])
+        assert "Traceback" not in p.stderr, p.stderr[-2000:]
+        state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert state["global_step"] == saved, stop
+        per_epoch = 3 if "ddp" in args else 4 if "--trainer.accumulate_grad_batches" in args else STEPS // 2
+        if stop.startswith("term") and saved % per_epoch == 0:  # in an epoch's last step: saved after validation
+            epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]
+            assert epochs["processed"] == epochs["ready"] == saved // per_epoch
+        ran.append(p)
+    # Every process after the first continued from the step its predecessor saved.
+    starts, ranks = [k[2] for k in kinds[:-1]], 2 if "ddp" in args else 1
+    firsts = [int(line.split()[1]) for line in first_steps(tmp_path / "record")]
+    if "--trainer.accumulate_grad_batches" in args:  # (a batch that does not step leaves the step as it was)
+        assert all(s <= f <= s + 1 for s, f in zip([0, *starts], firsts, strict=True)), firsts
+    else:
+        assert firsts == [s + 1 for s in [0, *starts] for _ in range(ranks)]
+    return ran
+
+
+def first_steps(record: Path) -> list[str]:
+    """The first line each process wrote to its record."""
+    seen, out = set(), []
+    for line in record.read_text().splitlines():
+        if line.split()[0] not in seen:
+            seen.add(line.split()[0])
+            out.append(line)
+    return out
+
+
+def assert_same_state(run_dir: Path, reference_dir: Path) -> None:
+    """Weights, BatchNorm statistics, buffers and optimizer state equal, bit for bit."""
+    final, expected = (
+        torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        for d in (run_dir, reference_dir)
+    )
+    assert final["global_step"] == expected["global_step"]
+    assert final["state_dict"].keys() == expected["state_dict"].keys()
+    different = [k for k, v in expected["state_dict"].items() if not torch.equal(final["state_dict"][k], v)]
+    assert not different, different[:5]
+    for mine, theirs in zip(final["optimizer_states"], expected["optimizer_states"], strict=True):
+        assert mine["state"].keys() == theirs["state"].keys()
+        for i, moments in theirs["state"].items():
+            for k, v in moments.items():
+                assert torch.equal(mine["state"][i][k], v) if isinstance(v, torch.Tensor) else mine["state"][i][k] == v
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "relative_location", "distill", "linear_probe"])
+def test_every_method_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
+    method: str, uninterrupted, tmp_path: Path
+) -> None:
+    """Killed after a step, a time and an epoch-end checkpoint, stopped by SIGTERM, Ctrl-C and
+    SLURM's SIGUSR1, run again after each: the run ends as one that never stopped, bit for bit."""
+    images, _ = uninterrupted
+    three_epochs = ["--trainer.max_epochs", "3"]
+    args = method_args(method, images, tmp_path / "run", tmp_path) + three_epochs
+    reference = method_args(method, images, tmp_path / "ref", tmp_path) + three_epochs
+    reference = run("none:0", tmp_path / "ref_record", reference)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    ran = stopped_at_every_kind(args, tmp_path / "run", tmp_path)
+    assert_same_state(tmp_path / "run", tmp_path / "ref")
+    stops = [kind[0] for kind in KINDS]
+    said = {s: [x for x in p.stdout.splitlines() if x.startswith("stopped")] for s, p in zip(stops, ran, strict=True)}
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    again = "run the same command again to continue"
+    assert said["term:6"] == [f"stopped by SIGTERM at step 7: checkpoint {ckpt}; {again}"]
+    assert said["int:16"] == [f"stopped by Ctrl-C at step 17: checkpoint {ckpt}; {again}"]
+    requeued = "SLURM job 4242 requeued: it continues from there"
+    assert said["usr1:18"] == [f"stopped by SIGUSR1 at step 19: checkpoint {ckpt}; {requeued}"]
+    assert (tmp_path / "scontrol_calls").read_text().split() == ["requeue", "4242"]
+    assert not list((tmp_path / "run").glob("hpc_ckpt_*"))  # Lightning's mid-step SIGUSR1 checkpoint: not written
+
+
+#: Gradients summed over 2 batches (7 an epoch: 4 optimizer steps), 2 epochs; the kinds whose
+#: checkpoint could fall between the batches of one step.
+ACCUMULATED = [
+    ("batch:3", (), 2, -signal.SIGKILL, False),  # the step checkpoint
+    ("batch:5", BY_TIME, 5, -signal.SIGKILL, False),  # time checkpoints: only after an optimizer step
+    ("term:5", (), 6, 128 + signal.SIGTERM, False),  # signalled in a step's first batch: saved after its second
+    ("none:0", (), 8, 0, False),
+]
+
+
+def test_gradient_accumulation_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
+    uninterrupted, tmp_path: Path
 ) -> None:
     images, _ = uninterrupted
-    reference = run("none:0", tmp_path / "ref_record", method_args(method, images, tmp_path / "ref", tmp_path))
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    args = method_args(method, images, tmp_path / "run", tmp_path)
-    assert run(stop, tmp_path / "record", args).returncode == -signal.SIGKILL
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == saved
-    again = run("none:0", tmp_path / "record", args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    final, expected = (weights(d) for d in (tmp_path / "run", tmp_path / "ref"))
-    assert final.keys() == expected.keys()
-    different = [k for k in expected if not torch.equal(final[k], expected[k])]
-    assert not different, different[:5]
+    accumulate = ["--trainer.accumulate_grad_batches", "2"]
+    args, reference = (method_args("simclr", images, tmp_path / d, tmp_path) + accumulate for d in ("run", "ref"))
+    done = run("none:0", tmp_path / "ref_record", reference)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stopped_at_every_kind(args, tmp_path / "run", tmp_path, ACCUMULATED)
+    assert_same_state(tmp_path / "run", tmp_path / "ref")
 
 
 def test_a_step_checkpoint_on_an_epochs_last_batch_waits_for_the_epoch_end(uninterrupted, tmp_path: Path) -> None:
@@ -253,63 +355,26 @@ def test_fresh_start_and_another_config_in_the_same_folder(uninterrupted, tmp_pa
     assert steps_by_process(tmp_path / "record") == [7, 7]
 
 
-def test_sigterm_saves_and_exits_then_the_rerun_finishes_the_same(uninterrupted, tmp_path: Path) -> None:
-    images, reference = uninterrupted
-    args = fit_args(images, tmp_path / "run")
-    stopped = run("term:5", tmp_path / "record", args)
-    assert stopped.returncode == 128 + signal.SIGTERM  # the conventional status: ended by SIGTERM
-    assert "stopped by SIGTERM at step 6" in stopped.stdout
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 6  # the step it was in finished, then it saved
-    again = run("none:0", tmp_path / "record", args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert steps_by_process(tmp_path / "record") == [6, STEPS - 6]
-    final = weights(tmp_path / "run")
-    assert all(torch.equal(final[k], reference[k]) for k in reference)
-
-
-def test_ctrl_c_saves_says_where_and_exits_130_then_the_rerun_finishes_the_same(uninterrupted, tmp_path: Path) -> None:
-    images, reference = uninterrupted
-    args = fit_args(images, tmp_path / "run")
-    stopped = run("int:5", tmp_path / "record", args)
-    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-2000:]
-    (said,) = [x for x in stopped.stdout.splitlines() if x.startswith("stopped by")]
-    assert said.startswith("stopped by Ctrl-C at step 6: checkpoint ") and "run the same command again" in said
-    assert "Traceback" not in stopped.stderr
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 6
-    again = run("none:0", tmp_path / "record", args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert steps_by_process(tmp_path / "record") == [6, STEPS - 6]
-    final = weights(tmp_path / "run")
-    assert all(torch.equal(final[k], reference[k]) for k in reference)
-
-
 def test_a_second_run_on_a_held_folder_is_refused_and_the_first_finishes(uninterrupted, tmp_path: Path) -> None:
     images, reference = uninterrupted
     args = fit_args(images, tmp_path / "run")
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline"}
-    first = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "slow:0", str(tmp_path / "record"), "--", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start("slow:0", tmp_path / "record", args, env, tmp_path / "first")  # 0.3 s more every step
     try:
         deadline = time.time() + 120
         while not (tmp_path / "record").is_file():  # training has begun
-            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+            assert first.running() and time.time() < deadline, first.wait(args).stderr[-2000:]
             time.sleep(0.05)
         second = run("none:0", tmp_path / "record2", args)
-        out, err = first.communicate(timeout=300)
+        assert first.running()  # (the test would prove nothing otherwise)
+        done = first.wait(args)
     finally:
         first.kill()
     assert second.returncode == 2 and "Traceback" not in second.stderr
     (line,) = [x for x in second.stderr.splitlines() if x.startswith("selfsup: error:")]
     held = f"selfsup: error: {(tmp_path / 'run').resolve()} is in use by selfsup fit (process {first.pid} on "
     assert line.startswith(held)
-    assert first.returncode == 0, err[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
     assert steps_by_process(tmp_path / "record") == [STEPS] and not (tmp_path / "record2").exists()
     final = weights(tmp_path / "run")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
@@ -339,68 +404,35 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_ends_in_one_line(uninter
 
 #: 2 processes on gloo; 60 images each, batch 16: 3 steps an epoch, 12 in all.
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "4"]
-MOCO = ["--model.class_path", "selfsup.methods.MoCo", "--model.init_args.queue_size", "64"]
+#: :data:`KINDS` for that job: (stop, checkpoint arguments, saved step, exit status, SLURM or not).
+DDP_KINDS = [
+    ("batch:2", (), 2, -signal.SIGKILL, False),  # the step checkpoint
+    ("batch:5", BY_TIME, 5, -signal.SIGKILL, False),  # the time checkpoint
+    ("term:5", (), 6, 128 + signal.SIGTERM, False),  # in an epoch's last step: saved after validation
+    ("batch:9", (), 9, -signal.SIGKILL, False),  # the epoch-end checkpoint
+    ("int:9", (), 10, 128 + signal.SIGINT, False),  # Ctrl-C
+    ("usr1:10", (), 11, 128 + signal.SIGUSR1, True),  # SLURM's warning signal, one task per rank
+    ("none:0", (), 12, 0, False),
+]
 
 
-@pytest.mark.parametrize(
-    ("method", "stop", "saved"),
-    [("simclr", "batch:3", 3), ("moco", "batch:5", 4)],
-    ids=["simclr-epoch-end", "moco-mid-epoch"],
-)
-def test_a_ddp_job_killed_and_rerun_ends_bitwise_equal(
-    method: str, stop: str, saved: int, uninterrupted, tmp_path: Path
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_a_ddp_job_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
+    method: str, uninterrupted, tmp_path: Path
 ) -> None:
-    """Every rank's random stream is in the checkpoint: a 2-process job killed (all of it, as a
-    scheduler kills a job) and run again ends as the job that never stopped, bit for bit."""
+    """Every rank's random stream is in the checkpoint, and a signal to the first process stops
+    all of them after the same step: a 2-process job killed (all of it, as a scheduler kills a
+    job) or stopped at every kind of checkpoint and run again ends as the job that never stopped."""
     images, _ = uninterrupted
-    extra = [*DDP, *(MOCO if method == "moco" else [])]
-    reference = run("none:0", tmp_path / "ref_record", fit_args(images, tmp_path / "ref", *extra))
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    args = fit_args(images, tmp_path / "run", *extra)
-    assert run(stop, tmp_path / "record", args).returncode == -signal.SIGKILL
+    args, reference = (method_args(method, images, tmp_path / d, tmp_path) + DDP for d in ("run", "ref"))
+    done = run("none:0", tmp_path / "ref_record", reference)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ran = stopped_at_every_kind(args, tmp_path / "run", tmp_path, DDP_KINDS)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == saved and len(state["rng_states"]["ranks"]) == 2
-    again = run("none:0", tmp_path / "record", args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    final, expected = (
-        torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (tmp_path / "run", tmp_path / "ref")
-    )
-    assert final["global_step"] == expected["global_step"] == 12
-    different = [
-        k for k in expected["state_dict"] if not torch.equal(final["state_dict"][k], expected["state_dict"][k])
-    ]
-    assert not different, different[:5]
-    moments, reference_moments = (c["optimizer_states"][0]["state"] for c in (final, expected))
-    assert moments.keys() == reference_moments.keys()
-    for i, a in moments.items():
-        assert all(torch.equal(a[k], reference_moments[i][k]) for k in a if isinstance(a[k], torch.Tensor))
-
-
-def test_sigusr1_under_slurm_checkpoints_and_requeues(uninterrupted, tmp_path: Path) -> None:
-    images, _ = uninterrupted
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol_calls"
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    scontrol.chmod(0o755)
-    slurm = {
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_NNODES": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "selfsup",
-        "SLURM_NODELIST": "cpu01",
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-    }
-    p = run("usr1:5", tmp_path / "record", fit_args(images, tmp_path / "run"), env=slurm)
-    assert p.returncode == 0, p.stderr[-2000:]
-    (hpc,) = (tmp_path / "run").glob("hpc_ckpt_*.ckpt")
-    assert torch.load(hpc, map_location="cpu", weights_only=True)["global_step"] >= 5
-    assert calls.read_text().split() == ["requeue", "4242"]
+    assert len(state["rng_states"]["ranks"]) == 2
+    assert_same_state(tmp_path / "run", tmp_path / "ref")
+    for p in ran:  # one voice: the first process alone says where it stopped
+        assert len([x for x in p.stdout.splitlines() if x.startswith("stopped by")]) <= 1
 
 
 def test_non_finite_loss_stops_with_the_step_and_the_rate(uninterrupted, tmp_path: Path) -> None:

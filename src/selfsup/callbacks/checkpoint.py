@@ -9,7 +9,10 @@ weights, bit for bit, as one that never stopped.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -46,6 +50,8 @@ class RunCheckpoint(ModelCheckpoint):
             "checkpoint", {"every_minutes": (every_minutes, POSITIVE), "every_n_steps": (every_n_steps, COUNT)}
         )
         interval = timedelta(minutes=every_minutes) if every_minutes and every_n_steps is None else None
+        self._signalled = 0
+        self._previous: dict[int, Any] = {}
         super().__init__(
             filename="last",
             save_top_k=0,
@@ -58,12 +64,16 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # The epoch's last batch is saved at the epoch's end, after its validation. A checkpoint
-        # from between the two (steps or minutes falling on that batch) resumes with Lightning's
-        # epoch counters one behind: the run goes on, but its next checkpoint restarts the epoch.
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        # Only a batch that ends an optimizer step (and is not its epoch's last) is a point to
+        # save or stop at: between the batches of an accumulated step the summed gradients are
+        # in no checkpoint; the epoch's last batch is kept at the epoch's end, after validation
+        # (a checkpoint from between the two resumes with Lightning's epoch counters one behind,
+        # and the checkpoint the resumed run writes next restarts that epoch).
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if last or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Time and step triggers switch Lightning's epoch-end saving off; an epoch end is always
@@ -71,46 +81,62 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._stop_if_signalled(trainer)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Ctrl-C stops like SIGTERM (after the step in progress, which is saved); the handler
-        # gives way to the one before it at once, so that a second Ctrl-C stops immediately.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # SIGTERM (preemption), Ctrl-C and, in a SLURM job, SIGUSR1 (its warning before the time
+        # limit) are noted here and acted on at the next point a checkpoint can be exact: the end
+        # of an optimizer step, or of an epoch after its validation. Lightning's own handlers
+        # (set after on_fit_start, hence here) stop at once, mid-validation or mid-accumulation.
+        # Before training starts there is nothing to save: Lightning's handlers stop the run.
+        super().on_train_start(trainer, pl_module)  # (the clock of the time checkpoints)
+        self._signalled = 0
         _stop["signal"] = signal.SIGTERM
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR1] if SLURMEnvironment.detect() else [])
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._received)
 
-            def interrupted(signum: int, frame: FrameType | None) -> None:
-                signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
-                _stop["signal"] = signal.SIGINT
-                # What Lightning's own SIGTERM handler sets: its loops stop at the next step boundary.
-                trainer._signal_connector.received_sigterm = True
+    def _received(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            previous = self._previous.get(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+        self._signalled = self._signalled or signum
 
-            self._previous_sigint = previous
-            signal.signal(signal.SIGINT, interrupted)
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        """Stop every process together when any of them was signalled: Lightning's loops end at
+        the SIGTERM flag, and :meth:`on_exception` saves this step if it is not saved yet."""
+        signalled = self._signalled
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([signalled], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signalled = int(flag.item())
+        if signalled:
+            _stop["signal"] = signalled
+            trainer._signal_connector.received_sigterm = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
 
-    def _restore_sigint(self) -> None:
-        previous = getattr(self, "_previous_sigint", None)
-        if previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
-            self._previous_sigint = None
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in getattr(self, "_previous", {}).items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
-        # SIGTERM (preemption) or Ctrl-C: Lightning stops after the current step; keep that step.
-        if not isinstance(exception, SIGTERMException):
+        training = bool(self._previous)
+        self._restore_handlers()
+        if not isinstance(exception, SIGTERMException) or not training:
             return
         if not self._should_skip_saving_checkpoint(trainer):  # (skipped: this step is saved already)
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        if trainer.is_global_zero:
-            by = "Ctrl-C" if stop_signal() == signal.SIGINT else "SIGTERM"
-            print(
-                f"stopped by {by} at step {trainer.global_step}: checkpoint {self.last_model_path}; "
-                "run the same command again to continue",
-                flush=True,
-            )
+        if not trainer.is_global_zero:
+            return
+        by = {int(signal.SIGINT): "Ctrl-C", int(signal.SIGUSR1): "SIGUSR1"}.get(stop_signal(), "SIGTERM")
+        then = requeue() if stop_signal() == signal.SIGUSR1 else "run the same command again to continue"
+        print(f"stopped by {by} at step {trainer.global_step}: checkpoint {self.last_model_path}; {then}", flush=True)
 
 
 #: The signal that stopped this process's run, for its exit status (128 + the signal).
@@ -118,8 +144,24 @@ _stop: dict[str, int] = {"signal": signal.SIGTERM}
 
 
 def stop_signal() -> int:
-    """The signal that stopped the run: SIGINT after Ctrl-C, else SIGTERM (Lightning's stop)."""
+    """The signal that stopped the run: SIGINT after Ctrl-C, SIGUSR1 in SLURM, else SIGTERM."""
     return _stop["signal"]
+
+
+def requeue() -> str:
+    """Put this SLURM job back in the queue (as Lightning's auto-requeue does, but after the
+    step's checkpoint is written); what happened, in words."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9_]+", job):
+        return "run the same command again to continue"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"requeueing SLURM job {job} failed ({e}); run the same command again to continue"
+    if done.returncode:
+        return f"requeueing SLURM job {job} failed ({done.stderr.strip() or done.returncode}); submit it again"
+    return f"SLURM job {job} requeued: it continues from there"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -155,7 +197,8 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
 class RandomState(L.Callback):
     """Save the torch random generators (CPU and CUDA) of every rank with every checkpoint and
     restore each rank's when training resumes, after the sanity check, so that the augmentations
-    draw the same numbers as in a run that never stopped.
+    draw the same numbers as in a run that never stopped. A fresh run gives every rank but the
+    first a stream of its own (from the seed and the rank).
 
     Under DDP the ranks' states are gathered into the checkpoint (which rank zero writes); a run
     resumed on another number of processes cannot continue their streams and re-seeds the ranks
@@ -187,6 +230,11 @@ class RandomState(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         states, self._pending = self._pending, None
         if states is None:
+            # Every rank was seeded alike (Lightning's seed_everything): without this each would
+            # draw the same crops and colours for its own images. Rank zero keeps its stream, so
+            # a single process's run is unchanged.
+            if trainer.global_rank > 0:
+                torch.manual_seed(torch.initial_seed() + 1_000_003 * trainer.global_rank)
             return
         ranks = states.get("ranks") or [states]  # (checkpoints before 0.3 hold rank zero's alone)
         if trainer.global_rank < len(ranks):
