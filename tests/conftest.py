@@ -15,11 +15,17 @@ import io
 import os
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
 
 from selfsup.data.sources import SAMPLE_ZIP
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from selfsup.data import ImageDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -82,3 +88,27 @@ def image_folder(tmp_path: Path) -> Path:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def cpu_trainer(tmp_path: Path, **kw: object) -> L.Trainer:
+    """A plain one-epoch CPU Trainer for a test: no logger, bars or summary (``kw`` overrides)."""
+    import lightning as L
+
+    kw = {"max_epochs": 1, **kw}
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def dm(image_folder: Path) -> ImageDataModule:
+    """The DataModule of :func:`image_folder` at batch 16."""
+    from selfsup.data import ImageDataModule
+
+    return ImageDataModule(root=str(image_folder), batch_size=16)

@@ -133,7 +133,8 @@ class TransferHparams(StageHparams, Protocol):
 
 
 class TwoViewHparams(StageHparams, Protocol):
-    """A two-view method's (SimCLR, MoCo): projection head, temperature, views, online evaluator."""
+    """A contrastive two-view method's (SimCLR, MoCo): projection head, temperature, views, online
+    evaluator."""
 
     proj_hidden: int
     proj_dim: int

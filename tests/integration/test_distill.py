@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -20,28 +19,11 @@ from selfsup.models.backbones import BackboneSpec
 from selfsup.pipeline import Stage, stage_model
 
 from conftest import REPO
+from conftest import cpu_trainer as trainer
 
 #: The student: a small CNN of width 8 (32 features); the teacher twice as wide (64 features).
 STUDENT = {"name": "small_cnn", "width": 8}
 TEACHER = {"name": "small_cnn", "width": 16}
-
-
-def trainer(tmp_path: Path, **kw) -> L.Trainer:
-    kw = {"max_epochs": 1, **kw}
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
-
-
-@pytest.fixture
-def dm(image_folder: Path) -> ImageDataModule:
-    return ImageDataModule(root=str(image_folder), batch_size=16)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torchvision.io import read_image
@@ -15,25 +14,9 @@ from selfsup.evaluation.features import Features
 from selfsup.evaluation.online import OnlineSpec
 from selfsup.methods import FineTune, LinearProbe, RelativeLocation, SimCLR
 
+from conftest import cpu_trainer as trainer
+
 TINY = {"backbone": {"name": "small_cnn", "width": 8}}
-
-
-def trainer(tmp_path: Path, **kw) -> L.Trainer:
-    kw = {"max_epochs": 1, **kw}
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
-
-
-@pytest.fixture
-def dm(image_folder: Path) -> ImageDataModule:
-    return ImageDataModule(root=str(image_folder), batch_size=16)
 
 
 def test_relative_location_pairs_each_patch_once() -> None:

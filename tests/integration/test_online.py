@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from selfsup.data import ImageDataModule
 from selfsup.evaluation.knn import knn_scores
 from selfsup.evaluation.online import OnlineSpec
-from selfsup.methods import MoCo, SimCLR
+from selfsup.methods import BYOL, MoCo, SimCLR, VICReg
+
+from conftest import cpu_trainer
 
 
 def test_knn_scores_weighted_vote() -> None:
@@ -25,52 +28,37 @@ def test_knn_scores_weighted_vote() -> None:
     assert torch.allclose(s[1], expected)
 
 
-def test_online_probe_and_knn_are_logged_and_checkpointed(image_folder: Path, tmp_path: Path) -> None:
-    dm = ImageDataModule(root=str(image_folder), batch_size=16)
-    for cls in (SimCLR, MoCo):
-        model = cls(
-            backbone={"name": "small_cnn", "width": 8},
-            proj_hidden=16,
-            proj_dim=8,
-            online=OnlineSpec(knn_every=1),
-            num_classes=dm.num_classes,
-        )
-        t = L.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(tmp_path),
-        )
-        t.fit(model, datamodule=dm)
-        m = t.callback_metrics
-        assert 0 <= float(m["val/online_top1"]) <= 1 and 0 <= float(m["val/knn_top1"]) <= 1
-        assert "train/online_top1" in m
-        ckpt = tmp_path / f"{cls.__name__}.ckpt"
-        t.save_checkpoint(ckpt)
-        # The head is part of the module: loading rebuilds it and restores its weights.
-        loaded = cls.load_from_checkpoint(ckpt, weights_only=True)
-        assert loaded.online is not None
-        assert torch.equal(loaded.online.head[1].weight, model.online.head[1].weight)
-        # Resume continues from the checkpoint, the online head included.
-        t2 = L.Trainer(
-            accelerator="cpu",
-            max_epochs=2,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(tmp_path),
-        )
-        fresh = cls(
-            backbone={"name": "small_cnn", "width": 8},
-            proj_hidden=16,
-            proj_dim=8,
-            online=OnlineSpec(knn_every=1),
-            num_classes=dm.num_classes,
-        )
-        t2.fit(fresh, datamodule=dm, ckpt_path=ckpt)
-        assert t2.current_epoch == 2 and "val/knn_top1" in t2.callback_metrics
+#: Every two-view method, each at a tiny size, its head widths apart.
+TWO_VIEW = {
+    SimCLR: {"proj_hidden": 16, "proj_dim": 8},
+    MoCo: {"proj_hidden": 16, "proj_dim": 8},
+    BYOL: {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16},
+    VICReg: {"expander_dim": 16},
+}
+
+
+@pytest.mark.parametrize("cls", list(TWO_VIEW), ids=lambda c: c.__name__)
+def test_online_probe_and_knn_are_logged_and_checkpointed(cls: type, dm: ImageDataModule, tmp_path: Path) -> None:
+    def make() -> L.LightningModule:
+        tiny = {"name": "small_cnn", "width": 8}
+        return cls(backbone=tiny, online=OnlineSpec(knn_every=1), num_classes=dm.num_classes, **TWO_VIEW[cls])
+
+    model = make()
+    t = cpu_trainer(tmp_path)
+    t.fit(model, datamodule=dm)
+    m = t.callback_metrics
+    assert 0 <= float(m["val/online_top1"]) <= 1 and 0 <= float(m["val/knn_top1"]) <= 1
+    assert "train/online_top1" in m and "train/embedding_spread" in m
+    ckpt = tmp_path / f"{cls.__name__}.ckpt"
+    t.save_checkpoint(ckpt)
+    # The head is part of the module: loading rebuilds it and restores its weights.
+    loaded = cls.load_from_checkpoint(ckpt, weights_only=True)
+    assert loaded.online is not None
+    assert torch.equal(loaded.online.head[1].weight, model.online.head[1].weight)
+    # Resume continues from the checkpoint, the online head included.
+    t2 = cpu_trainer(tmp_path, max_epochs=2)
+    t2.fit(make(), datamodule=dm, ckpt_path=ckpt)
+    assert t2.current_epoch == 2 and "val/knn_top1" in t2.callback_metrics
 
 
 def test_feature_passes_outside_the_steps_run_at_the_trainers_precision() -> None:

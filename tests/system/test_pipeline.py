@@ -192,6 +192,10 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
             "false",
             "--stages.simclr.enabled",
             "false",
+            "--stages.byol.enabled",
+            "false",
+            "--stages.vicreg.enabled",
+            "false",
             "--stages.moco.max_epochs",
             "1",
             "--stages.moco.model",
@@ -220,6 +224,36 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
     assert "| MoCo |" in table and "| finetune top-1 |" in table
     assert not (out / "moco_finetune" / "checkpoints").exists()  # evaluations keep no checkpoints
     assert "val/top1" in (out / "moco_finetune" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_byol_and_vicreg_run_as_pipeline_stages_of_all_methods(image_folder: Path, tmp_path: Path) -> None:
+    """BYOL and VICReg from their fit configs, on the budget all_methods gives every method."""
+    out = tmp_path / "out"
+    s = pipeline_main(
+        [
+            *("--config", str(REPO / "configs/pipeline/all_methods.yaml")),
+            *("--data.root", str(image_folder), "--out", str(out), "--backbone.width", "8"),
+            *("--data.batch_size", "32", "--evaluations.linear.max_epochs", "1", "--wandb.enabled", "false"),
+            *("--stages.relative_location.enabled", "false", "--stages.simclr.enabled", "false"),
+            *("--stages.moco.enabled", "false", "--stages.byol.max_epochs", "1", "--stages.vicreg.max_epochs", "1"),
+            *("--stages.byol.model", '{"proj_hidden": 16, "pred_hidden": 16}'),
+            *("--stages.vicreg.model", '{"expander_dim": 16}'),
+        ]
+    )
+    assert set(s["results"]) == {"random", "byol", "vicreg"}
+    for name in ("byol", "vicreg"):
+        assert 0 <= s["results"][name]["linear_top1"] <= 1 and 0 <= s["results"][name]["knn_top1"] <= 1
+    byol = torch.load(out / "byol" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # From configs/byol/cifar10.yaml (the model given here replaces all_methods' override): LARS at
+    # 1.0, momentum 0.99, with the widths given here.
+    hp = byol["hyper_parameters"]
+    assert (hp["optimizer"]["name"], hp["optimizer"]["lr"], hp["target_momentum"]) == ("lars", 1.0, 0.99)
+    assert (hp["proj_hidden"], hp["pred_hidden"], hp["proj_dim"]) == (16, 16, 256)
+    assert any(k.startswith("target_backbone.") for k in byol["state_dict"])
+    vicreg = torch.load(out / "vicreg" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert vicreg["hyper_parameters"]["expander_dim"] == 16
+    table = (out / "summary.md").read_text()
+    assert "| BYOL |" in table and "| VICReg |" in table
 
 
 def test_transfer_and_in_domain_figures_side_by_side(image_folder: Path, tmp_path: Path) -> None:

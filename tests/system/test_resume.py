@@ -131,6 +131,8 @@ def method_args(method: str, images: Path, run_dir: Path, tmp_path: Path) -> lis
     extra = {
         "simclr": ["--model.init_args.proj_hidden", "16", "--model.init_args.online.knn_every", "1"],
         "moco": ["--model.init_args.proj_hidden", "16", "--model.init_args.queue_size", "64"],
+        "byol": ["--model.init_args.proj_hidden", "16", "--model.init_args.pred_hidden", "16"],
+        "vicreg": ["--model.init_args.expander_dim", "16"],
         "relative_location": ["--model.init_args.grid", "kolesnikov", "--model.init_args.head_hidden", "16"],
         "distill": [
             "--model.init_args.teacher",
@@ -241,7 +243,7 @@ def assert_same_state(run_dir: Path, reference_dir: Path) -> None:
                 assert torch.equal(mine["state"][i][k], v) if isinstance(v, torch.Tensor) else mine["state"][i][k] == v
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "relative_location", "distill", "linear_probe"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "vicreg", "relative_location", "distill", "linear_probe"])
 def test_every_method_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
     method: str, uninterrupted, tmp_path: Path
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Protocol, cast
 
 import lightning as L
@@ -19,6 +18,7 @@ from selfsup.media import ViewsFigure
 from selfsup.metrics import embedding_spread
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.heads import MLP
+from selfsup.models.momentum import momentum_copy, momentum_update
 from selfsup.optim.optimizer import OptimizerSpec
 from selfsup.protocols import TwoViewHparams
 
@@ -83,8 +83,8 @@ class MoCo(L.LightningModule):
         )
         self.backbone = BackboneSpec.of(backbone).build()
         self.projector = MLP([self.backbone.num_features, proj_hidden, proj_dim], batch_norm=True)
-        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.key_backbone = momentum_copy(self.backbone)
+        self.key_projector = momentum_copy(self.projector)
         # Buffers: saved in checkpoints, so a resumed run continues with the same negatives.
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -100,17 +100,9 @@ class MoCo(L.LightningModule):
         """Query-encoder features of plain uint8 images (no augmentation): (B, F)."""
         return self.backbone(normalize(to_float(images)))
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        """key = m * key + (1 - m) * query, for every weight; BatchNorm statistics are copied
-        the same way (they are buffers of the encoder)."""
-        m = self.hp.key_momentum
-        for q_mod, k_mod in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
-            for q, k in zip(q_mod.state_dict().values(), k_mod.state_dict().values(), strict=True):
-                if k.dtype.is_floating_point:
-                    k.mul_(m).add_(q.detach(), alpha=1 - m)
-                else:
-                    k.copy_(q)
+        """key = m * key + (1 - m) * query, for every weight and BatchNorm statistic."""
+        momentum_update([self.backbone, self.projector], [self.key_backbone, self.key_projector], self.hp.key_momentum)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

@@ -1,10 +1,10 @@
-"""NT-Xent across 2 processes (gloo) equals the single-process loss on the full batch.
+"""NT-Xent and VICReg across 2 processes (gloo) equal the single-process loss on the full batch.
 
-Each rank holds half the images. Its loss is the mean over its own rows against the columns
-gathered from both ranks; the gather's backward sums gradients over ranks. DDP then averages
-parameter gradients over the W ranks, so the gradient that reaches the weights is
-(1/W) * (what each rank's backward produced for its inputs): that must equal the
-single-process gradient of the full-batch loss, slice by slice.
+Each rank holds half the images. NT-Xent's loss on a rank is the mean over its own rows against
+the columns gathered from both ranks; VICReg's is the loss of the whole gathered batch. The
+gather's backward sums gradients over ranks. DDP then averages parameter gradients over the W
+ranks, so the gradient that reaches the weights is (1/W) * (what each rank's backward produced
+for its inputs): that must equal the single-process gradient of the full-batch loss, slice by slice.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from selfsup.losses import NTXentLoss
+from selfsup.losses import NTXentLoss, VICRegLoss
 
 from reference import free_port
 
 N, D, T, W = 8, 5, 0.2, 2
+LOSSES = {"ntxent": lambda: NTXentLoss(T), "vicreg": VICRegLoss}
 
 
 def full_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +30,7 @@ def full_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(N, D, generator=g, dtype=torch.double), torch.randn(N, D, generator=g, dtype=torch.double)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, name: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=W)
     try:
@@ -37,7 +38,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         n = N // W
         a = z0[rank * n : (rank + 1) * n].clone().requires_grad_()
         b = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
-        loss = NTXentLoss(T)(a, b)
+        loss = LOSSES[name]()(a, b)
         loss.backward()
         # The loss a run reports: the mean of the equal-sized ranks' losses.
         reported = loss.detach().clone()
@@ -47,10 +48,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_match_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=W, join=True)
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_two_processes_match_one_process(name: str, tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), name), nprocs=W, join=True)
     z0, z1 = (t.clone().requires_grad_() for t in full_batch())
-    loss = NTXentLoss(T)(z0, z1)
+    loss = LOSSES[name]()(z0, z1)
     loss.backward()
     n = N // W
     for rank in range(W):
