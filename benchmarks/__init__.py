@@ -9,6 +9,7 @@ figures quoted in the README are in ``benchmarks/results/``.
 #: NAME -> the module whose ``main(argv)`` runs it: the benchmarks, then the experiments.
 NAMES: dict[str, str] = {
     "lightly": "benchmarks.against_lightly",
+    "methods": "benchmarks.methods",
     "augment": "benchmarks.augment",
     "decode": "benchmarks.decode",
     "patches": "benchmarks.patches",

@@ -26,6 +26,7 @@ def test_help_lists_every_name_with_its_line() -> None:
     names = list(NAMES)
     assert names == [
         "lightly",
+        "methods",
         "augment",
         "decode",
         "patches",

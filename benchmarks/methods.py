@@ -1,0 +1,164 @@
+"""BYOL and VICReg steps against a SimCLR step: the same network, batch and images, side by side.
+
+What a method's step costs beyond SimCLR's is its extra compute: BYOL's predictor and its target
+network's forward pass (no backward), VICReg's wider expander and its covariance matrices. This
+benchmark measures, in one process and in interleaved rounds (the round with the median ratio
+counts):
+
+- ``step``: images/s of whole training steps through a Lightning Trainer (the data, the views on
+  the device, forward, backward, the optimizer, the target's update), and each method's ratio
+  to SimCLR's;
+- ``compute``: seconds of the bare step on ready-made views (forward, backward, optimizer), and
+  the FLOPs of that step (``torch.utils.flop_counter``: matrix products and convolutions);
+- ``predicted``: the whole-step ratio the extra compute predicts, ``T / (T + c - c_simclr)`` with
+  T SimCLR's whole step and c each method's bare step per image; ``measured / predicted`` near 1
+  means the method costs what its compute does, no more.
+
+    python -m benchmarks methods [--backbone resnet18 --cifar-stem] [--json FILE] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.against_lightly import StepTimer, trainer_for
+from benchmarks.common import parser, seconds_per_call, write_json
+from selfsup.data import ImageDataModule
+from selfsup.data.views import normalize, to_float
+from selfsup.evaluation import OnlineSpec
+from selfsup.methods import BYOL, SimCLR, VICReg
+from selfsup.models.backbones import BackboneSpec
+from selfsup.models.momentum import momentum_update
+
+METHODS = ("simclr", "byol", "vicreg")
+
+
+def build(name: str, backbone: BackboneSpec, hidden: int) -> L.LightningModule:
+    """Each method with its own heads (SimCLR's and BYOL's ``hidden`` wide, VICReg's expander at
+    its default, 4 x the features), Adam, no online evaluator."""
+    common: dict[str, Any] = {
+        "backbone": backbone,
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "online": OnlineSpec(enabled=False),
+    }
+    if name == "simclr":
+        return SimCLR(proj_hidden=hidden, proj_dim=128, **common)
+    if name == "byol":
+        return BYOL(proj_hidden=hidden, proj_dim=256, pred_hidden=hidden, **common)
+    return VICReg(**common)
+
+
+def bare_step(model: L.LightningModule, views: tuple[torch.Tensor, torch.Tensor]) -> Any:
+    """One step on ready-made views: BYOL's target update, the loss, backward, the optimizer."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step() -> None:
+        if isinstance(model, BYOL):
+            momentum_update([model.backbone, model.projector], [model.target_backbone, model.target_projector], 0.99)
+        loss = model.loss(*views)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def flops(model: L.LightningModule, views: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """FLOPs of one forward and backward pass of the method's loss on ``views``."""
+    with FlopCounterMode(display=False) as counter:
+        model.loss(*views)[0].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    ap = parser(__name__, __doc__)
+    ap.add_argument("--backbone", default="small_cnn")
+    ap.add_argument("--width", type=int, default=32, help="of the small CNN")
+    ap.add_argument("--cifar-stem", action="store_true")
+    ap.add_argument("--hidden", type=int, default=512, help="of SimCLR's projector and BYOL's projector and predictor")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20, help="training steps of each whole-step run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--images", type=int, default=2048, help="of the embedded sample")
+    ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--json", default="runs/bench/methods.json")
+    ap.add_argument("--markdown", default="runs/bench/methods.md")
+    args = ap.parse_args(argv)
+    backbone = BackboneSpec(args.backbone, width=args.width, cifar_stem=args.cifar_stem)
+    dm = ImageDataModule(root=None, batch_size=args.batch_size, max_train_images=args.images, max_eval_images=64)
+    dm.setup("fit")
+    images = next(iter(dm.train_dataloader()))["image"]
+    views = tuple(normalize(to_float(images)) for _ in range(2))
+    rates: dict[str, list[float]] = {m: [] for m in METHODS}
+    compute: dict[str, list[float]] = {m: [] for m in METHODS}
+    counted: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for r in range(args.rounds):
+            for name in METHODS:
+                L.seed_everything(r, verbose=False)
+                model = build(name, backbone, args.hidden)
+                timer = StepTimer(skip=3)
+                trainer_for(args.steps, timer, folder, args.precision).fit(model, datamodule=dm)
+                rates[name].append(timer.rate)
+                model = build(name, backbone, args.hidden).train()
+                compute[name].append(seconds_per_call(bare_step(model, views), repeats=3, rounds=2, warmup=1))
+                counted.setdefault(name, flops(model, views))
+                print(f"round {r + 1} {name}: {rates[name][-1]:.1f} images/s", flush=True)
+    rows = []
+    for name in METHODS:
+        ratios = [rates[name][k] / rates["simclr"][k] for k in range(args.rounds)]
+        k = ratios.index(statistics.median_low(ratios))
+        whole = args.batch_size / rates["simclr"][k]  # SimCLR's whole step, seconds
+        extra = compute[name][k] - compute["simclr"][k]
+        predicted = whole / (whole + extra)
+        rows.append(
+            {
+                "method": name,
+                "images_per_s": rates[name][k],
+                "ratio_to_simclr": ratios[k],
+                "compute_s": compute[name][k],
+                "compute_ratio": compute[name][k] / compute["simclr"][k],
+                "flops_per_image": counted[name] / args.batch_size,
+                "flops_ratio": counted[name] / counted["simclr"],
+                "predicted_ratio": predicted,
+                "measured_over_predicted": ratios[k] / predicted,
+            }
+        )
+    result = write_json(args.json, {"args": vars(args), "rows": rows})
+    text = markdown(result)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The rows as a table under a line naming the machine, the commit and the network."""
+    m, a = result["machine"], result["args"]
+    head = (
+        f"{m['cpu']} ({m['cores']} cores, torch {m['torch']}, GPU {m['gpu']}); commit {result['commit']['hash']}; "
+        f"{a['backbone']} batch {a['batch_size']} at {a['precision']}"
+    )
+    lines = [
+        head,
+        "",
+        "| method | images/s | vs SimCLR | bare step | FLOPs/image | FLOPs vs SimCLR | predicted vs SimCLR "
+        "| measured / predicted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['images_per_s']:.0f} | {r['ratio_to_simclr']:.2f} | {r['compute_s'] * 1e3:.0f} ms "
+            f"| {r['flops_per_image'] / 1e6:.0f} M | {r['flops_ratio']:.2f} | {r['predicted_ratio']:.2f} "
+            f"| {r['measured_over_predicted']:.2f} |"
+        )
+    return "\n".join(lines)
