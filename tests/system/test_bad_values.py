@@ -20,6 +20,9 @@ PATCHES = [
     *("fit", "--config", str(REPO / "configs/trainer/cpu.yaml")),
     *("--config", str(REPO / "configs/relative_location/cifar10.yaml")),
 ]
+BYOL = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/byol/cifar10.yaml")]
+VICREG = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml")]
+VICREG += ["--config", str(REPO / "configs/vicreg/cifar10.yaml")]
 KNN = ["validate", "--config", str(REPO / "configs/trainer/cpu.yaml")]
 KNN += ["--config", str(REPO / "configs/knn/cifar10.yaml")]
 PROBE = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml")]
@@ -58,6 +61,10 @@ CASES = [
     (FIT, "lr_scaling.reference_batch", "0", "lr_scaling.reference_batch must be positive, got 0"),
     (MOCO, "model.init_args.queue_size", "0", "model.init_args.queue_size must be at least 1, got 0"),
     (MOCO, "model.init_args.key_momentum", "1.5", "model.init_args.key_momentum must be in [0, 1), got 1.5"),
+    (BYOL, "model.init_args.target_momentum", "1", "model.init_args.target_momentum must be in [0, 1), got 1"),
+    (BYOL, "model.init_args.pred_hidden", "0", "model.init_args.pred_hidden must be at least 1, got 0"),
+    (VICREG, "model.init_args.expander_dim", "0", "model.init_args.expander_dim must be at least 1, got 0"),
+    (VICREG, "model.init_args.variance_weight", "-1", "model.init_args.variance_weight must be at least 0, got -1"),
     (PATCHES, "model.init_args.gray_p", "2", "model.init_args.gray_p must be in [0, 1], got 2"),
     (PATCHES, "model.init_args.dropout", "1", "model.init_args.dropout must be in [0, 1), got 1"),
     (PATCHES, "model.init_args.gap", "-1", "model.init_args.gap must be at least 0, got -1"),
