@@ -131,3 +131,32 @@ def test_a_folder_is_held_until_its_process_ends(tmp_path: Path) -> None:
     hold_folder(folder)
     hold_folder(folder)  # this process's own folder: held already
     release_folder(folder)
+
+
+def test_a_killed_runs_forked_workers_do_not_hold_its_folder(tmp_path: Path) -> None:
+    """Data loader workers are forked from the run and outlive it by seconds when it is killed:
+    the folder's lock is the run's own, not theirs, so the re-run may start at once."""
+    folder = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; from selfsup.files import hold_folder; hold_folder(sys.argv[1], 'selfsup fit'); "
+            "worker = os.fork()\n"
+            "if worker == 0: time.sleep(60); os._exit(0)\n"
+            "print(worker, flush=True); time.sleep(60)",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    worker = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(worker, 0)  # the worker lives on
+        hold_folder(folder)  # and holds nothing
+        release_folder(folder)
+    finally:
+        os.kill(worker, signal.SIGKILL)
