@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from selfsup import SelfsupError
 from selfsup.data.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SimCLRViews,
+    ViewSpec,
     color_jitter,
     random_resized_crop,
+    random_solarize,
 )
 
 
@@ -173,3 +176,25 @@ def test_border_sampling_equals_reflection_for_every_box_the_crop_draws() -> Non
         assert torch.allclose(border, reflect, atol=1e-6), (border - reflect).abs().max()
     zeros = F.grid_sample(x, crop_grid(boxes, flip, 23, 31, 40), padding_mode="zeros", align_corners=False)
     assert not torch.allclose(zeros, reflect, atol=1e-3)  # the check can tell paddings apart at the edges
+
+
+def test_solarize_inverts_the_bright_pixels_of_the_chosen_images() -> None:
+    x = torch.tensor([0.1, 0.5, 0.9]).view(1, 1, 1, 3).repeat(2, 1, 1, 1)
+    out = random_solarize(x, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(out[0].flatten(), torch.tensor([0.1, 0.5, 0.1]))  # 1 - 0.5 = 0.5, 1 - 0.9 = 0.1
+    assert torch.equal(out[1], x[1])
+
+
+def test_byols_asymmetric_views_blur_the_first_and_solarize_the_second() -> None:
+    """The same draws with and without each option: only the view it names changes."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+
+    def views(**options: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return ViewSpec(**options).build()(images, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+
+    plain, blurred = views(blur_p=(0.0, 0.0)), views(blur_p=(1.0, 0.0))
+    assert not torch.equal(plain[0], blurred[0]) and torch.equal(plain[1], blurred[1])
+    never, solarized = views(solarize_p=(0.0, 1e-12)), views(solarize_p=(0.0, 1.0))
+    assert torch.equal(never[0], solarized[0]) and not torch.equal(never[1], solarized[1])
+    with pytest.raises(SelfsupError, match=r"views.solarize_p\[1\] must be in \[0, 1\], got 2"):
+        ViewSpec(solarize_p=(0.0, 2.0))

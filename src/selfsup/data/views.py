@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import AREA, PlainData, Range, check_ranges
+from selfsup.config import AREA, PROBABILITY, PlainData, Range, check_ranges
 from selfsup.data.crops import crop_boxes, crop_grid, uniform
 
 #: ImageNet channel statistics, the usual choice for natural images.
@@ -228,9 +228,13 @@ def gray_and_normalize(x: torch.Tensor, gray: torch.Tensor, scale: torch.Tensor,
 
 
 def random_gaussian_blur(
-    x: torch.Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0), generator: torch.Generator | None = None
+    x: torch.Tensor,
+    p: float | torch.Tensor = 0.5,
+    sigma: tuple[float, float] = (0.1, 2.0),
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Blur with a per-image sigma (kernel ~10% of the image side), with probability ``p``.
+    """Blur with a per-image sigma (kernel ~10% of the image side), with probability ``p`` (a
+    number, or (B,) per image).
 
     A separable depthwise convolution with one kernel per image (grouped conv).
     """
@@ -250,6 +254,18 @@ def random_gaussian_blur(
     return torch.where(apply, y, x)
 
 
+def random_solarize(
+    x: torch.Tensor, p: float | torch.Tensor, threshold: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Invert the pixels at or above ``threshold`` (``1 - x``), per image with probability ``p``
+    (a number, or (B,) per image): PIL's solarize at 128 of 255, as BYOL's views use it.
+
+    Shapes: (B, C, H, W) float in [0, 1] -> the same."""
+    b = x.shape[0]
+    apply = (uniform(b, generator, x.device) < p).view(b, 1, 1, 1)
+    return torch.where(apply & (x >= threshold), 1 - x, x)
+
+
 class SimCLRViews(nn.Module):
     """Two independently augmented, normalized views of a uint8 image batch.
 
@@ -260,6 +276,9 @@ class SimCLRViews(nn.Module):
     Args:
         image_size: side S of the output views; None: the side of the input images.
         blur: None means on for views larger than 32 pixels.
+        blur_p: the blur's probability in the first and the second view (BYOL: 1.0 and 0.1),
+            at any size; None: ``blur``'s rule at SimCLR's 0.5.
+        solarize_p: the probability of :func:`random_solarize` in each view (BYOL: 0 and 0.2).
         compile: the color operations through ``torch.compile`` (:func:`color_ops`).
     Shapes:
         (B, 3, H, W) uint8 on any device -> two (B, 3, S, S) float tensors.
@@ -274,6 +293,8 @@ class SimCLRViews(nn.Module):
         jitter_p: float = 0.8,
         gray_p: float = 0.2,
         blur: bool | None = None,
+        blur_p: tuple[float, float] | None = None,
+        solarize_p: tuple[float, float] = (0.0, 0.0),
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         compile: bool = False,
@@ -287,31 +308,49 @@ class SimCLRViews(nn.Module):
         self.jitter_p = jitter_p
         self.gray_p = gray_p
         self.blur = blur
+        self.blur_p = None if blur_p is None else (blur_p[0], blur_p[1])
+        self.solarize_p = (solarize_p[0], solarize_p[1])
         self.mean, self.std = tuple(mean), tuple(std)
         # Not self.compile: that would hide nn.Module.compile().
         self.compile_color = compile
 
-    def view(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalized."""
+    def view(self, images: torch.Tensor, generator: torch.Generator | None = None, pair: bool = False) -> torch.Tensor:
+        """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalized (``pair``:
+        the batch is the first views' images, then the second's; see :meth:`finish`)."""
         size = self.image_size or images.shape[-1]
         x = random_resized_crop(to_float(images), size, self.scale, self.ratio, generator=generator)
-        return self.finish(x, generator)
+        return self.finish(x, generator, pair)
 
-    def finish(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The steps after the crop (color jitter, grayscale, blur, normalization), for crops
-        already cut and flipped, e.g. from the full image in the loader's workers
-        (``selfsup.data.litdata.samples.CropViews``): (B, 3, S, S) uint8 or float -> float."""
+    def finish(self, crops: torch.Tensor, generator: torch.Generator | None = None, pair: bool = False) -> torch.Tensor:
+        """The steps after the crop (color jitter, grayscale, blur, solarization, normalization),
+        for crops already cut and flipped, e.g. from the full image in the loader's workers
+        (``selfsup.data.litdata.samples.CropViews``): (B, 3, S, S) uint8 or float -> float.
+        With ``pair`` the first half of the batch takes the first view's blur and solarization
+        probabilities and the second half the second's; without, all take the first's."""
         x = to_float(crops)
         size = x.shape[-1]
         b, c, s, h = self.jitter
         # The compiled functions are looked up, not kept: the module stays picklable.
         x = color_jitter(x, b, c, s, h, p=self.jitter_p, generator=generator, ops=color_ops(self.compile_color))
         gray = _draw_gray(x, self.gray_p, generator)
-        if self.blur if self.blur is not None else size > 32:
-            x = random_gaussian_blur(mix_gray(x, gray), generator=generator)
+        blur = self.blur_p is not None or (self.blur if self.blur is not None else size > 32)
+        if blur or any(self.solarize_p):
+            x = mix_gray(x, gray)
+            if blur:
+                p = 0.5 if self.blur_p is None else self.per_view(self.blur_p, x, pair)
+                x = random_gaussian_blur(x, p=p, generator=generator)
+            if any(self.solarize_p):
+                x = random_solarize(x, self.per_view(self.solarize_p, x, pair), generator=generator)
             return normalize(x, self.mean, self.std)
         tail = compiled(gray_and_normalize) if self.compile_color else gray_and_normalize
         return tail(x, gray, *standardization(x, self.mean, self.std))
+
+    @staticmethod
+    def per_view(p: tuple[float, float], x: torch.Tensor, pair: bool) -> torch.Tensor:
+        """(B,) probabilities: ``p[0]`` for the first half of the batch and ``p[1]`` for the second
+        when it holds a pair of views, else ``p[0]`` for all."""
+        first = x.shape[0] // 2 if pair else x.shape[0]
+        return torch.cat([torch.full((first,), p[0]), torch.full((x.shape[0] - first,), p[1])]).to(x.device)
 
     @torch.no_grad()
     def forward(
@@ -319,7 +358,7 @@ class SimCLRViews(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Both views in one pass over the batch twice over: every draw is per image anyway, and
         # at training batch sizes the per-operation overhead is a fifth of the cost.
-        v0, v1 = self.view(torch.cat([images, images]), generator).chunk(2)
+        v0, v1 = self.view(torch.cat([images, images]), generator, pair=True).chunk(2)
         return v0, v1
 
     @torch.no_grad()
@@ -328,7 +367,7 @@ class SimCLRViews(nn.Module):
         finished from the crops the workers cut from the full images, ``views`` (B, 2, 3, S, S)."""
         if "views" in batch:
             v = batch["views"]
-            v0, v1 = self.finish(torch.cat([v[:, 0], v[:, 1]])).chunk(2)
+            v0, v1 = self.finish(torch.cat([v[:, 0], v[:, 1]]), pair=True).chunk(2)
             return v0, v1
         return self(batch["image"])
 
@@ -342,16 +381,32 @@ class ViewSpec(PlainData):
         crop_min_scale: smallest area fraction of the random resized crop (SimCLR: 0.08).
         compile: the color jitter's operations through ``torch.compile``: 2-4 times faster
             each, after a one-off compilation (about 15 s on two CPU cores, cached on disk).
+        blur_p: the blur's probability in the first and second view, at any size (BYOL's
+            asymmetric views: [1.0, 0.1]); None: SimCLR's 0.5, above 32 pixels only.
+        solarize_p: the solarization's probability in each view (BYOL: [0.0, 0.2]).
     """
 
     size: int | None = None
     crop_min_scale: float = 0.08
     compile: bool = False
+    blur_p: tuple[float, float] | None = None
+    solarize_p: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         check_ranges(
             "model.init_args.views", {"size": (self.size, Range(8)), "crop_min_scale": (self.crop_min_scale, AREA)}
         )
+        chances: dict[str, tuple[float | None, Range]] = {
+            f"blur_p[{i}]": (p, PROBABILITY) for i, p in enumerate(self.blur_p or ())
+        }
+        chances |= {f"solarize_p[{i}]": (p, PROBABILITY) for i, p in enumerate(self.solarize_p)}
+        check_ranges("model.init_args.views", chances)
 
     def build(self) -> SimCLRViews:
-        return SimCLRViews(self.size, scale=(self.crop_min_scale, 1.0), compile=self.compile)
+        return SimCLRViews(
+            self.size,
+            scale=(self.crop_min_scale, 1.0),
+            blur_p=self.blur_p,
+            solarize_p=self.solarize_p,
+            compile=self.compile,
+        )
