@@ -36,6 +36,7 @@ from selfsup.evaluation import OnlineSpec
 from selfsup.methods import BYOL, SimCLR, VICReg
 from selfsup.models.backbones import BackboneSpec
 from selfsup.models.momentum import momentum_update
+from selfsup.runtime import keep_freed_memory
 
 METHODS = ("simclr", "byol", "vicreg")
 
@@ -92,6 +93,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     ap.add_argument("--json", default="runs/bench/methods.json")
     ap.add_argument("--markdown", default="runs/bench/methods.md")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as the selfsup command does: no pages returned and faulted back each step
     backbone = BackboneSpec(args.backbone, width=args.width, cifar_stem=args.cifar_stem)
     dm = ImageDataModule(root=None, batch_size=args.batch_size, max_train_images=args.images, max_eval_images=64)
     dm.setup("fit")
