@@ -151,8 +151,9 @@ def main(argv: list[str]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The rows as a table under a line naming the machine, the commit and the network."""
     m, a = result["machine"], result["args"]
+    commit = result["commit"]["hash"] + (" with uncommitted changes" if result["commit"]["dirty"] else "")
     head = (
-        f"{m['cpu']} ({m['cores']} cores, torch {m['torch']}, GPU {m['gpu']}); commit {result['commit']['hash']}; "
+        f"{m['cpu']} ({m['cores']} cores, torch {m['torch']}, GPU {m['gpu']}); commit {commit}; "
         f"{a['backbone']} batch {a['batch_size']} at {a['precision']}"
     )
     lines = [
