@@ -26,6 +26,8 @@ def test_there_are_configs_for_every_stage_and_preset() -> None:
         "relative_location",
         "simclr",
         "moco",
+        "byol",
+        "vicreg",
         "distill",
         "linear_probe",
         "finetune",

@@ -48,7 +48,8 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     assert hp["backbone"] == {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch", "weights": None}
     assert hp["optimizer"] == {"name": "adam", "lr": 2e-3, "weight_decay": 1e-6, "momentum": 0.9}
     assert hp["online"] == {"enabled": True, "lr": 1e-3, "knn_every": 5, "knn_k": 200}
-    assert hp["views"] == {"size": None, "crop_min_scale": 0.08, "compile": False}
+    views = {"size": None, "crop_min_scale": 0.08, "compile": False, "blur_p": None, "solarize_p": (0.0, 0.0)}
+    assert hp["views"] == views
     assert SimCLR.load_from_checkpoint(ckpt, weights_only=True).hparams.optimizer["lr"] == 2e-3
 
     probe = LinearProbe(num_classes=dm.num_classes, features=Features(checkpoint=str(ckpt)), **TINY)
