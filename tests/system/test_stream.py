@@ -33,7 +33,7 @@ from reference import decode_crop, random_crops, streamed_images
 pytest.importorskip("litdata")
 
 from selfsup.evaluation.online import OnlineSpec  # noqa: E402
-from selfsup.methods import FineTune, LinearProbe, RelativeLocation, SimCLR  # noqa: E402
+from selfsup.methods import BYOL, FineTune, LinearProbe, RelativeLocation, SimCLR, VICReg  # noqa: E402
 
 
 def read_split(directory: Path) -> list[dict]:
@@ -200,6 +200,9 @@ def test_every_stage_trains_on_a_streamed_labeled_dataset(
     seen = fit_streamed(simclr, dm, tmp_path)
     assert seen.shapes[0] == {"views": (20, 2, 3, 16, 16), "label": (20,), "index": (20,)}
     assert sorted(seen.rows) == list(range(120)) and seen.rows != sorted(seen.rows)  # each image once, shuffled
+    # BYOL and VICReg: the same crops from the workers.
+    for method in (BYOL(**TINY, proj_hidden=16, pred_hidden=16, views={"size": 16}), VICReg(**TINY, expander_dim=16)):
+        assert fit_streamed(method, dm, tmp_path).shapes[0]["views"][:2] == (20, 2)
     # Relative location: a square of each full image, the grid drawn on the device.
     seen = fit_streamed(RelativeLocation(**TINY, head_hidden=16), dm, tmp_path)
     assert seen.shapes[0]["image"] == (20, 3, 32, 32)
