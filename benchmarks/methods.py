@@ -119,7 +119,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         rounds = []
         for k in range(args.rounds):
             whole = args.batch_size / rates["simclr"][k]  # SimCLR's whole step in this round, seconds
-            predicted = whole / (whole + compute[name][k] - compute["simclr"][k])
+            predicted = whole / (whole + (compute[name][k] - compute["simclr"][k]))
             ratio = rates[name][k] / rates["simclr"][k]
             rounds.append({"images_per_s": rates[name][k], "compute_s": compute[name][k], "ratio": ratio})
             rounds[-1] |= {"predicted": predicted, "measured_over_predicted": ratio / predicted}
