@@ -121,7 +121,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _restore_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for signum, previous in getattr(self, "_previous", {}).items():
+            for signum, previous in self._previous.items():
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 

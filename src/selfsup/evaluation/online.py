@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -286,6 +286,19 @@ class OnlineEvaluation(nn.Module):
 #: wide features (ResNet-50: 2048) it reads low against the paper's figures: a trend over the
 #: epochs of one run, comparable between runs with the same count.
 RANKME_IMAGES = 1024
+
+
+def validate_on_fixed_views(module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+    """A two-view method's validation step (SimCLR, MoCo, BYOL, VICReg): its loss on views drawn
+    from a generator fixed per batch, the same every evaluation and so comparable over epochs,
+    logged as ``val/loss``; and the online evaluator's update on the plain images' features.
+    ``module`` offers ``views``, ``loss(v0, v1) -> (loss, ...)``, ``embed`` and ``online``."""
+    images = batch["image"]
+    g = torch.Generator(device=images.device).manual_seed(1000 + batch_idx)
+    m = cast(Any, module)
+    loss = m.loss(*m.views(images, g))[0]
+    module.log("val/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
+    m.online.validation_update(module, m.embed(images), batch["label"])
 
 
 def rankme_images(dm: ImageDataModule, count: int = RANKME_IMAGES) -> tuple[str, torch.Tensor]:

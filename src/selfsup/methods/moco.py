@@ -12,7 +12,7 @@ from selfsup.config import COUNT, MOMENTUM, POSITIVE, check_ranges, save_plain_h
 from selfsup.data.litdata.samples import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
 from selfsup.distributed import gather_no_grad
-from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec
+from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec, validate_on_fixed_views
 from selfsup.losses.infonce import info_nce
 from selfsup.media import ViewsFigure
 from selfsup.metrics import embedding_spread
@@ -150,11 +150,8 @@ class MoCo(L.LightningModule):
         return loss + self.online.training_loss(self, features, batch["label"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["image"]
-        # Fixed views per batch, comparable over epochs; the key encoder and queue stay as they are.
-        loss, _, _ = self.loss(*self.views(images, torch.Generator(device=images.device).manual_seed(1000 + batch_idx)))
-        self.log("val/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
-        self.online.validation_update(self, self.embed(images), batch["label"])
+        # Fixed views per batch; the key encoder and queue stay as they are.
+        validate_on_fixed_views(self, batch, batch_idx)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The key encoder follows by momentum, never by gradient.

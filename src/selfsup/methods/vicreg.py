@@ -10,7 +10,7 @@ import torch
 from selfsup.config import COUNT, NON_NEGATIVE, check_ranges, save_plain_hyperparameters
 from selfsup.data.litdata.samples import CropViews
 from selfsup.data.views import ViewSpec, normalize, to_float
-from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec
+from selfsup.evaluation.online import OnlineEvaluation, OnlineHooks, OnlineSpec, validate_on_fixed_views
 from selfsup.losses.vicreg import VICRegLoss
 from selfsup.media import ViewsFigure
 from selfsup.metrics import embedding_spread
@@ -115,12 +115,7 @@ class VICReg(L.LightningModule):
         return loss + self.online.training_loss(self, features, batch["label"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["image"]
-        # A fixed generator per batch: the same views every evaluation, comparable over epochs.
-        g = torch.Generator(device=images.device).manual_seed(1000 + batch_idx)
-        loss, _, _ = self.loss(*self.views(images, g))
-        self.log("val/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
-        self.online.validation_update(self, self.embed(images), batch["label"])
+        validate_on_fixed_views(self, batch, batch_idx)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return OptimizerSpec.of(self.hp.optimizer).build([self.backbone, self.expander], self.online.param_groups())
