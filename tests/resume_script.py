@@ -29,7 +29,6 @@ import multiprocessing.context
 import multiprocessing.process
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,8 @@ import torch
 from selfsup.cli import SelfsupCLI
 from selfsup.cli import main as selfsup_main
 from selfsup.pipeline import Pipeline
+
+from reference import free_port
 
 SIGNALS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "int": signal.SIGINT}
 
@@ -253,9 +254,3 @@ def run_forked(
 ) -> subprocess.CompletedProcess:
     """:func:`start`, then wait for the job."""
     return start(spec, record, args, env, folder, ranks).wait(args)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
