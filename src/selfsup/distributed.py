@@ -60,3 +60,13 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over all ranks (a new tensor; ``x`` itself without a process group)."""
+    if world_size() == 1:
+        return x
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

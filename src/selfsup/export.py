@@ -86,21 +86,24 @@ def convert(spec: BackboneSpec, state: dict[str, torch.Tensor], fmt: Format) -> 
     raise SelfsupError(f"backbone {name} comes from {other}: export it with --format {other} (or plain)")
 
 
-def target_model(fmt: Format, arch: str) -> nn.Module:
-    """The library's model the export is for, at its random initialization (nothing downloaded)."""
+def target_model(fmt: Format, arch: str, timm_args: dict[str, Any] | None = None) -> nn.Module:
+    """The library's model the export is for, at its random initialization (nothing downloaded);
+    a timm model with the keyword arguments the backbone was built with (image and patch size)."""
     if fmt == "torchvision":
         return torchvision.models.get_model(arch, weights=None)
     try:
         import timm  # optional extra: selfsup[timm]
     except ImportError:
         raise SelfsupError("--format timm needs timm: pip install 'selfsup[timm]'") from None
-    return timm.create_model(arch, pretrained=False)
+    return timm.create_model(arch, pretrained=False, **(timm_args or {}))
 
 
-def check_loads(fmt: Format, arch: str, state: dict[str, torch.Tensor]) -> list[str]:
+def check_loads(
+    fmt: Format, arch: str, state: dict[str, torch.Tensor], timm_args: dict[str, Any] | None = None
+) -> list[str]:
     """Load ``state`` into the target model; return the missing keys (the classifier's). Raises if
     anything but the classifier is missing or anything is left over."""
-    model = target_model(fmt, arch)
+    model = target_model(fmt, arch, timm_args)
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = [k for k in missing if k.startswith(("fc.", "classifier.", "head.", "heads."))]
     if unexpected or len(head) != len(missing):
@@ -149,9 +152,12 @@ def write_export(
     the target model, and ``out.json`` beside it (``info`` and what the file is); return that card."""
     out = Path(out)
     state, arch = convert(spec, backbone.state_dict(), fmt)
-    missing = check_loads(fmt, arch, state) if fmt != "plain" else []
+    timm_args = spec.timm_args() if fmt == "timm" else {}
+    missing = check_loads(fmt, arch, state, timm_args) if fmt != "plain" else []
     write_atomic(out, partial(torch.save, state))
     card = {"format": fmt, "arch": arch, "backbone": spec.as_dict(), "missing_in_target": missing, **info}
+    if timm_args:  # timm.create_model(card["arch"], **card["timm_args"]) builds the same model
+        card["timm_args"] = timm_args
     write_atomic(out.with_name(out.name + ".json"), json.dumps(card, indent=2, default=str) + "\n")
     return card
 
@@ -195,7 +201,9 @@ def export_main(argv: Sequence[str]) -> dict[str, Any]:
     info = export_backbone(a.ckpt, a.out, a.format)
     loads = {
         "torchvision": f"torchvision.models.{info['arch']}()",
-        "timm": f"timm.create_model({info['arch']!r})",
+        "timm": f"timm.create_model({info['arch']!r}"
+        + "".join(f", {k}={v!r}" for k, v in info.get("timm_args", {}).items())
+        + ")",
         "plain": f"selfsup.models.build_backbone(**{info['backbone']})",
     }[a.format]
     print(

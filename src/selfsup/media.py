@@ -16,7 +16,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 from selfsup.data.datamodule import ImageDataModule
 from selfsup.data.patches import CENTER, NEIGHBORS
 from selfsup.data.views import IMAGENET_MEAN, IMAGENET_STD
-from selfsup.protocols import HasClassifier, HasViews
+from selfsup.protocols import HasClassifier, HasViews, Reconstructs
 from selfsup.tracking import WandbLogger
 from selfsup.trainer_attrs import datamodule_of
 
@@ -30,14 +30,21 @@ def denormalize(
     return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def view_pairs_grid(images: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, scale: int = 3) -> torch.Tensor:
-    """One column per image: the original (uint8), then its two normalized views.
+def view_pairs_grid(images: torch.Tensor, *views: torch.Tensor, scale: int = 3) -> torch.Tensor:
+    """One column per image: the original (uint8), then its normalized views, one row each
+    (two for SimCLR; DINO's smaller local crops are drawn at the first view's size, nearest).
 
     Returns uint8 (3, H, W), upscaled ``scale`` times (nearest) so 32-pixel images are visible.
     """
-    size = v0.shape[-1]
+    size = views[0].shape[-1]
+
+    def resized(x: torch.Tensor, mode: str) -> torch.Tensor:
+        if x.shape[-1] == size:
+            return x
+        return torch.nn.functional.interpolate(x.float(), size=(size, size), mode=mode)
+
     orig = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
-    rows = torch.cat([orig.round().clamp(0, 255).to(torch.uint8), denormalize(v0), denormalize(v1)])
+    rows = torch.cat([orig.round().clamp(0, 255).to(torch.uint8), *(denormalize(resized(v, "nearest")) for v in views)])
     grid = make_grid(rows.cpu(), nrow=images.shape[0], padding=2, pad_value=255)
     return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
@@ -123,17 +130,46 @@ def draw_patches(model, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 class ViewsFigure(L.Callback):
     """Show what a contrastive module trains on: at the start of training, 8 training images with
-    their two views (``pl_module.views``) as a W&B image ``train/views`` and ``train_views.png``
-    in the log folder. A module returns it from ``configure_callbacks``."""
+    their views (``pl_module.views``: two, or DINO's global and local crops) as a W&B image
+    ``train/views`` and ``train_views.png`` in the log folder. A module returns it from
+    ``configure_callbacks``."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def draw(train_set) -> torch.Tensor:
             assert isinstance(pl_module, HasViews)  # the modules that return this callback have views
             images = train_set.images[spread(len(train_set), 8)].to(pl_module.device)
-            v0, v1 = pl_module.views(images, torch.Generator(device=pl_module.device).manual_seed(0))
-            return view_pairs_grid(images, v0, v1)
+            views = pl_module.views(images, torch.Generator(device=pl_module.device).manual_seed(0))
+            return view_pairs_grid(images, *views)
 
-        log_training_figure(trainer, "train/views", draw, "rows: image, view 0, view 1")
+        log_training_figure(trainer, "train/views", draw, "rows: image, then each view")
+
+
+class ReconstructionFigure(L.Callback):
+    """Show what a masked autoencoder restores: after each validation, 8 fixed images of the
+    evaluation split (of the training split when there is none) in three rows (the image, its
+    masked patches gray, the restored image) as a W&B image ``val/reconstruction`` and
+    ``val_reconstruction.png`` in the log folder. The mask is drawn from a fixed seed, so the
+    figures of successive epochs compare. A module with ``reconstruct`` returns it."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
+        dm = datamodule_of(trainer)
+        if not isinstance(dm, ImageDataModule) or not trainer.is_global_zero:
+            return
+        assert isinstance(pl_module, Reconstructs)  # the modules that return this callback reconstruct
+        train, evaluation = dm.splits()
+        split = evaluation if len(evaluation) > 0 else train
+        images = split.images[spread(len(split), 8)].to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        masked, restored = pl_module.reconstruct(images, torch.Generator(device=pl_module.device).manual_seed(0))
+        pl_module.train(was_training)
+        rows = torch.cat([images, masked, restored]).cpu()
+        grid = make_grid(rows, nrow=images.shape[0], padding=2, pad_value=255)
+        grid = grid.repeat_interleave(3, dim=1).repeat_interleave(3, dim=2)
+        log_image(trainer, log_dir, "val/reconstruction", grid, "rows: image, masked, restored")
 
 
 def confusion_figure(matrix: torch.Tensor, classes: list[str], cell: int = 28) -> torch.Tensor:

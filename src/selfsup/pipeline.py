@@ -3,7 +3,7 @@
 The pipeline is two ordered lists of stages, each described by a ``selfsup fit`` config
 (``configs/<method>/<dataset>.yaml``: its ``model`` and ``warmup`` sections) plus overrides:
 
-- ``stages``: pretraining (relative location, SimCLR, MoCo, BYOL, VICReg, any stage module);
+- ``stages``: pretraining (relative location, SimCLR, MoCo, BYOL, VICReg, DINO, MAE, any stage module);
 - ``evaluations``: run on every backbone, the untrained one first (the ``baseline`` entry,
   ``random``) and each pretraining stage's at the depths it names (``probe_depths``); the
   linear probe (``configs/linear_probe/...``) is the one the configs ship with.
@@ -80,6 +80,8 @@ DISPLAY_NAMES = {
     "moco": "MoCo",
     "byol": "BYOL",
     "vicreg": "VICReg",
+    "dino": "DINO",
+    "mae": "MAE",
 }
 
 

@@ -66,6 +66,15 @@ class HasViews(Protocol):
 
 
 @runtime_checkable
+class Reconstructs(Protocol):
+    """A masked-image model (MAE): uint8 images (B, 3, H, W) -> the images with their hidden
+    patches gray and the restored images, both uint8 (B, 3, H, W); drawn by
+    ``selfsup.media.ReconstructionFigure``."""
+
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
 class HasOnline(Embeds, Protocol):
     """A pretraining method that carries the online evaluator (``selfsup.evaluation.online``)
     and returns ``OnlineHooks`` from ``configure_callbacks``."""

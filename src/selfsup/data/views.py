@@ -410,3 +410,104 @@ class ViewSpec(PlainData):
             solarize_p=self.solarize_p,
             compile=self.compile,
         )
+
+
+class MultiCropViews(nn.Module):
+    """DINO's multi-crop views (Caron et al. 2021, section 3 and App. "Data augmentation"; Caron
+    et al. 2020 for multi-crop): 2 global crops of a large share of the image at ``global_size``
+    and ``num_local`` local crops of a small share at ``local_size``, each augmented as BYOL's
+    views are (colour jitter, grayscale; blur always in the first global crop, with p=0.1 in the
+    second and 0.5 in the local ones; solarisation with p=0.2 in the second global crop).
+
+    All crops of a batch are cut and augmented on the device in two batched passes: one over
+    the 2B global crops, one over the ``num_local`` x B local crops.
+
+    Shapes: (B, 3, H, W) uint8 -> a list of 2 + num_local float tensors, the global crops
+    (B, 3, G, G) first, then the local ones (B, 3, L, L); G None: H.
+    """
+
+    def __init__(
+        self,
+        global_size: int | None = None,
+        local_size: int = 96,
+        num_local: int = 6,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        global_blur_p: tuple[float, float] = (1.0, 0.1),
+        local_blur_p: float = 0.5,
+        solarize_p: tuple[float, float] = (0.0, 0.2),
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_local = num_local
+        self.global_views = SimCLRViews(
+            global_size, scale=global_scale, blur_p=global_blur_p, solarize_p=solarize_p, compile=compile
+        )
+        self.local_views = SimCLRViews(
+            local_size, scale=local_scale, blur_p=(local_blur_p, local_blur_p), compile=compile
+        )
+
+    @property
+    def image_size(self) -> int | None:
+        """The global crops' side (None: the input's), as ``SimCLRViews.image_size``."""
+        return self.global_views.image_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        views = list(self.global_views.view(torch.cat([images, images]), generator, pair=True).chunk(2))
+        if self.num_local:
+            local = self.local_views.view(images.repeat(self.num_local, 1, 1, 1), generator)
+            views += list(local.chunk(self.num_local))
+        return views
+
+
+@dataclass(frozen=True)
+class MultiCropSpec(PlainData):
+    """DINO's multi-crop views as one typed argument (see :class:`MultiCropViews`).
+
+    Args:
+        global_size: side of the 2 global crops; None: the input images' side.
+        local_size: side of the local crops (96 at 224 px in the paper; a multiple of the ViT's
+            patch size keeps every pixel in a patch).
+        num_local: how many local crops (0 to 10; the paper's ViT-S/16 recipe: 10).
+        global_scale / local_scale: area shares of the crops (paper: (0.4, 1) and (0.05, 0.4)).
+        global_blur_p: the blur's probability in each global crop; local_blur_p: in the local ones.
+        solarize_p: the solarisation's probability in each global crop.
+        compile: the colour operations through ``torch.compile`` (as ``ViewSpec.compile``).
+    """
+
+    global_size: int | None = None
+    local_size: int = 16
+    num_local: int = 6
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_blur_p: tuple[float, float] = (1.0, 0.1)
+    local_blur_p: float = 0.5
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        chances: dict[str, tuple[float | None, Range]] = {
+            "global_size": (self.global_size, Range(8)),
+            "local_size": (self.local_size, Range(4)),
+            "num_local": (self.num_local, Range(0, 32)),
+            "local_blur_p": (self.local_blur_p, PROBABILITY),
+        }
+        for name in ("global_scale", "local_scale"):
+            chances |= {f"{name}[{i}]": (v, AREA) for i, v in enumerate(getattr(self, name))}
+        for name in ("global_blur_p", "solarize_p"):
+            chances |= {f"{name}[{i}]": (v, PROBABILITY) for i, v in enumerate(getattr(self, name))}
+        check_ranges("model.init_args.crops", chances)
+
+    def build(self) -> MultiCropViews:
+        return MultiCropViews(
+            self.global_size,
+            self.local_size,
+            self.num_local,
+            (self.global_scale[0], self.global_scale[1]),
+            (self.local_scale[0], self.local_scale[1]),
+            (self.global_blur_p[0], self.global_blur_p[1]),
+            self.local_blur_p,
+            (self.solarize_p[0], self.solarize_p[1]),
+            self.compile,
+        )

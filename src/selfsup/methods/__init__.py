@@ -3,7 +3,9 @@ offers the rest of selfsup is written down in ``selfsup.protocols``."""
 
 from selfsup.evaluation import FineTune, KNNEvaluation, LinearProbe
 from selfsup.methods.byol import BYOL
+from selfsup.methods.dino import DINO
 from selfsup.methods.distill import Distill
+from selfsup.methods.mae import MAE
 from selfsup.methods.moco import MoCo
 from selfsup.methods.relative_location import RelativeLocation
 from selfsup.methods.simclr import SimCLR
@@ -16,6 +18,8 @@ PRETRAINING = {
     "moco": MoCo,
     "byol": BYOL,
     "vicreg": VICReg,
+    "dino": DINO,
+    "mae": MAE,
     "distill": Distill,
 }
 
@@ -23,6 +27,8 @@ PRETRAINING = {
 # 0.2 name them here (class_path: selfsup.methods.LinearProbe), so the old paths keep working.
 __all__ = [
     "BYOL",
+    "DINO",
+    "MAE",
     "PRETRAINING",
     "Distill",
     "FineTune",

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfsup import SelfsupError
-from selfsup.config import COUNT, PlainData, check_range
+from selfsup.config import COUNT, PlainData, check_ranges
 from selfsup.console import say
 from selfsup.distributed import world_size
 from selfsup.models.weights import load_weights, renamed_layers
@@ -196,23 +196,30 @@ class PooledBackbone(nn.Module):
 
 
 class TimmBackbone(nn.Module):
-    """A timm model without its classifier (``timm.create_model(name, num_classes=0)``).
+    """A timm model without its classifier (``timm.create_model(name, num_classes=0, **args)``).
 
     The last depth is the model's own pooled output (B, num_features); earlier depths, where
     timm reports them (``feature_info`` and ``forward_intermediates``), are average-pooled
     feature maps (B, C_k). Depth 0 is timm's first reported feature (often the stem).
+
+    ``args`` are timm's keyword arguments of the model (``img_size``, ``patch_size``,
+    ``global_pool``, ``depth``, ...), as :meth:`BackboneSpec.timm_args` gathers them; an export
+    records them so that timm builds the same model again.
     """
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, args: dict[str, Any] | None = None) -> None:
         super().__init__()
         try:
             import timm  # optional extra: selfsup[timm]
         except ImportError:
             raise SelfsupError(f"backbone timm:{model_name} needs timm: pip install 'selfsup[timm]'") from None
+        self.args = dict(args or {})
         try:
-            self.model = timm.create_model(model_name, pretrained=False, num_classes=0)
+            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **self.args)
         except RuntimeError as e:  # timm's "Unknown model"
             raise SelfsupError(f"timm has no model {model_name!r} ({e}); see timm.list_models()") from None
+        except TypeError as e:  # an argument this model does not take
+            raise SelfsupError(f"timm's {model_name} does not take {sorted(self.args)}: {e}") from None
         # timm types its models as nn.Module, which declares neither num_features (every timm model
         # has it) nor forward_intermediates (most have it).
         self.num_features = int(cast(int, self.model.num_features))
@@ -240,6 +247,24 @@ class TimmBackbone(nn.Module):
         return self.num_features if s == self.num_depths - 1 else self._channels[s]
 
 
+def vision_transformer(backbone: nn.Module, method: str) -> Any:
+    """The timm ``VisionTransformer`` inside ``backbone``, for methods that work on its tokens
+    (MAE); a SelfsupError naming the backbone otherwise."""
+    model = getattr(backbone, "model", None)
+    vit = None
+    if model is not None:
+        from timm.models.vision_transformer import VisionTransformer
+
+        vit = model if isinstance(model, VisionTransformer) else None
+    if vit is None:
+        name = getattr(backbone, "name", type(backbone).__name__)
+        raise SelfsupError(
+            f"{method} needs a timm vision transformer (backbone: timm:vit_*), not {name}; "
+            "e.g. backbone {name: timm:vit_tiny_patch16_224, image_size: 32, patch_size: 4}"
+        )
+    return vit
+
+
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "torchvision:<arch>", "timm:<name>")
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 
@@ -262,7 +287,11 @@ def _torchvision(arch: str, cifar_stem: bool, norm: Norm) -> Backbone | PooledBa
 
 
 def build_backbone(
-    name: str = "small_cnn", cifar_stem: bool = False, width: int = 32, norm: Norm = "batch"
+    name: str = "small_cnn",
+    cifar_stem: bool = False,
+    width: int = 32,
+    norm: Norm = "batch",
+    timm_args: dict[str, Any] | None = None,
 ) -> AnyBackbone:
     """Build a backbone by name (see the module docstring for the names).
 
@@ -271,7 +300,12 @@ def build_backbone(
         cifar_stem: ResNets only: 3x3 stride-1 first conv and no max-pool, for 32-pixel images.
         width: small_cnn only: channels of the first layer.
         norm: ``batch`` (BatchNorm) or ``group`` (GroupNorm; small_cnn and ResNets).
+        timm_args: ``timm:<name>`` only: keyword arguments of ``timm.create_model``.
     """
+    if timm_args and not name.startswith("timm:"):
+        raise SelfsupError(
+            f"image_size, patch_size, pool and timm_kwargs apply to timm models (timm:<name>), not {name}"
+        )
     if name == "small_cnn":
         return small_cnn(width, norm)
     if name in ("resnet18", "resnet50"):
@@ -281,7 +315,7 @@ def build_backbone(
     if name.startswith("timm:"):
         if cifar_stem or norm != "batch":
             raise SelfsupError(f"cifar_stem and norm group apply to small_cnn and ResNets, not {name}")
-        return TimmBackbone(name.removeprefix("timm:"))
+        return TimmBackbone(name.removeprefix("timm:"), timm_args)
     raise SelfsupError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
 
 
@@ -297,6 +331,15 @@ class BackboneSpec(PlainData):
         weights: starting weights, a file (a torchvision or timm state dict, a ``selfsup export``
             file, a stage checkpoint); None: the random initialization. In a pipeline, also the
             name of an earlier stage, whose trained backbone the stage starts from.
+        image_size / patch_size: a timm vision transformer's input side and patch side (timm's
+            ``img_size``, ``patch_size``), e.g. 32 and 4 for CIFAR (64 tokens), 64 and 8 for
+            Imagenette at 64 px; None: the model's own (224 and 16 for ``vit_*_patch16_224``).
+            Either one also lets the model take other input sizes (timm's ``dynamic_img_size``:
+            the position embedding is interpolated), as DINO's smaller local crops need.
+        pool: the features a timm vision transformer gives the probes and the heads: ``token``
+            (the class token, as DINO reads it) or ``avg`` (the mean of the patch tokens, as MAE
+            fine-tunes); None: the model's own (the class token for ViTs).
+        timm_kwargs: more ``timm.create_model`` arguments, e.g. ``{depth: 6, drop_path_rate: 0.1}``.
     """
 
     name: str = "small_cnn"
@@ -304,13 +347,39 @@ class BackboneSpec(PlainData):
     width: int = 32
     norm: Norm = "batch"
     weights: str | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    pool: Literal["token", "avg"] | None = None
+    timm_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        check_range("model.init_args.backbone.width", self.width, COUNT)
+        check_ranges(
+            "model.init_args.backbone",
+            {"width": (self.width, COUNT), "image_size": (self.image_size, COUNT), "patch_size": (self.patch_size, COUNT)},
+        )
+        if self.image_size and self.patch_size and self.image_size % self.patch_size:
+            raise SelfsupError(
+                f"backbone.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}: "
+                "the patches must tile the image"
+            )
+
+    def timm_args(self) -> dict[str, Any]:
+        """The keyword arguments ``timm.create_model`` takes for this backbone (besides
+        ``num_classes=0``): what an export's card records."""
+        args: dict[str, Any] = {}
+        if self.image_size is not None:
+            args["img_size"] = self.image_size
+        if self.patch_size is not None:
+            args["patch_size"] = self.patch_size
+        if args:
+            args["dynamic_img_size"] = True
+        if self.pool is not None:
+            args["global_pool"] = self.pool
+        return args | dict(self.timm_kwargs or {})
 
     def build(self) -> AnyBackbone:
         """The backbone, with its starting weights loaded strictly where ``weights`` names a file."""
-        backbone = build_backbone(self.name, self.cifar_stem, self.width, self.norm)
+        backbone = build_backbone(self.name, self.cifar_stem, self.width, self.norm, self.timm_args())
         if self.weights:
             loaded = load_weights(backbone, self.weights)
             say(f"backbone: {self.name} starts from {self.weights} ({loaded.tensors} tensors, {loaded.layout})")

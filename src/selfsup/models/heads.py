@@ -70,3 +70,48 @@ class MLP(nn.Sequential):
                     layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
         self.sizes = list(sizes)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, section 3.1 and App. "Projection head"): a
+    3-layer MLP with GELU (hidden 2048), a bottleneck of 256, L2 normalisation, then a
+    weight-normalised linear layer without bias to the K output dimensions.
+
+    With ``norm_last_layer`` the last layer's direction norms are fixed at 1 (weight norm with
+    a frozen gain), which the paper finds steadier for ViT-S; without it the gain is learnt.
+    Weights: truncated normal (std 0.02), as in the paper's code.
+
+    Shapes: (B, in_dim) -> (B, out_dim).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        last = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        # torch.nn.utils.parametrizations.weight_norm: weight = g * v / ||v|| per output unit.
+        self.last_layer = nn.utils.parametrizations.weight_norm(last)
+        gain = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            gain.fill_(1.0)
+        gain.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)

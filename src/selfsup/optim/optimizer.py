@@ -45,12 +45,14 @@ class OptimizerSpec(PlainData):
         lr: base learning rate at ``lr_scaling.reference_batch`` images per step.
         weight_decay: L2 penalty of the weights (not of 1-d parameters).
         momentum: of SGD and LARS.
+        betas: of Adam and AdamW (MAE: 0.9 and 0.95).
     """
 
     name: OptimizerName = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -59,6 +61,8 @@ class OptimizerSpec(PlainData):
                 "lr": (self.lr, NON_NEGATIVE),
                 "weight_decay": (self.weight_decay, NON_NEGATIVE),
                 "momentum": (self.momentum, MOMENTUM),
+                "betas[0]": (self.betas[0], MOMENTUM),
+                "betas[1]": (self.betas[1], MOMENTUM),
             },
         )
 
@@ -72,9 +76,9 @@ class OptimizerSpec(PlainData):
         if self.name == "lars":
             return LARS(groups, lr=self.lr, momentum=self.momentum)
         if self.name == "adam":
-            return torch.optim.Adam(groups, lr=self.lr)
+            return torch.optim.Adam(groups, lr=self.lr, betas=self.betas)
         if self.name == "adamw":
-            return torch.optim.AdamW(groups, lr=self.lr)
+            return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         if self.name == "sgd":
             return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.momentum > 0)
         raise SelfsupError(f"unknown optimizer {self.name!r}; choose adam, adamw, sgd or lars")
