@@ -28,6 +28,8 @@ def test_there_are_configs_for_every_stage_and_preset() -> None:
         "moco",
         "byol",
         "vicreg",
+        "dino",
+        "mae",
         "distill",
         "linear_probe",
         "finetune",
@@ -86,7 +88,7 @@ def test_data_preset_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_pipeline_config_parses(path: Path) -> None:
     cfg = build_parser().parse_args(["--config", str(path)])
-    assert cfg.backbone.name in ("small_cnn", "resnet18", "resnet50")
+    assert cfg.backbone.name in ("small_cnn", "resnet18", "resnet50", "timm:vit_tiny_patch16_224")
     assert cfg.stages and all(st.max_epochs >= 1 for st in cfg.stages.values())
     pipeline = Pipeline(cfg)
     assert "linear" in cfg.evaluations and cfg.baseline == "random"

@@ -255,6 +255,40 @@ def test_byol_and_vicreg_run_as_pipeline_stages_of_all_methods(image_folder: Pat
     assert "| BYOL |" in table and "| VICReg |" in table
 
 
+def test_dino_and_mae_run_as_pipeline_stages_of_vit(image_folder: Path, tmp_path: Path) -> None:
+    """configs/pipeline/vit.yaml with a ViT of 1 block: DINO and MAE train on the shared ViT and
+    every backbone is probed, kNN-evaluated and fine-tuned; the best exports to timm."""
+    out = tmp_path / "out"
+    vit = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    s = pipeline_main(
+        [
+            *("--config", str(REPO / "configs/pipeline/vit.yaml")),
+            *("--data.root", str(image_folder), "--out", str(out), "--backbone.timm_kwargs", json.dumps(vit)),
+            *("--data.batch_size", "32", "--evaluations.linear.max_epochs", "1", "--wandb.enabled", "false"),
+            *("--evaluations.finetune_10pct.max_epochs", "1", "--evaluations.finetune_10pct.data"),
+            '{"label_fraction": 0.1, "batch_size": 4}',
+            *("--stages.simclr.enabled", "false", "--stages.dino.max_epochs", "1", "--stages.mae.max_epochs", "1"),
+        ]
+    )
+    assert set(s["results"]) == {"random", "dino", "mae"}
+    for entry in s["results"].values():
+        assert all(0 <= entry[k] <= 1 for k in ("linear_top1", "knn_top1", "finetune_10pct_top1"))
+    for name, own in (("dino", "teacher_head."), ("mae", "decoder.")):
+        ckpt = torch.load(out / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert any(k.startswith(own) for k in ckpt["state_dict"])
+        hp = ckpt["hyper_parameters"]
+        assert hp["backbone"]["timm_kwargs"] == vit and (
+            hp["backbone"]["image_size"],
+            hp["backbone"]["patch_size"],
+        ) == (32, 4)
+        assert hp["optimizer"]["name"] == "adamw"
+    assert (out / "mae" / "val_reconstruction.png").is_file() and (out / "dino" / "train_views.png").is_file()
+    table = (out / "summary.md").read_text()
+    assert "| DINO |" in table and "| MAE |" in table and "| finetune_10pct top-1 |" in table
+    card = json.loads((out / "best" / "backbone.pt.json").read_text())
+    assert card["format"] == "timm" and card["timm_args"]["img_size"] == 32
+
+
 def test_transfer_and_in_domain_figures_side_by_side(image_folder: Path, tmp_path: Path) -> None:
     """Pretraining on labeled images, evaluating on another labeled collection: every
     evaluation runs on both, each with its own classes and its own held-apart split."""

@@ -128,11 +128,22 @@ def test_killed_while_saving_the_rerun_ends_with_the_uninterrupted_weights(
 def method_args(method: str, images: Path, run_dir: Path, tmp_path: Path) -> list[str]:
     """``selfsup fit`` of another method (or the linear probe) at the size of :func:`fit_args`."""
     small = ["--model.init_args.backbone.name", "small_cnn", "--model.init_args.backbone.width", "8"]
+    if method in ("dino", "mae"):  # a vision transformer of 1 block of width 32, 16 tokens
+        vit = {"name": "timm:vit_tiny_patch16_224", "image_size": 32, "patch_size": 8}
+        small = [
+            "--model.init_args.backbone",
+            json.dumps({**vit, "timm_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}}),
+        ]
     extra = {
         "simclr": ["--model.init_args.proj_hidden", "16", "--model.init_args.online.knn_every", "1"],
         "moco": ["--model.init_args.proj_hidden", "16", "--model.init_args.queue_size", "64"],
         "byol": ["--model.init_args.proj_hidden", "16", "--model.init_args.pred_hidden", "16"],
         "vicreg": ["--model.init_args.expander_dim", "16"],
+        "dino": [
+            *("--model.init_args.out_dim", "64", "--model.init_args.hidden_dim", "32"),
+            *("--model.init_args.bottleneck_dim", "16", "--model.init_args.crops.num_local", "2"),
+        ],
+        "mae": ["--model.init_args.decoder_dim", "32", "--model.init_args.decoder_depth", "1"],
         "relative_location": ["--model.init_args.grid", "kolesnikov", "--model.init_args.head_hidden", "16"],
         "distill": [
             "--model.init_args.teacher",
@@ -243,7 +254,9 @@ def assert_same_state(run_dir: Path, reference_dir: Path) -> None:
                 assert torch.equal(mine["state"][i][k], v) if isinstance(v, torch.Tensor) else mine["state"][i][k] == v
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "vicreg", "relative_location", "distill", "linear_probe"])
+@pytest.mark.parametrize(
+    "method", ["simclr", "moco", "byol", "vicreg", "dino", "mae", "relative_location", "distill", "linear_probe"]
+)
 def test_every_method_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
     method: str, uninterrupted, tmp_path: Path
 ) -> None:

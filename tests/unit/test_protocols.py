@@ -17,18 +17,21 @@ from selfsup.protocols import (
     HasViews,
     PretrainingMethod,
     ProbeInputNorm,
+    Reconstructs,
     StreamsSamples,
 )
 
 SMALL = {"name": "small_cnn", "width": 8}
+#: MAE works on a vision transformer's tokens: one of 1 block.
+SMALL_VIT = {"name": "timm:vit_tiny_patch16_224", "image_size": 32, "patch_size": 8, "timm_kwargs": {"depth": 1}}
 #: What the workers of a streamed dataset make for each method.
-STREAMED = {"relative_location": RandomSquare, "distill": CropViews}
+STREAMED = {"relative_location": RandomSquare, "distill": CropViews, "dino": CenterImage, "mae": CropViews}
 STREAMED |= {name: CropViews for name in ("simclr", "moco", "byol", "vicreg")}
 
 
 @pytest.mark.parametrize("name", sorted(PRETRAINING))
 def test_every_pretraining_method_offers_the_pretraining_contract(name: str) -> None:
-    module = PRETRAINING[name](backbone=SMALL)
+    module = PRETRAINING[name](backbone=SMALL_VIT if name == "mae" else SMALL)
     assert isinstance(module, PretrainingMethod)
     assert module.probe_input_norm in ("channel", "per_image")
     sample = module.stream_sample(32)
@@ -38,11 +41,14 @@ def test_every_pretraining_method_offers_the_pretraining_contract(name: str) -> 
     with torch.no_grad():
         features = module.embed(images)
     assert features.shape == (4, module.backbone.num_features)
-    two_view = name != "relative_location"
-    assert isinstance(module, HasViews) == two_view and isinstance(module, HasOnline) == two_view
-    if two_view:
-        v0, v1 = module.views(images, torch.Generator().manual_seed(0))
-        assert v0.shape == v1.shape == (4, 3, 32, 32)
+    assert isinstance(module, HasOnline) == (name != "relative_location")
+    assert isinstance(module, Reconstructs) == (name == "mae")
+    two_view = name not in ("relative_location", "mae")
+    assert isinstance(module, HasViews) == two_view
+    if two_view:  # two views, or DINO's two global crops and its local ones
+        views = module.views(images, torch.Generator().manual_seed(0))
+        assert views[0].shape == views[1].shape == (4, 3, 32, 32)
+        assert len(views) == (2 + module.views.num_local if name == "dino" else 2)
 
 
 def test_relative_location_probes_read_patches_as_they_were_normalized() -> None:

@@ -30,7 +30,11 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], ch
 
 
 def random_masking(
-    batch: int, tokens: int, mask_ratio: float, generator: torch.Generator | None = None, device: torch.device | None = None
+    batch: int,
+    tokens: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hide ``int(tokens * mask_ratio)`` patches of each image, chosen uniformly and independently
     per image: a random permutation per image (the argsort of uniform noise, MAE's "random

@@ -41,8 +41,10 @@ class MAEDecoder(nn.Module):
     def __init__(self, embed_dim: int, patch_pixels: int, dim: int = 512, depth: int = 8, heads: int = 16) -> None:
         super().__init__()
         # timm is an optional extra: MAE's backbone is a timm ViT, so timm is there by now.
-        from timm.models.vision_transformer import Block
+        from timm.layers import build_sincos2d_pos_embed
+        from timm.models.vision_transformer import Block  # (the same optional extra)
 
+        self.positions = build_sincos2d_pos_embed  # fixed 2-D sine-cosine positions of a grid
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)))
@@ -60,9 +62,7 @@ class MAEDecoder(nn.Module):
         patches = torch.cat([x[:, prefix:], self.mask_token.expand(b, n - (x.shape[1] - prefix), -1)], dim=1)
         # Back to the image's order: kept patches where they were, mask tokens everywhere else.
         patches = patches.gather(1, restore[..., None].expand(-1, -1, x.shape[-1]))
-        from timm.layers import build_sincos2d_pos_embed
-
-        pos = build_sincos2d_pos_embed(list(grid), x.shape[-1], device=x.device, dtype=x.dtype)
+        pos = self.positions(list(grid), x.shape[-1], device=x.device, dtype=x.dtype)
         x = torch.cat([x[:, :prefix], patches + pos], dim=1)
         return self.pred(self.norm(self.blocks(x)))[:, prefix:]
 
@@ -215,4 +215,3 @@ class MAE(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [OnlineHooks(), ReconstructionFigure()]
-

@@ -220,6 +220,8 @@ class TimmBackbone(nn.Module):
             raise SelfsupError(f"timm has no model {model_name!r} ({e}); see timm.list_models()") from None
         except TypeError as e:  # an argument this model does not take
             raise SelfsupError(f"timm's {model_name} does not take {sorted(self.args)}: {e}") from None
+        except AssertionError as e:  # timm checks its arguments with asserts (embed_dim % num_heads)
+            raise SelfsupError(f"timm's {model_name} with {self.args}: {e}") from None
         # timm types its models as nn.Module, which declares neither num_features (every timm model
         # has it) nor forward_intermediates (most have it).
         self.num_features = int(cast(int, self.model.num_features))
@@ -250,12 +252,11 @@ class TimmBackbone(nn.Module):
 def vision_transformer(backbone: nn.Module, method: str) -> Any:
     """The timm ``VisionTransformer`` inside ``backbone``, for methods that work on its tokens
     (MAE); a SelfsupError naming the backbone otherwise."""
-    model = getattr(backbone, "model", None)
     vit = None
-    if model is not None:
-        from timm.models.vision_transformer import VisionTransformer
+    if isinstance(backbone, TimmBackbone):
+        from timm.models.vision_transformer import VisionTransformer  # timm is there: it built the backbone
 
-        vit = model if isinstance(model, VisionTransformer) else None
+        vit = backbone.model if isinstance(backbone.model, VisionTransformer) else None
     if vit is None:
         name = getattr(backbone, "name", type(backbone).__name__)
         raise SelfsupError(
@@ -355,7 +356,11 @@ class BackboneSpec(PlainData):
     def __post_init__(self) -> None:
         check_ranges(
             "model.init_args.backbone",
-            {"width": (self.width, COUNT), "image_size": (self.image_size, COUNT), "patch_size": (self.patch_size, COUNT)},
+            {
+                "width": (self.width, COUNT),
+                "image_size": (self.image_size, COUNT),
+                "patch_size": (self.patch_size, COUNT),
+            },
         )
         if self.image_size and self.patch_size and self.image_size % self.patch_size:
             raise SelfsupError(
