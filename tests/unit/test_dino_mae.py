@@ -84,6 +84,9 @@ def test_multi_crop_views_have_the_configured_shapes_and_come_from_each_image() 
         # Pixel centres sit half a pixel inside the box: the span is a little under the box.
         assert (area <= hi + 1e-6).all() and (area >= 0.7 * lo).all(), (k, area)
     assert not torch.equal(out[0], out[1])  # the two global crops are drawn apart
+    # Without a local size, the local crops are half the global crops' side.
+    halves = MultiCropSpec(num_local=1).build()(coordinate_images(2, 64))
+    assert [v.shape[-1] for v in halves] == [64, 64, 32]
 
 
 def test_multi_crop_spec_names_a_bad_setting() -> None:

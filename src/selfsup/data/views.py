@@ -314,10 +314,13 @@ class SimCLRViews(nn.Module):
         # Not self.compile: that would hide nn.Module.compile().
         self.compile_color = compile
 
-    def view(self, images: torch.Tensor, generator: torch.Generator | None = None, pair: bool = False) -> torch.Tensor:
+    def view(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, pair: bool = False, size: int | None = None
+    ) -> torch.Tensor:
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalized (``pair``:
-        the batch is the first views' images, then the second's; see :meth:`finish`)."""
-        size = self.image_size or images.shape[-1]
+        the batch is the first views' images, then the second's; see :meth:`finish`); ``size``
+        overrides S."""
+        size = size or self.image_size or images.shape[-1]
         x = random_resized_crop(to_float(images), size, self.scale, self.ratio, generator=generator)
         return self.finish(x, generator, pair)
 
@@ -423,13 +426,13 @@ class MultiCropViews(nn.Module):
     the 2B global crops, one over the ``num_local`` x B local crops.
 
     Shapes: (B, 3, H, W) uint8 -> a list of 2 + num_local float tensors, the global crops
-    (B, 3, G, G) first, then the local ones (B, 3, L, L); G None: H.
+    (B, 3, G, G) first, then the local ones (B, 3, L, L); G None: H; L None: G // 2.
     """
 
     def __init__(
         self,
         global_size: int | None = None,
-        local_size: int = 96,
+        local_size: int | None = None,
         num_local: int = 6,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
@@ -456,7 +459,8 @@ class MultiCropViews(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         views = list(self.global_views.view(torch.cat([images, images]), generator, pair=True).chunk(2))
         if self.num_local:
-            local = self.local_views.view(images.repeat(self.num_local, 1, 1, 1), generator)
+            size = self.local_views.image_size or views[0].shape[-1] // 2
+            local = self.local_views.view(images.repeat(self.num_local, 1, 1, 1), generator, size=size)
             views += list(local.chunk(self.num_local))
         return views
 
@@ -468,7 +472,7 @@ class MultiCropSpec(PlainData):
     Args:
         global_size: side of the 2 global crops; None: the input images' side.
         local_size: side of the local crops (96 at 224 px in the paper; a multiple of the ViT's
-            patch size keeps every pixel in a patch).
+            patch size keeps every pixel in a patch); None: half the global crops' side.
         num_local: how many local crops (0 to 10; the paper's ViT-S/16 recipe: 10).
         global_scale / local_scale: area shares of the crops (paper: (0.4, 1) and (0.05, 0.4)).
         global_blur_p: the blur's probability in each global crop; local_blur_p: in the local ones.
@@ -477,7 +481,7 @@ class MultiCropSpec(PlainData):
     """
 
     global_size: int | None = None
-    local_size: int = 16
+    local_size: int | None = None
     num_local: int = 6
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
