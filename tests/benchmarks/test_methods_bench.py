@@ -26,3 +26,16 @@ def test_methods_benchmark_writes_each_method_against_simclr(tmp_path: Path) -> 
     assert rows["byol"]["flops_ratio"] > 1.1
     table = (tmp_path / "m.md").read_text()
     assert "| byol |" in table and "| vicreg |" in table and "measured / predicted" in table
+
+
+def test_methods_benchmark_takes_dino_and_mae_on_a_vit(tmp_path: Path) -> None:
+    vit = ["--backbone", "timm:vit_tiny_patch16_224", "--image-size", "32", "--patch-size", "8"]
+    vit += ["--timm-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--methods", "simclr,dino,mae"]
+    args = [*vit, "--hidden", "32", "--images", "128", "--batch-size", "16", "--steps", "4", "--rounds", "1"]
+    result = main([*args, "--json", str(tmp_path / "m.json"), "--markdown", str(tmp_path / "m.md")])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["simclr", "dino", "mae"]
+    # DINO: 2 global crops through student and teacher, 6 local ones through the student: more
+    # FLOPs than SimCLR's two views. (MAE's decoder outweighs this toy encoder: no order here.)
+    assert rows["dino"]["flops_ratio"] > 1.2 and rows["mae"]["flops_per_image"] > 0
+    assert "at 32 px, patch 8" in (tmp_path / "m.md").read_text()
