@@ -24,6 +24,7 @@ from selfsup.models.momentum import cosine_momentum
 from conftest import cpu_trainer
 
 timm = pytest.importorskip("timm")
+from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E402  (timm is optional)
 
 #: A ViT-Tiny cut to 2 blocks of width 48 on 4-pixel patches of 32-pixel images (64 tokens).
 VIT = {
@@ -177,3 +178,22 @@ def test_mae_encoder_sees_the_kept_patches_only_and_draws_its_reconstruction(
     assert figure.is_file()
     image = torchvision.io.read_image(str(figure))
     assert image.shape[1] > 3 * 32 * 3 - 1  # three rows of 32-pixel images, drawn 3 times larger
+
+
+def test_vit_weights_made_at_another_size_start_a_small_vit_as_timm_resamples_them(tmp_path: Path) -> None:
+    """A ViT trained at 224 px with 16-pixel patches (here: made in the test) starts a ViT at 32 px
+    with 4-pixel patches: the position embeddings and patch kernel resampled as timm does."""
+    args = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    big = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    torch.save(big.state_dict(), tmp_path / "vit224.pt")
+    small = BackboneSpec(**{**VIT, "timm_kwargs": args, "weights": str(tmp_path / "vit224.pt")}).build()
+    model = small.model  # type: ignore[union-attr]
+    expected_pos = resample_abs_pos_embed(big.pos_embed.detach(), [8, 8], num_prefix_tokens=1)
+    assert torch.equal(model.pos_embed, expected_pos) and model.pos_embed.shape == (1, 65, 48)
+    expected_kernel = resample_patch_embed(big.patch_embed.proj.weight.detach(), [4, 4])
+    assert torch.equal(model.patch_embed.proj.weight, expected_kernel)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, big.blocks[0].attn.qkv.weight)  # the rest as it was
+    # A width that differs is still a mismatch, named in one line.
+    wider = {**VIT, "timm_kwargs": {**args, "embed_dim": 64}, "weights": str(tmp_path / "vit224.pt")}
+    with pytest.raises(SelfsupError, match=r"missing keys 0 .*shape mismatches [1-9]"):
+        BackboneSpec(**wider).build()

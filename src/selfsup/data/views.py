@@ -315,7 +315,11 @@ class SimCLRViews(nn.Module):
         self.compile_color = compile
 
     def view(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, pair: bool = False, size: int | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        pair: bool = False,
+        size: int | None = None,
     ) -> torch.Tensor:
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, S, S) float, normalized (``pair``:
         the batch is the first views' images, then the second's; see :meth:`finish`); ``size``

@@ -124,6 +124,29 @@ def _show(keys: list[str]) -> str:
     return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
 
 
+def fit_vit_grid(backbone: nn.Module, state: State) -> list[str]:
+    """Resample a timm ViT's position embeddings (``model.pos_embed``) and patch kernel
+    (``model.patch_embed.proj.weight``) in ``state`` to the backbone's grid and patch size, as timm
+    does when it loads weights made at another size: a ViT-S/16 trained at 224 px starts a ViT at
+    32 px with 4-pixel patches. Returns what was resampled, in words; nothing for other backbones."""
+    model = getattr(backbone, "model", None)
+    own = backbone.state_dict()
+    pos, kernel = "model.pos_embed", "model.patch_embed.proj.weight"
+    if model is None or pos not in own or pos not in state or kernel not in state:
+        return []
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed  # timm built the backbone
+
+    done = []
+    if state[kernel].shape[-2:] != own[kernel].shape[-2:] and state[kernel].shape[:2] == own[kernel].shape[:2]:
+        state[kernel] = resample_patch_embed(state[kernel], list(own[kernel].shape[-2:]))
+        done.append(f"patch kernel {tuple(state[kernel].shape[-2:])}")
+    if state[pos].shape[1] != own[pos].shape[1] and state[pos].shape[2] == own[pos].shape[2]:
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
+        state[pos] = resample_abs_pos_embed(state[pos], list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+        done.append(f"position embeddings to a {model.patch_embed.grid_size[0]}x{model.patch_embed.grid_size[1]} grid")
+    return done
+
+
 def load_weights(backbone: nn.Module, path: str | Path, noun: str = "weights file") -> Loaded:
     """Load the weights in ``path`` into ``backbone`` strictly (see the module docstring).
 
@@ -138,6 +161,7 @@ def load_weights(backbone: nn.Module, path: str | Path, noun: str = "weights fil
     original = dict(zip(mapped, state, strict=True))
     ignored = sorted(original[k] for k in mapped if k not in own and original[k].startswith(CLASSIFIER_PREFIXES))
     sub = {k: v for k, v in mapped.items() if original[k] not in ignored}
+    resampled = fit_vit_grid(backbone, sub)
     missing = sorted(set(own) - set(sub))
     unexpected = sorted(original[k] for k in set(sub) - set(own))
     shapes = sorted(
@@ -152,6 +176,8 @@ def load_weights(backbone: nn.Module, path: str | Path, noun: str = "weights fil
             "check the backbone's name, cifar_stem, width and norm against the model the weights come from"
         )
     backbone.load_state_dict(sub, strict=True)
+    if resampled:
+        say(f"weights: resampled the ViT's {' and '.join(resampled)} of {path} (as timm does)")
     if ignored:
         say(f"weights: left out the classifier of {path}: {', '.join(ignored)}")
     return Loaded(len(sub), f"{layout} {kind}" if kind == "state dict" else kind, tuple(ignored))
