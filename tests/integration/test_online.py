@@ -11,7 +11,7 @@ import torch
 from selfsup.data import ImageDataModule
 from selfsup.evaluation.knn import knn_scores
 from selfsup.evaluation.online import OnlineSpec
-from selfsup.methods import BYOL, MoCo, SimCLR, VICReg
+from selfsup.methods import BYOL, DINO, MoCo, SimCLR, VICReg
 
 from conftest import cpu_trainer
 
@@ -34,6 +34,7 @@ TWO_VIEW = {
     MoCo: {"proj_hidden": 16, "proj_dim": 8},
     BYOL: {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16},
     VICReg: {"expander_dim": 16},
+    DINO: {"out_dim": 64, "hidden_dim": 16, "bottleneck_dim": 8, "crops": {"num_local": 2}},
 }
 
 

@@ -23,6 +23,8 @@ PATCHES = [
 BYOL = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/byol/cifar10.yaml")]
 VICREG = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml")]
 VICREG += ["--config", str(REPO / "configs/vicreg/cifar10.yaml")]
+DINO = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/dino/cifar10.yaml")]
+MAE = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/mae/cifar10.yaml")]
 KNN = ["validate", "--config", str(REPO / "configs/trainer/cpu.yaml")]
 KNN += ["--config", str(REPO / "configs/knn/cifar10.yaml")]
 PROBE = ["fit", "--config", str(REPO / "configs/trainer/cpu.yaml")]
@@ -65,6 +67,12 @@ CASES = [
     (BYOL, "model.init_args.pred_hidden", "0", "model.init_args.pred_hidden must be at least 1, got 0"),
     (VICREG, "model.init_args.expander_dim", "0", "model.init_args.expander_dim must be at least 1, got 0"),
     (VICREG, "model.init_args.variance_weight", "-1", "model.init_args.variance_weight must be at least 0, got -1"),
+    (DINO, "model.init_args.teacher_temp", "0", "model.init_args.teacher_temp must be more than 0, got 0"),
+    (DINO, "model.init_args.crops.num_local", "-1", "model.init_args.crops.num_local must be in [0, 32], got -1"),
+    (DINO, "model.init_args.backbone.patch_size", "5", "backbone.image_size 32 is not a multiple of patch_size 5"),
+    (MAE, "model.init_args.mask_ratio", "1", "model.init_args.mask_ratio must be in (0, 1), got 1"),
+    (MAE, "model.init_args.backbone.name", "small_cnn", "image_size, patch_size, pool and timm_kwargs apply to timm"),
+    (MAE, "model.init_args.optimizer.betas", "[0.9, 1.5]", "model.init_args.optimizer.betas[1] must be in [0, 1)"),
     (PATCHES, "model.init_args.gray_p", "2", "model.init_args.gray_p must be in [0, 1], got 2"),
     (PATCHES, "model.init_args.dropout", "1", "model.init_args.dropout must be in [0, 1), got 1"),
     (PATCHES, "model.init_args.gap", "-1", "model.init_args.gap must be at least 0, got -1"),

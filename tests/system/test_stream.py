@@ -33,7 +33,7 @@ from reference import decode_crop, random_crops, streamed_images
 pytest.importorskip("litdata")
 
 from selfsup.evaluation.online import OnlineSpec  # noqa: E402
-from selfsup.methods import BYOL, FineTune, LinearProbe, RelativeLocation, SimCLR, VICReg  # noqa: E402
+from selfsup.methods import BYOL, DINO, MAE, FineTune, LinearProbe, RelativeLocation, SimCLR, VICReg  # noqa: E402
 
 
 def read_split(directory: Path) -> list[dict]:
@@ -203,6 +203,13 @@ def test_every_stage_trains_on_a_streamed_labeled_dataset(
     # BYOL and VICReg: the same crops from the workers.
     for method in (BYOL(**TINY, proj_hidden=16, pred_hidden=16, views={"size": 16}), VICReg(**TINY, expander_dim=16)):
         assert fit_streamed(method, dm, tmp_path).shapes[0]["views"][:2] == (20, 2)
+    # DINO: the image at its size from the workers, the multi-crop views cut on the device; MAE:
+    # one crop from the workers.
+    seen = fit_streamed(DINO(**TINY, out_dim=32, hidden_dim=16, bottleneck_dim=8, crops={"num_local": 2}), dm, tmp_path)
+    assert seen.shapes[0]["image"] == (20, 3, 32, 32)
+    vit = {"name": "timm:vit_tiny_patch16_224", "image_size": 32, "patch_size": 8, "timm_kwargs": {"depth": 1}}
+    seen = fit_streamed(MAE(backbone=vit, decoder_dim=16, decoder_depth=1, decoder_heads=2), dm, tmp_path)
+    assert seen.shapes[0]["views"] == (20, 1, 3, 32, 32)
     # Relative location: a square of each full image, the grid drawn on the device.
     seen = fit_streamed(RelativeLocation(**TINY, head_hidden=16), dm, tmp_path)
     assert seen.shapes[0]["image"] == (20, 3, 32, 32)
