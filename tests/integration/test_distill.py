@@ -25,6 +25,9 @@ from conftest import cpu_trainer as trainer
 STUDENT = {"name": "small_cnn", "width": 8}
 TEACHER = {"name": "small_cnn", "width": 16}
 
+#: The backbone fields of timm vision transformers, unset for a CNN.
+NOT_A_VIT = {"image_size": None, "patch_size": None, "pool": None, "timm_kwargs": None}
+
 
 @pytest.fixture
 def teacher_weights(tmp_path: Path) -> Path:
@@ -112,6 +115,7 @@ def test_teacher_stays_frozen_and_out_of_the_checkpoint(
         "cifar_stem": False,
         "norm": "batch",
         "weights": str(teacher_weights),
+        **NOT_A_VIT,
     }
 
     # Loading and resuming build the teacher from its file again.

@@ -45,8 +45,9 @@ def test_stages_train_and_checkpoint_hands_backbone_over(tmp_path: Path, dm: Ima
     state = torch.load(ckpt, weights_only=True)
     hp = state["hyper_parameters"]
     # Each typed group complete, whatever part of it was given (here: the backbone's width only).
-    assert hp["backbone"] == {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch", "weights": None}
-    assert hp["optimizer"] == {"name": "adam", "lr": 2e-3, "weight_decay": 1e-6, "momentum": 0.9}
+    cnn = {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch", "weights": None}
+    assert hp["backbone"] == {**cnn, "image_size": None, "patch_size": None, "pool": None, "timm_kwargs": None}
+    assert hp["optimizer"] == {"name": "adam", "lr": 2e-3, "weight_decay": 1e-6, "momentum": 0.9, "betas": (0.9, 0.999)}
     assert hp["online"] == {"enabled": True, "lr": 1e-3, "knn_every": 5, "knn_k": 200}
     views = {"size": None, "crop_min_scale": 0.08, "compile": False, "blur_p": None, "solarize_p": (0.0, 0.0)}
     assert hp["views"] == views

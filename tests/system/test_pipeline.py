@@ -216,6 +216,7 @@ def test_pipeline_runs_a_moco_stage_from_its_fit_config(image_folder: Path, tmp_
     hp = ckpt["hyper_parameters"]
     assert (hp["queue_size"], hp["proj_hidden"]) == (64, 16)
     shared = {"name": "small_cnn", "cifar_stem": False, "width": 8, "norm": "batch", "weights": None}
+    shared |= {"image_size": None, "patch_size": None, "pool": None, "timm_kwargs": None}
     assert hp["backbone"] == shared  # the shared section
     # From configs/moco/cifar10.yaml: SGD at 0.03, temperature 0.2; the stage overrides the queue.
     assert (hp["optimizer"]["name"], hp["optimizer"]["lr"], hp["temperature"]) == ("sgd", 0.03, 0.2)
