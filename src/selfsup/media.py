@@ -30,6 +30,13 @@ def denormalize(
     return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def upscaled_grid(rows: torch.Tensor, nrow: int, scale: int, padding: int = 2) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) in a white-padded grid of ``nrow`` per row, upscaled ``scale``
+    times (nearest) so that small images are visible: uint8 (3, H', W')."""
+    grid = make_grid(rows.cpu(), nrow=nrow, padding=padding, pad_value=255)
+    return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
 def view_pairs_grid(images: torch.Tensor, *views: torch.Tensor, scale: int = 3) -> torch.Tensor:
     """One column per image: the original (uint8), then its normalized views, one row each
     (two for SimCLR; DINO's smaller local crops are drawn at the first view's size, nearest).
@@ -45,8 +52,7 @@ def view_pairs_grid(images: torch.Tensor, *views: torch.Tensor, scale: int = 3) 
 
     orig = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
     rows = torch.cat([orig.round().clamp(0, 255).to(torch.uint8), *(denormalize(resized(v, "nearest")) for v in views)])
-    grid = make_grid(rows.cpu(), nrow=images.shape[0], padding=2, pad_value=255)
-    return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return upscaled_grid(rows, images.shape[0], scale)
 
 
 def log_training_figure(trainer, key: str, draw, caption: str = "") -> Path | None:
@@ -166,9 +172,7 @@ class ReconstructionFigure(L.Callback):
         pl_module.eval()
         masked, restored = pl_module.reconstruct(images, torch.Generator(device=pl_module.device).manual_seed(0))
         pl_module.train(was_training)
-        rows = torch.cat([images, masked, restored]).cpu()
-        grid = make_grid(rows, nrow=images.shape[0], padding=2, pad_value=255)
-        grid = grid.repeat_interleave(3, dim=1).repeat_interleave(3, dim=2)
+        grid = upscaled_grid(torch.cat([images, masked, restored]), images.shape[0], 3)
         log_image(trainer, log_dir, "val/reconstruction", grid, "rows: image, masked, restored")
 
 
@@ -224,8 +228,7 @@ def neighbors_grid(
     for edge in (framed[..., :, :2], framed[..., :, -2:]):
         edge[:] = color
     rows = torch.cat([queries[:, None], framed], dim=1).flatten(0, 1)
-    grid = make_grid(rows.cpu(), nrow=k + 1, padding=3, pad_value=255)
-    return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return upscaled_grid(rows, k + 1, scale, padding=3)
 
 
 class ConfusionFigure(L.Callback):

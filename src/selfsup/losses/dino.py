@@ -58,7 +58,8 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
         """center = m * center + (1 - m) * mean of the teacher's outputs (T, B, K) over every rank."""
-        total = teacher.flatten(0, 1).sum(0, keepdim=True)
-        count = torch.tensor(float(teacher.shape[0] * teacher.shape[1]), device=teacher.device)
-        total, count = all_reduce_sum(total), all_reduce_sum(count)
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+        rows = teacher.flatten(0, 1)
+        # The sum and the row count in one tensor: one collective per step, not two.
+        summed = all_reduce_sum(torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])]))
+        mean = summed[:-1] / summed[-1]
+        self.center.mul_(self.center_momentum).add_(mean.unsqueeze(0), alpha=1 - self.center_momentum)
