@@ -85,6 +85,24 @@ DISPLAY_NAMES = {
 }
 
 
+class StageClock(L.Callback):
+    """Seconds a stage has run, kept in its checkpoints: a stage continued after a kill counts the
+    time of its earlier runs up to their last checkpoint, so its row does not show the rerun alone."""
+
+    def __init__(self) -> None:
+        self.before = 0.0  # seconds of earlier runs, from the checkpoint the stage continued from
+        self.t0 = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.t0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))
+
+
 @dataclass
 class Stage:
     """One stage of a pipeline: pretraining (``stages``) or evaluation (``evaluations``).
@@ -262,9 +280,21 @@ class Pipeline:
         self.parents: dict[str, str] = {}
         # Distillation stages whose teacher is an earlier stage's backbone: stage -> that stage.
         self.teachers: dict[str, str] = {}
+        # Seconds that stages kept or continued from an earlier run of this --out took there.
+        self.earlier_seconds = 0.0
+
+    def seconds(self) -> float:
+        """A clock that counts, besides this run, what stages kept or continued from earlier runs took."""
+        return time.time() + self.earlier_seconds
 
     def trainer(
-        self, stage: str, warmup: dict, max_epochs: int, max_time: float | None = None, checkpoint: bool = False
+        self,
+        stage: str,
+        warmup: dict,
+        max_epochs: int,
+        max_time: float | None = None,
+        checkpoint: bool = False,
+        clock: StageClock | None = None,
     ) -> L.Trainer:
         cfg = self.cfg
         folder = self.out / stage
@@ -286,7 +316,7 @@ class Pipeline:
             Warmup(**warmup),
             RunCheckpoint(**_to_dict(cfg.checkpoint)) if checkpoint else None,
         )
-        callbacks: list[L.Callback] = [ProgressBar(refresh_rate=10), *run]
+        callbacks: list[L.Callback] = [ProgressBar(refresh_rate=10), *run, *([clock] if clock else [])]
         kwargs = {
             "accelerator": "auto",
             "devices": 1,
@@ -353,7 +383,9 @@ class Pipeline:
             )
             if done.is_file():
                 say(f"pipeline: {name} finished earlier; its figures are kept ({done})")
-                return json.loads(done.read_text())
+                kept = json.loads(done.read_text())
+                self.earlier_seconds += kept.pop("seconds", 0.0)
+                return kept
             ckpt = newest_checkpoint(folder) if checkpoint else None
             if ckpt is not None:
                 say(f"pipeline: {name} was interrupted; continuing from {ckpt}")
@@ -363,7 +395,8 @@ class Pipeline:
             write_atomic(recorded, setup)
             done.unlink(missing_ok=True)
             (folder / CORRECT).unlink(missing_ok=True)
-        trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint)
+        clock = StageClock()
+        trainer = self.trainer(name, warmup, stage.max_epochs, stage.max_time, checkpoint=checkpoint, clock=clock)
         if stage.max_epochs > 0:  # 0: an evaluation that trains nothing (kNN)
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
         metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=dm, verbose=False)[0].items()}
@@ -373,8 +406,9 @@ class Pipeline:
             if writes:
                 write_atomic(folder / CORRECT, partial(torch.save, correct))
         finish_wandb(trainer)  # the next stage gets a run of its own
+        self.earlier_seconds += clock.before  # (0 unless the stage continued from a checkpoint)
         if writes:
-            write_atomic(done, json.dumps(metrics, indent=2) + "\n")
+            write_atomic(done, json.dumps({**metrics, "seconds": clock.seconds()}, indent=2) + "\n")
         return metrics
 
     def evaluate(
@@ -616,22 +650,22 @@ class Pipeline:
         results: dict[str, dict[str, Any]] = {}
 
         if cfg.baseline:
-            t0 = time.time()
+            t0 = self.seconds()
             results[cfg.baseline] = {
                 **self.evaluate(targets, cfg.baseline, None, "channel", [], spec.random()),
                 "rankme": self.rankme(rank_images, spec.random(), None, "channel"),
-                "seconds": time.time() - t0,
+                "seconds": self.seconds() - t0,
             }
         if start:  # the weights the user has, evaluated as they are: the baseline that matters
-            t0 = time.time()
+            t0 = self.seconds()
             results[START] = {
                 **self.evaluate(targets, START, None, "channel", [], spec),
                 "rankme": self.rankme(rank_images, spec, None, "channel"),
-                "seconds": time.time() - t0,
+                "seconds": self.seconds() - t0,
             }
 
         for name in stages:
-            t0 = time.time()
+            t0 = self.seconds()
             stage = with_model(cfg.stages[name], starts[name])
             model, warmup = self.build(name, stage, dm.num_classes)
             metrics = self.run_stage(name, stage, model, warmup, dm, checkpoint=True)
@@ -648,7 +682,7 @@ class Pipeline:
                 **extra,
                 **evaluated,
                 "rankme": self.rankme(rank_images, own, ckpt, norm),
-                "seconds": time.time() - t0,
+                "seconds": self.seconds() - t0,
             }
         if START in results:
             for key, r in results.items():
@@ -701,7 +735,9 @@ class Pipeline:
             "rankme_images": len(rank_images),
             "results": results,
             "verdict": {**judged.as_dict(), "exported": best},
-            "wall_seconds": time.time() - t_start,
+            "wall_seconds": (wall := time.time() - t_start),
+            # with what the stages kept or continued from earlier runs of this --out took there
+            "seconds_in_all": wall + self.earlier_seconds,
         }
         table = summary_markdown(
             summary, labeled.eval_split if labeled is not None else "", evaluations if labeled is not None else []
@@ -818,7 +854,12 @@ def summary_markdown(s: dict[str, Any], eval_split: str = "", evaluations: Seque
             "by RankMe alone"
         )
         + (f", in brackets the difference to the start ({s['start']}) in points" if s.get("start") else "")
-        + f"; RankMe on {s.get('rankme_images', 0)} fixed images; {s['wall_seconds']:.0f} s in all."
+        + f"; RankMe on {s.get('rankme_images', 0)} fixed images; "
+        + (
+            f"{s['wall_seconds']:.0f} s in all."
+            if s.get("seconds_in_all", s["wall_seconds"]) == s["wall_seconds"]
+            else f"{s['seconds_in_all']:.0f} s in all, {s['wall_seconds']:.0f} s of them in the run that finished."
+        )
         + (
             f" {counts['skipped']} unreadable files skipped ({counts['skipped_list']})."
             if counts.get("skipped")

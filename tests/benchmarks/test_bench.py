@@ -25,7 +25,9 @@ def test_bench_writes_the_comparisons_against_lightly(tmp_path: Path) -> None:
             "benchmarks",
             "lightly",
             "--images",
-            "512",
+            "512",  # views are timed in batches of 512
+            "--batch-size",
+            "16",
             "--steps",
             "6",
             "--rounds",

@@ -71,6 +71,7 @@ def test_pipeline_chains_the_stages(image_folder: Path, tmp_path: Path, capsys: 
         "results",
         "verdict",
         "wall_seconds",
+        "seconds_in_all",
     }
     assert on_disk["evaluation_train_images"] == {"linear": 120, "knn": 120}
     assert on_disk["data_root"] == on_disk["eval_root"] == str(image_folder.resolve())

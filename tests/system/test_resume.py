@@ -254,20 +254,35 @@ def assert_same_state(run_dir: Path, reference_dir: Path) -> None:
                 assert torch.equal(mine["state"][i][k], v) if isinstance(v, torch.Tensor) else mine["state"][i][k] == v
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "vicreg", "relative_location", "distill", "linear_probe"])
-def test_every_method_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
-    method: str, uninterrupted, tmp_path: Path
-) -> None:
-    """Killed after a step, a time and an epoch-end checkpoint, stopped by SIGTERM, Ctrl-C and
-    SLURM's SIGUSR1, run again after each: the run ends as one that never stopped, bit for bit."""
-    images, _ = uninterrupted
+#: The stops that reach a method's own state at both places a run resumes from: killed after a
+#: step checkpoint (mid-epoch) and stopped in an epoch's last step (saved after validation). The
+#: other kinds are the run layer's, and SimCLR goes through all of them.
+METHOD_KINDS = [KINDS[0], KINDS[2], KINDS[-1]]
+#: A piece of each method's own state, so that the comparison is known to include it.
+OWN_STATE = {
+    "moco": "queue",
+    "byol": "target_backbone.",
+    "dino": "teacher_backbone.",
+    "mae": "decoder.mask_token",
+}
+
+
+def stopped_and_compared(method: str, images: Path, tmp_path: Path, kinds: list[tuple]) -> list:
+    """A run of ``method`` stopped at ``kinds`` and one that never stopped: bitwise equal at the end."""
     three_epochs = ["--trainer.max_epochs", "3"]
     args = method_args(method, images, tmp_path / "run", tmp_path) + three_epochs
     reference = method_args(method, images, tmp_path / "ref", tmp_path) + three_epochs
     reference = run("none:0", tmp_path / "ref_record", reference)
     assert reference.returncode == 0, reference.stderr[-2000:]
-    ran = stopped_at_every_kind(args, tmp_path / "run", tmp_path)
+    ran = stopped_at_every_kind(args, tmp_path / "run", tmp_path, kinds)
     assert_same_state(tmp_path / "run", tmp_path / "ref")
+    return ran
+
+
+def test_a_run_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(uninterrupted, tmp_path: Path) -> None:
+    """Killed after a step, a time and an epoch-end checkpoint, stopped by SIGTERM, Ctrl-C and
+    SLURM's SIGUSR1, run again after each: the run ends as one that never stopped, bit for bit."""
+    ran = stopped_and_compared("simclr", uninterrupted[0], tmp_path, KINDS)
     stops = [kind[0] for kind in KINDS]
     said = {s: [x for x in p.stdout.splitlines() if x.startswith("stopped")] for s, p in zip(stops, ran, strict=True)}
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -280,22 +295,18 @@ def test_every_method_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
     assert not list((tmp_path / "run").glob("hpc_ckpt_*"))  # Lightning's mid-step SIGUSR1 checkpoint: not written
 
 
-@pytest.mark.parametrize("method", ["dino", "mae"])
-def test_vit_methods_killed_and_stopped_end_bitwise_equal(method: str, uninterrupted, tmp_path: Path) -> None:
-    """DINO (teacher, centre, multi-crop) and MAE (masks, decoder) on a ViT: killed after a step
-    checkpoint and stopped by SIGTERM in an epoch's last step, then run again, each ends as a run
-    that never stopped, bit for bit. (The other kinds of stop are the run layer's, and every
-    method above goes through all of them.)"""
-    images, _ = uninterrupted
-    three_epochs = ["--trainer.max_epochs", "3"]
-    args = method_args(method, images, tmp_path / "run", tmp_path) + three_epochs
-    reference = method_args(method, images, tmp_path / "ref", tmp_path) + three_epochs
-    assert run("none:0", tmp_path / "ref_record", reference).returncode == 0
-    stopped_at_every_kind(args, tmp_path / "run", tmp_path, [KINDS[0], KINDS[2], KINDS[-1]])
-    assert_same_state(tmp_path / "run", tmp_path / "ref")
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    own = "criterion.center" if method == "dino" else "decoder.mask_token"
-    assert own in state["state_dict"]  # the method's own state is in what was compared
+@pytest.mark.parametrize(
+    "method", ["moco", "byol", "vicreg", "relative_location", "distill", "linear_probe", "dino", "mae"]
+)
+def test_every_method_killed_and_stopped_ends_bitwise_equal(method: str, uninterrupted, tmp_path: Path) -> None:
+    """Every method (queues, targets, teachers, DINO's centre, MAE's masks) killed mid-epoch and
+    stopped in an epoch's last step, run again after each, ends as a run that never stopped."""
+    stopped_and_compared(method, uninterrupted[0], tmp_path, METHOD_KINDS)
+    if method in OWN_STATE:
+        state = weights(tmp_path / "run")
+        assert any(k.startswith(OWN_STATE[method]) for k in state), sorted(state)[:20]
+    if method == "dino":
+        assert "criterion.center" in weights(tmp_path / "run")
 
 
 #: Gradients summed over 2 batches (7 an epoch: 4 optimizer steps), 2 epochs; the kinds whose
@@ -458,7 +469,9 @@ def test_a_ddp_job_stopped_at_every_kind_of_checkpoint_ends_bitwise_equal(
     args, reference = (method_args(method, images, tmp_path / d, tmp_path) + DDP for d in ("run", "ref"))
     done = run("none:0", tmp_path / "ref_record", reference)
     assert done.returncode == 0, done.stderr[-2000:]
-    ran = stopped_at_every_kind(args, tmp_path / "run", tmp_path, DDP_KINDS)
+    # MoCo (its queue gathered from both ranks) through the stops that reach a method's state.
+    kinds = DDP_KINDS if method == "simclr" else [DDP_KINDS[0], DDP_KINDS[2], DDP_KINDS[-1]]
+    ran = stopped_at_every_kind(args, tmp_path / "run", tmp_path, kinds)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert len(state["rng_states"]["ranks"]) == 2
     assert_same_state(tmp_path / "run", tmp_path / "ref")
@@ -582,6 +595,12 @@ def test_pipeline_rerun_keeps_finished_stages_and_resumes_the_killed_one(uninter
     b = json.loads((out / "summary.json").read_text())["results"]
     for entry in ("random", "simclr"):
         assert a[entry]["linear_top1"] == b[entry]["linear_top1"], entry
+    # The rows count the time of the run that was killed: the kept probe's and SimCLR's first steps.
+    kept = json.loads((out / "random_probe" / "result.json").read_text())["seconds"]
+    assert b["random"]["seconds"] >= kept > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seconds_in_all"] > summary["wall_seconds"] + kept
+    assert "s of them in the run that finished." in again.stdout
     assert all(torch.equal(weights(out / "simclr")[k], v) for k, v in weights(tmp_path / "whole" / "simclr").items())
 
 
