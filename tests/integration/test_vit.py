@@ -15,11 +15,13 @@ import torchvision
 
 from selfsup import SelfsupError
 from selfsup.data import ImageDataModule
+from selfsup.evaluation import FineTune
 from selfsup.evaluation.online import OnlineSpec
 from selfsup.export import export_backbone
 from selfsup.methods import BYOL, DINO, MAE, SimCLR
 from selfsup.models import BackboneSpec
 from selfsup.models.momentum import cosine_momentum
+from selfsup.optim import OptimizerSpec
 
 from conftest import cpu_trainer
 
@@ -197,3 +199,37 @@ def test_vit_weights_made_at_another_size_start_a_small_vit_as_timm_resamples_th
     wider = {**VIT, "timm_kwargs": {**args, "embed_dim": 64}, "weights": str(tmp_path / "vit224.pt")}
     with pytest.raises(SelfsupError, match=r"missing keys 0 .*shape mismatches [1-9]"):
         BackboneSpec(**wider).build()
+
+
+def test_fine_tuning_with_layer_decay_gives_each_block_its_rate(dm: ImageDataModule, tmp_path: Path) -> None:
+    """MAE's fine-tuning recipe: the last block at the backbone's rate, each block below at 0.5
+    times the one above, the embeddings lowest; the head at its own rate; every backbone
+    parameter in one group, as AdamW received them."""
+    model = FineTune(
+        num_classes=3,
+        backbone=VIT,
+        optimizer=OptimizerSpec(name="adamw", lr=0.01, weight_decay=0.05),
+        backbone_lr=0.004,
+        layer_decay=0.5,
+    )
+    cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
+    opt = model.optimizers().optimizer  # type: ignore[union-attr]
+    rate_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    vit = model.backbone.model
+    assert len(rate_of) == sum(1 for _ in model.parameters())  # each parameter in exactly one group
+    assert [rate_of[id(p)] for p in model.classifier.parameters()] == [0.01, 0.01]  # type: ignore[union-attr]
+    # 2 blocks: the last one and the final norm at 0.004, the first at 0.002, the embeddings 0.001.
+    assert rate_of[id(vit.blocks[1].mlp.fc1.weight)] == rate_of[id(vit.norm.weight)] == pytest.approx(0.004)
+    assert rate_of[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.002)
+    for embedding in (vit.patch_embed.proj.weight, vit.pos_embed, vit.cls_token):
+        assert rate_of[id(embedding)] == pytest.approx(0.001)
+    assert decay_of[id(vit.pos_embed)] == decay_of[id(vit.blocks[0].norm1.weight)] == 0.0
+    assert decay_of[id(vit.blocks[0].attn.qkv.weight)] == 0.05
+
+
+def test_layer_decay_needs_a_vit() -> None:
+    with pytest.raises(SelfsupError, match="layer_decay needs a timm vision transformer"):
+        FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8}, layer_decay=0.75)
+    with pytest.raises(SelfsupError, match="layer_decay"):
+        FineTune(num_classes=3, backbone=VIT, layer_decay=1.5)

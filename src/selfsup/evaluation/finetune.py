@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import lightning as L
 import torch
@@ -12,10 +12,13 @@ from selfsup.config import AREA, NON_NEGATIVE, check_ranges, save_plain_hyperpar
 from selfsup.evaluation.features import Features, require_labels, training_view, transfer_backbone
 from selfsup.evaluation.linear import Classifier
 from selfsup.media import ConfusionFigure
-from selfsup.models.backbones import BackboneSpec
+from selfsup.models.backbones import BackboneSpec, vision_transformer
 from selfsup.optim.optimizer import OptimizerSpec, param_groups
 from selfsup.protocols import TransferHparams
 from selfsup.trainer_attrs import datamodule_of
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 class FineTuneHparams(TransferHparams, Protocol):
@@ -24,6 +27,7 @@ class FineTuneHparams(TransferHparams, Protocol):
     augment: bool
     crop_min_scale: float
     backbone_lr: float | None
+    layer_decay: float | None
 
 
 class FineTune(L.LightningModule):
@@ -36,7 +40,9 @@ class FineTune(L.LightningModule):
     Args: as :class:`LinearProbe` (``features.depth`` stays -1), and ``augment`` /
     ``crop_min_scale``; ``backbone_lr``: the backbone's own base rate (None: ``optimizer.lr``,
     the head's), e.g. a tenth of the head's so that few labels do not wash out what pretraining
-    learned.
+    learned; ``layer_decay`` (timm ViTs): each block's rate is that of the block above times
+    this factor, down to the patch embedding (layer-wise rate decay, Bao et al. 2022, BEiT; MAE
+    fine-tunes with 0.75), so the early layers that pretraining shaped move least.
     """
 
     def __init__(
@@ -48,11 +54,17 @@ class FineTune(L.LightningModule):
         crop_min_scale: float = 0.35,
         optimizer: OptimizerSpec = OptimizerSpec(lr=5e-4, weight_decay=1e-5),
         backbone_lr: float | None = None,
+        layer_decay: float | None = None,
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
         check_ranges(
-            "model.init_args", {"crop_min_scale": (crop_min_scale, AREA), "backbone_lr": (backbone_lr, NON_NEGATIVE)}
+            "model.init_args",
+            {
+                "crop_min_scale": (crop_min_scale, AREA),
+                "backbone_lr": (backbone_lr, NON_NEGATIVE),
+                "layer_decay": (layer_decay, AREA),
+            },
         )
         self.features_spec = Features.of(features)
         if self.features_spec.depth != -1:
@@ -61,6 +73,8 @@ class FineTune(L.LightningModule):
                 f"{self.features_spec.depth}: leave features.depth at -1"
             )
         self.backbone = transfer_backbone(backbone, self.features_spec)
+        if layer_decay is not None:
+            vision_transformer(self.backbone, "layer_decay")  # a timm ViT, or one line naming the backbone
         # No standardization: SGD at the usual fine-tuning rates stays stable (standardized
         # features made lr 0.1 diverge, see Classifier).
         self.classifier = Classifier(self.backbone.num_features, num_classes, None) if num_classes is not None else None
@@ -102,10 +116,34 @@ class FineTune(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         spec = OptimizerSpec.of(self.hp.optimizer)
         classifier = self._trained_classifier()
-        if self.hp.backbone_lr is None:
+        if self.hp.backbone_lr is None and self.hp.layer_decay is None:
             return spec.build([self.backbone, classifier])
-        backbone = [{**g, "lr": self.hp.backbone_lr} for g in param_groups([self.backbone], spec.weight_decay)]
+        lr = spec.lr if self.hp.backbone_lr is None else self.hp.backbone_lr
+        if self.hp.layer_decay is None:
+            backbone = [{**g, "lr": lr} for g in param_groups([self.backbone], spec.weight_decay)]
+        else:
+            backbone = layer_decay_groups(
+                vision_transformer(self.backbone, "layer_decay"), lr, spec, self.hp.layer_decay
+            )
         return spec.build([classifier], backbone)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [ConfusionFigure()]
+
+
+def layer_decay_groups(vit: VisionTransformer, lr: float, spec: OptimizerSpec, decay: float) -> list[dict]:
+    """Parameter groups of a timm ViT with layer-wise rates: the last block (and the final norm)
+    at ``lr``, each block below at ``decay`` times the one above, the embeddings lowest. timm's
+    grouping (its ``group_matcher``), with weight decay off for 1-d parameters and the position
+    embedding and tokens, as in BEiT and MAE."""
+    from timm.optim import param_groups_layer_decay  # timm is there: it built the ViT
+
+    groups = param_groups_layer_decay(
+        vit, weight_decay=spec.weight_decay, no_weight_decay_list=vit.no_weight_decay(), layer_decay=decay
+    )
+    # LARS's flag as param_groups sets it: no adaptation where there is no weight decay.
+    return [
+        {"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"]}
+        | ({"lars_exclude": True} if g["weight_decay"] == 0 else {})
+        for g in groups
+    ]
