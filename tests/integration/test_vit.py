@@ -233,3 +233,20 @@ def test_layer_decay_needs_a_vit() -> None:
         FineTune(num_classes=3, backbone={"name": "small_cnn", "width": 8}, layer_decay=0.75)
     with pytest.raises(SelfsupError, match="layer_decay"):
         FineTune(num_classes=3, backbone=VIT, layer_decay=1.5)
+
+
+def test_dino_teacher_has_no_stochastic_depth_where_the_student_has() -> None:
+    """With ``drop_path_rate`` and dropout in the ViT, the student drops paths in training and
+    the teacher does not (DINO builds its teacher without them); both stay in train mode."""
+    vit = {**VIT, "timm_kwargs": {**VIT["timm_kwargs"], "drop_path_rate": 0.5, "proj_drop_rate": 0.2}}
+    model = DINO(backbone=vit, online=OFF, **SMALL_DINO).train()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        student = [model.backbone(x) for _ in range(2)]
+        teacher = [model.teacher_backbone(x) for _ in range(2)]
+    assert model.teacher_backbone.training and not torch.equal(*student)
+    assert torch.equal(*teacher)
+    model.teacher_backbone.load_state_dict(model.backbone.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.teacher_backbone(x), model.backbone.eval()(x))  # the same network, no drops

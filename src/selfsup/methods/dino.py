@@ -3,7 +3,7 @@ Vision Transformers", ICCV 2021)."""
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import lightning as L
 import torch
@@ -36,6 +36,17 @@ class DINOHparams(StageHparams, Protocol):
     crops: dict
     online: dict
     num_classes: int | None
+
+
+def without_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its dropout and stochastic depth (timm's DropPath, e.g. from
+    ``timm_kwargs.drop_path_rate``) switched off, in place; train mode stays for BatchNorm."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        elif hasattr(m, "drop_prob"):  # timm's DropPath and DropBlock
+            cast(Any, m).drop_prob = 0.0
+    return module
 
 
 def clip_each_parameter(params: list[torch.nn.Parameter], max_norm: float) -> None:
@@ -125,7 +136,8 @@ class DINO(L.LightningModule):
         )
         self.backbone = BackboneSpec.of(backbone).build()
         self.head = DINOHead(self.backbone.num_features, out_dim, hidden_dim, bottleneck_dim, norm_last_layer)
-        self.teacher_backbone = momentum_copy(self.backbone)
+        # Only the student is regularised: DINO builds its teacher without stochastic depth.
+        self.teacher_backbone = without_dropout(momentum_copy(self.backbone))
         self.teacher_head = momentum_copy(self.head)
         self.views = MultiCropSpec.of(crops).build()
         self.criterion = DINOLoss(out_dim, student_temp, center_momentum)
