@@ -11,18 +11,26 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
-import lightning as L
-import torch
+# Both ranks run this file: on SIGUSR2 a process (and each DataLoader worker forked from it)
+# appends where its threads wait to the file the test named, which reports it on a hang. Set
+# before the slow imports, so that a process is never ended by the signal instead.
+if os.environ.get("SELFSUP_TEST_STACKS"):
+    _stacks = open(os.environ["SELFSUP_TEST_STACKS"], "a")  # noqa: SIM115 (kept open for the handler)
+    faulthandler.register(signal.SIGUSR2, file=_stacks, all_threads=True)
 
-from selfsup.callbacks import LearningRateScaling, Warmup
-from selfsup.data import ImageDataModule
-from selfsup.distributed import gather_with_grad, world_size
-from selfsup.evaluation.online import OnlineSpec
-from selfsup.evaluation.probe_search import ProbeSearch
-from selfsup.methods import LinearProbe, MoCo, SimCLR
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from selfsup.callbacks import LearningRateScaling, Warmup  # noqa: E402
+from selfsup.data import ImageDataModule  # noqa: E402
+from selfsup.distributed import gather_with_grad, world_size  # noqa: E402
+from selfsup.evaluation.online import OnlineSpec  # noqa: E402
+from selfsup.evaluation.probe_search import ProbeSearch  # noqa: E402
+from selfsup.methods import LinearProbe, MoCo, SimCLR  # noqa: E402
 
 
 class Record(L.Callback):
@@ -89,10 +97,6 @@ def probe(root: str, out: Path) -> None:
 
 
 def main() -> None:
-    # Both ranks run this file: one that hangs prints where every thread waits, then exits, so
-    # the test fails with the stacks instead of a bare timeout.
-    if os.environ.get("SELFSUP_TEST_HANG_S"):
-        faulthandler.dump_traceback_later(float(os.environ["SELFSUP_TEST_HANG_S"]), exit=True)
     root, out = sys.argv[1], Path(sys.argv[2])
     method = sys.argv[3] if len(sys.argv) > 3 else "simclr"
     if method == "probe":

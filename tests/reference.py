@@ -4,7 +4,10 @@ or fused, kept here so that the package holds only what it runs."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +93,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_stacks(pgid: int, stacks: Path) -> str:
+    """Every thread's stack in each process of group ``pgid`` whose Python registered
+    ``faulthandler`` on SIGUSR2 into ``stacks`` (opened for appending; DataLoader workers
+    forked from it inherit the handler and the file): one process at a time, each under a
+    header naming it, so that a hung multi-process test says where each process waits."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # the stat fields after the name: state, ppid, pgrp, ...
+            pids.append(int(stat.parent.name))
+    for pid in sorted(pids):
+        try:
+            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()[-160:]
+            with stacks.open("a") as f:
+                f.write(f"\n--- process {pid}: {cmd}\n")
+            os.kill(pid, signal.SIGUSR2)
+            time.sleep(0.5)
+        except (OSError, ProcessLookupError):
+            continue
+    return stacks.read_text() if stacks.exists() else "(no stacks written)"

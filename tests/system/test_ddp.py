@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -20,9 +23,11 @@ from selfsup.evaluation.online import OnlineSpec
 from selfsup.evaluation.probe_search import ProbeSearch
 from selfsup.methods import LinearProbe, SimCLR
 
-from reference import free_port
+from reference import free_port, group_stacks
 
 HERE = Path(__file__).resolve().parents[1]
+#: Seconds after which a 2-process run counts as hung (a run takes about 15 s).
+HANG_S = 180
 
 
 def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
@@ -49,18 +54,49 @@ def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
 
 
 def run_ddp_script(method: str, image_folder: Path, out: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """tests/ddp_simclr_script.py on 2 processes; its output and what each rank recorded. A rank
-    that hangs prints every thread's stack and exits before the timeout (see the script)."""
-    env = {**os.environ, "PYTHONPATH": str(HERE), "MASTER_PORT": str(free_port()), "SELFSUP_TEST_HANG_S": "200"}
-    p = subprocess.run(
-        [sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(out), method],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p, [json.loads((out / f"{method}_rank{r}.json").read_text()) for r in (0, 1)]
+    """tests/ddp_simclr_script.py on 2 processes; its output and what each rank recorded.
+
+    A run that hangs is stopped after 180 s with every thread's stack in each rank and DataLoader
+    worker. The streamed run hung twice in CI (in about a dozen CI runs, never in some sixty runs
+    here, nor in 120 streamed epochs under three-fold load): the first hang is reported as a
+    warning with the stacks and the run is repeated once; a second hang fails the test."""
+    hangs: list[str] = []
+    while True:
+        done = _ddp_script_once(method, image_folder, out / f"try{len(hangs)}")
+        if isinstance(done, subprocess.CompletedProcess):
+            break
+        hangs.append(done)
+        if len(hangs) == 2:
+            pytest.fail(f"{method} on 2 processes hung twice; where each process waited:\n{hangs[-1][-30000:]}")
+        warnings.warn(f"{method} on 2 processes hung once and was run again; stacks:\n{done[-30000:]}", stacklevel=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outs = out / f"try{len(hangs)}"
+    return done, [json.loads((outs / f"{method}_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _ddp_script_once(method: str, image_folder: Path, out: Path) -> subprocess.CompletedProcess | str:
+    """One run of the script: its output, or, when it hangs for 180 s, every process's stacks."""
+    logs = out / "logs"
+    logs.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(HERE),
+        "MASTER_PORT": str(free_port()),
+        "SELFSUP_TEST_STACKS": str(logs / "stacks.txt"),
+    }
+    cmd = [sys.executable, str(HERE / "ddp_simclr_script.py"), str(image_folder), str(out), method]
+    # Output to files, not pipes: a process that outlives the ranks cannot hold the test up.
+    with (logs / "stdout").open("w") as o, (logs / "stderr").open("w") as e:
+        p = subprocess.Popen(cmd, env=env, stdout=o, stderr=e, start_new_session=True)
+        try:
+            p.wait(timeout=HANG_S)
+        except subprocess.TimeoutExpired:
+            return group_stacks(p.pid, logs / "stacks.txt") + "\n--- stderr:\n" + (logs / "stderr").read_text()[-5000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # the ranks and their workers
+            p.wait()
+    return subprocess.CompletedProcess(cmd, p.returncode, (logs / "stdout").read_text(), (logs / "stderr").read_text())
 
 
 def test_ddp_two_processes_disjoint_shards_and_global_batch(image_folder: Path, tmp_path: Path) -> None:
