@@ -56,10 +56,11 @@ def one_process_scaled_lr(root: Path, tmp_path: Path) -> float:
 def run_ddp_script(method: str, image_folder: Path, out: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """tests/ddp_simclr_script.py on 2 processes; its output and what each rank recorded.
 
-    A run that hangs is stopped after 180 s with every thread's stack in each rank and DataLoader
-    worker. The streamed run hung twice in CI (in about a dozen CI runs, never in some sixty runs
-    here, nor in 120 streamed epochs under three-fold load): the first hang is reported as a
-    warning with the stacks and the run is repeated once; a second hang fails the test."""
+    A run that hangs is stopped after ``HANG_S`` seconds with every thread's stack in each rank
+    and DataLoader worker. The streamed run hung twice in CI (in about a dozen CI runs; never in
+    some sixty runs here, up to six at once, nor in 120 streamed epochs): the first hang is
+    reported as a warning with the stacks and the run is repeated once; a second hang fails the
+    test."""
     hangs: list[str] = []
     while True:
         done = _ddp_script_once(method, image_folder, out / f"try{len(hangs)}")
@@ -75,7 +76,7 @@ def run_ddp_script(method: str, image_folder: Path, out: Path) -> tuple[subproce
 
 
 def _ddp_script_once(method: str, image_folder: Path, out: Path) -> subprocess.CompletedProcess | str:
-    """One run of the script: its output, or, when it hangs for 180 s, every process's stacks."""
+    """One run of the script: its output, or, when it hangs for ``HANG_S`` seconds, every process's stacks."""
     logs = out / "logs"
     logs.mkdir(parents=True)
     env = {
