@@ -115,6 +115,6 @@ def group_stacks(pgid: int, stacks: Path) -> str:
                 f.write(f"\n--- process {pid}: {cmd}\n")
             os.kill(pid, signal.SIGUSR2)
             time.sleep(0.5)
-        except (OSError, ProcessLookupError):
+        except OSError:  # the process ended meanwhile
             continue
     return stacks.read_text() if stacks.exists() else "(no stacks written)"
